@@ -1,0 +1,355 @@
+"""Offline CPU tests: tiny CIFAR files and pools written here, tiny widths, the real scripts as subprocesses."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from model import param_counts, resnet32
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
+    """Standard python-layout CIFAR files with n_train / n_test random images per class."""
+    rng = np.random.default_rng(seed)
+    num_classes = 10 if dataset == "cifar10" else 100
+    names = CIFAR10_NAMES if dataset == "cifar10" else [f"class_{i}" for i in range(100)]
+
+    def split(n):
+        y = np.repeat(np.arange(num_classes), n)
+        rng.shuffle(y)
+        base = rng.integers(0, 256, (num_classes, 3072))  # a class colour pattern, plus noise
+        x = (base[y] * 0.7 + rng.integers(0, 256, (len(y), 3072)) * 0.3).astype(np.uint8)
+        return x, y.tolist()
+
+    folder, train_files, test_file, label_key, names_key, meta, _ = data.DATASETS[dataset]
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    x, y = split(n_train)
+    parts = np.array_split(np.arange(len(y)), len(train_files))
+    for name, idx in zip(train_files, parts):
+        with open(os.path.join(root, folder, name), "wb") as f:
+            pickle.dump({"data": x[idx], label_key: [y[i] for i in idx]}, f)
+    x, y = split(n_test)
+    with open(os.path.join(root, folder, test_file), "wb") as f:
+        pickle.dump({"data": x, label_key: y}, f)
+    with open(os.path.join(root, folder, meta), "wb") as f:
+        pickle.dump({names_key: names}, f)
+    return names
+
+
+def write_pool(folder, dataset, classes, n_per_class, dtype=np.uint8, shape=(32, 32, 3), shard=7, seed=1):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"dataset": dataset, "classes": classes, "image_size": 32, "generator": {"name": "test"}}, f)
+    for c in range(len(classes)):
+        for start in range(0, n_per_class, shard):
+            n = min(shard, n_per_class - start)
+            imgs = rng.integers(0, 256, (n, *shape)).astype(dtype)
+            np.savez(os.path.join(folder, data.shard_name(c, start)), images=imgs, seeds=np.arange(start, start + n))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = str(tmp_path_factory.mktemp("data"))
+    write_cifar(r, "cifar10")
+    write_cifar(r, "cifar100", n_train=6, n_test=2)
+    write_pool(os.path.join(r, "synthetic", "cifar10"), "cifar10", CIFAR10_NAMES, 20)
+    return r
+
+
+def run(script, *args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+TINY = ["--width", 2, "--batch-size", 16, "--workers", 0, "--imb", 10]
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.mark.parametrize("n_max,classes,imb,total", [
+    (5000, 10, 100, 12406), (500, 100, 100, 10847), (5000, 10, 10, 20431), (500, 100, 10, 19573),
+    (5000, 10, 50, 13996), (500, 100, 50, 12608), (5000, 10, 200, 11203), (500, 100, 200, 9502)])
+def test_lt_counts_totals(n_max, classes, imb, total):
+    counts = data.lt_counts(n_max, classes, imb)
+    assert sum(counts) == total and counts[0] == n_max and counts == sorted(counts, reverse=True)
+
+
+def test_lt_counts_cifar10_imb100_per_class():
+    assert data.lt_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def test_long_tail_indices_seeded_without_replacement():
+    labels = np.repeat(np.arange(10), 50)
+    a, b, c = (data.long_tail_indices(labels, 10, s) for s in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(np.unique(a)) == len(a)
+    assert np.bincount(labels[a]).tolist() == data.lt_counts(50, 10, 10)
+
+
+def test_mixed_set_is_balanced_and_flags_synthetic(root):
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    assert np.bincount(m.labels).tolist() == [20] * 10
+    assert m.n_real == data.lt_counts(20, 10, 10) and sum(m.n_syn) == int(m.is_syn.sum())
+    assert all(m.n_real[c] == int(((m.labels == c) & ~m.is_syn).sum()) for c in range(10))
+    half = data.build_mixed("cifar10", root, 10, 0, "pool", syn_ratio=0.5)
+    assert half.n_syn == [int(round(0.5 * (20 - n))) for n in half.n_real]
+    none = data.build_mixed("cifar10", root, 10, 0, "none")
+    assert not none.is_syn.any() and len(none) == sum(none.n_real)
+
+
+def test_heldout_never_uses_long_tailed_images(root):
+    images, labels = data.load_cifar("cifar10", root, train=True)
+    keep = data.long_tail_indices(labels, 10, 3)
+    m = data.build_mixed("cifar10", root, 10, 3, "heldout")
+    lt_rows = {images[i].tobytes() for i in keep}
+    syn_rows = [x.tobytes() for x in m.images[m.is_syn]]
+    assert len(syn_rows) == sum(20 - n for n in m.n_real)
+    assert not lt_rows & set(syn_rows) and len(set(syn_rows)) == len(syn_rows)
+    assert {x.tobytes() for x in m.images[~m.is_syn]} == lt_rows
+
+
+def test_cifar100_layout(root):
+    x, y = data.load_cifar("cifar100", root, train=True)
+    assert x.shape == (600, 32, 32, 3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [6] * 100
+    assert data.class_names("cifar100", root)[7] == "class_7"
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("dataset", "made for cifar100"), ("small", "needs"), ("dtype", "expected uint8"),
+    ("gap", "gap"), ("corrupt", "unreadable"), ("manifest", "malformed")])
+def test_bad_pools_are_refused(root, tmp_path, breakage, message):
+    folder = str(tmp_path / "pool")
+    write_pool(folder, "cifar100" if breakage == "dataset" else "cifar10",
+               CIFAR10_NAMES, 5 if breakage == "small" else 20, dtype=np.float32 if breakage == "dtype" else np.uint8)
+    if breakage == "gap":
+        os.remove(os.path.join(folder, data.shard_name(3, 7)))
+    if breakage == "corrupt":
+        with open(os.path.join(folder, data.shard_name(2, 0)), "wb") as f:
+            f.write(b"PK\x03\x04 not a zip")
+    if breakage == "manifest":
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            f.write("{")
+    with pytest.raises(data.SAUError, match=message):
+        data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder)
+
+
+def test_views_shapes_and_cutout():
+    x = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    views = data.view_transforms("cifar10")
+    for v in ("v1", "v2", "v3", "test"):
+        out = views[v](x)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    torch.manual_seed(0)
+    cut = data.Cutout(16)(torch.ones(3, 32, 32))
+    zeros = int((cut[0] == 0).sum())
+    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
+
+
+def test_train_streams_are_two_independent_shuffles(root):
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    batches = list(data.train_streams(m, 50, 0, seed=5))
+    a_labels = torch.cat([a[-2] for a, _ in batches])
+    b_labels = torch.cat([b[-2] for _, b in batches])
+    assert len(batches) == 4 and len(batches[0][0]) == 5 and len(batches[0][1]) == 3
+    assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
+    assert not torch.equal(a_labels, b_labels)
+
+
+# ---------------------------------------------------------------- model and losses
+
+def test_parameter_counts():
+    assert param_counts(resnet32(10)) == (7_386_186, 4_993_152)
+    assert param_counts(resnet32(100)) == (7_409_316, 4_993_152)
+
+
+def test_forward_shapes_and_unit_z():
+    logits, z = resnet32(10, width=4).eval()(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10) and z.shape == (3, 128)
+    assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_soft_ce_equals_cross_entropy_on_one_hot():
+    logits, y = torch.randn(7, 5), torch.randint(5, (7,))
+    assert torch.allclose(train.soft_ce(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y), atol=1e-6)
+
+
+def test_cutmix_weight_is_the_true_pasted_area():
+    torch.manual_seed(0)
+    xa, xb = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32)
+    for lam in (0.1, 0.5, 0.9):
+        x, w = train.cutmix(xa, xb, lam, np.random.default_rng(0))
+        assert abs((1 - w) - x[0, 0].mean().item()) < 1e-6
+
+
+def naive_supcon(feats, labels, is_anchor, t):
+    f = torch.cat(feats.unbind(1))
+    y, a = labels.repeat(2), is_anchor.repeat(2)
+    losses = []
+    for i in range(len(f)):
+        if not a[i]:
+            continue
+        others = [k for k in range(len(f)) if k != i]
+        denom = sum(torch.exp(f[i] @ f[k] / t) for k in others)
+        pos = [k for k in others if y[k] == y[i]]
+        losses.append(-sum(torch.log(torch.exp(f[i] @ f[p] / t) / denom) for p in pos) / max(len(pos), 1))
+    return torch.stack(losses).mean()
+
+
+def test_supcon_matches_the_formula():
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(6, 2, 8), dim=-1)
+    labels, is_anchor = torch.tensor([0, 1, 0, -1, 2, 1]), torch.tensor([1, 1, 1, 1, 0, 1]).bool()
+    assert torch.allclose(train.supcon(feats, labels, is_anchor, 0.1), naive_supcon(feats, labels, is_anchor, 0.1),
+                          atol=1e-4)
+
+
+def e(i, d=4):
+    return F.one_hot(torch.tensor(i), d).float()
+
+
+def relabel_case():
+    """2 classes. Real sample 0 (class 0) points at e0; prototypes: class 0 at e0, class 1 at e1.
+    Synthetic sample 1 (class 1) sits on the class-0 real sample: a suspect.
+    Synthetic sample 2 (class 1) sits on its own prototype: kept."""
+    z = torch.stack([torch.stack([e(0), e(0)]),
+                     torch.stack([F.normalize(e(0) + 0.1 * e(2), dim=0)] * 2),
+                     torch.stack([F.normalize(e(1) + 0.1 * e(3), dim=0)] * 2)])  # 3 x 2 x 4
+    labels, is_syn = torch.tensor([0, 1, 1]), torch.tensor([False, True, True])
+    protos = torch.stack([torch.stack([e(0), e(0)]), torch.stack([e(1), e(1)])])  # 2 x 2 x 4
+    return z, labels, is_syn, protos
+
+
+def test_relabel_finds_the_suspect():
+    z, labels, is_syn, protos = relabel_case()
+    _, suspect = train.sau_contrastive_loss(z, labels, is_syn, protos, return_suspects=True)
+    assert suspect.tolist() == [True, False]
+    # a neighbour of another class in one view only is enough
+    z2 = z.clone()
+    z2[2, 1] = e(0)
+    _, suspect = train.sau_contrastive_loss(z2, labels, is_syn, protos, return_suspects=True)
+    assert suspect.tolist() == [True, True]
+
+
+def test_strategies_change_the_loss_as_described():
+    z, labels, is_syn, protos = relabel_case()
+    members = torch.cat([z[:1], protos, z[1:]])  # real, prototypes, synthetic (the loss's order)
+    t = 0.1
+    loss = {s: train.sau_contrastive_loss(z, labels, is_syn, protos, s, t) for s in ("pos_neg", "neg_only", "drop")}
+    assert torch.allclose(loss["pos_neg"], train.supcon(members, torch.tensor([0, 0, 1, -1, 1]), torch.ones(5).bool(), t))
+    assert torch.allclose(loss["neg_only"], train.supcon(members, torch.tensor([0, 0, 1, -1, 1]),
+                                                          torch.tensor([1, 1, 1, 0, 1]).bool(), t))
+    keep = torch.tensor([0, 1, 2, 4])
+    assert torch.allclose(loss["drop"], train.supcon(members[keep], torch.tensor([0, 0, 1, 1]), torch.ones(4).bool(), t))
+    off = train.sau_contrastive_loss(z, labels, is_syn, protos, "pos_neg", t, relabel=False)
+    assert torch.allclose(off, train.supcon(members, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5).bool(), t))
+    assert len({round(v.item(), 5) for v in (*loss.values(), off)}) == 4
+
+
+def test_no_suspects_means_every_strategy_agrees():
+    torch.manual_seed(1)
+    protos = F.normalize(torch.randn(3, 2, 16), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = F.normalize(protos[labels] + 0.01 * torch.randn(6, 2, 16), dim=-1)
+    is_syn = torch.tensor([0, 0, 0, 1, 1, 1]).bool()
+    losses = [train.sau_contrastive_loss(z, labels, is_syn, protos, s) for s in ("pos_neg", "neg_only", "drop")]
+    assert all(torch.allclose(losses[0], v) for v in losses[1:])
+
+
+def test_contrastive_loss_backpropagates_to_z_only():
+    z, labels, is_syn, protos = relabel_case()
+    z = z.clone().requires_grad_()
+    train.sau_contrastive_loss(z, labels, is_syn, protos).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+# ---------------------------------------------------------------- the scripts
+
+def test_model_script_prints_counts():
+    r = run("model.py")
+    assert r.returncode == 0 and "7,386,186" in r.stdout and "4,993,152" in r.stdout
+
+
+def test_data_script_prints_counts(root):
+    r = run("data.py", "--dataset", "cifar10", "--imb", 10, "--data-root", root)
+    assert r.returncode == 0, r.stderr
+    real = sum(data.lt_counts(20, 10, 10))
+    assert f"total: {real} real + {200 - real} synthetic = 200 images" in r.stdout
+    assert "airplane" in r.stdout and r.stdout.count(" few") == 10
+
+
+def test_train_one_epoch_writes_every_run_file(root, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png", "per_class.png",
+              "confusion.png"):
+        assert (out / f).stat().st_size > 0, f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["syn"] == "pool" and cfg["lr"] == 0.01 and cfg["temperature"] == 0.1
+    (line,) = (out / "metrics.jsonl").read_text().splitlines()
+    m = json.loads(line)
+    for k in ("loss", "loss_cls", "loss_con", "lr", "top1", "top5", "many", "medium", "few", "seconds", "images_per_s"):
+        assert k in m
+    assert m["loss_con"] > 0 and m["loss_cls"] > 0 and 0 <= m["top1"] <= 100
+    final = json.loads((out / "final.json").read_text())
+    assert final["final_epoch"]["top1"] == m["top1"] and len(final["final_epoch"]["per_class"]) == 10
+    assert "best_over_epochs_selected_on_test_set" in final
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt)
+
+
+@pytest.mark.parametrize("flags", [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0,
+                                                                     "--strategy", "drop"]])
+def test_train_ablations_run(root, tmp_path, flags):
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY, *flags)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls" in flags)
+
+
+def test_resume_gives_the_same_weights(root, tmp_path):
+    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout"]
+    r = run("train.py", *args, "--out", tmp_path / "full")
+    assert r.returncode == 0, r.stderr
+    r = run("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
+    assert r.returncode == 0 and torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    r = run("train.py", "--resume", tmp_path / "part")
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("full", "part"))
+    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = [json.loads(s) for s in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("imb", "--imb must be >= 1"), ("dataset", "invalid choice"), ("strategy", "invalid choice"),
+    ("syn", "invalid choice"), ("no_data", "not found at"), ("other_pool", "made for cifar100"),
+    ("small_pool", "needs"), ("float_pool", "expected uint8"), ("resume_config", "another config"),
+    ("exists", "already holds a run")])
+def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
+    base = ["--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY]
+    flags = {"imb": ["--imb", 0.5], "dataset": ["--dataset", "mnist"], "strategy": ["--strategy", "x"],
+             "syn": ["--syn", "gan"], "no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
+    if case.endswith("pool"):
+        write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10", CIFAR10_NAMES,
+                   3 if case == "small_pool" else 20, dtype=np.float32 if case == "float_pool" else np.uint8)
+        flags = ["--pool", tmp_path / "pool"]
+    if case in ("resume_config", "exists"):
+        assert run("train.py", *base, "--stop-after", 1, "--epochs", 2).returncode == 0
+        flags = ["--resume", tmp_path / "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
+    r = run("train.py", *base, *flags)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

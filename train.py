@@ -1,0 +1,423 @@
+"""SAU training: one ResNet-32, a synthetic-unaware classifier and a synthetic-aware contrastive branch.
+
+    python train.py --dataset cifar10 --imb 100                 # SAU.md defaults, writes runs/<name>/
+    python train.py --dataset cifar10 --imb 100 --syn none      # the long-tailed baseline
+    python train.py --resume runs/<name>                        # continue a killed run
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from model import resnet32
+
+# Every setting, its default and what it does. The paper's value unless marked (ours).
+CONFIG = {
+    "dataset": ("cifar10", "cifar10 | cifar100"),
+    "imb": (100.0, "imbalance factor: head / tail real images"),
+    "syn": ("pool", "tail fill: pool (generate.py's images) | none (plain long-tailed set) | heldout (unused real images, ours)"),
+    "syn_ratio": (1.0, "fraction of each class's synthetic fill that is used"),
+    "pool": ("", "synthetic pool folder; empty: <data-root>/synthetic/<dataset>"),
+    "data_root": ("./data", "folder holding the CIFAR python-layout files"),
+    "data_seed": (0, "seed of the long-tailed subset and the synthetic draw"),
+    "w_cls": (1.0, "weight of the classification branch (mixup + cutmix); 0 skips it"),
+    "w_con": (1.0, "weight of the contrastive branch; 0 skips it and its prototypes"),
+    "relabel": ("on", "on: doubtful synthetic samples are relabelled by --strategy | off: all keep their label"),
+    "strategy": ("pos_neg", "what suspects become: pos_neg | neg_only | drop"),
+    "temperature": (0.1, "contrastive temperature"),
+    "mix_alpha": (1.0, "mixup and cutmix lam ~ Beta(alpha, alpha)"),
+    "epochs": (200, "epochs, each one pass of stream A"),
+    "batch_size": (128, "images per step in each stream"),
+    "lr": (0.01, "SGD learning rate, cosine-annealed per epoch to 0"),
+    "momentum": (0.9, "SGD momentum"),
+    "weight_decay": (5e-3, "SGD weight decay"),
+    "width": (64, "ResNet-32 stem width (stages w, 2w, 4w)"),
+    "seed": (0, "training seed: init, order, augmentation, mixing"),
+    "amp": ("auto", "bf16 autocast: auto (on CUDA) | bf16 | off"),
+    "device": ("auto", "auto (cuda if present) | cpu | cuda | cuda:N"),
+    "workers": (-1, "DataLoader worker processes; -1: min(8, CPU count)"),
+    "out": ("", "run folder; empty: runs/<name from the key flags>"),
+    "resume": ("", "continue the run in this folder; flags not given are taken from it"),
+    "stop_after": (0, "leave after this many epochs in total, checkpoint kept (for time-limited jobs; ours)"),
+}
+CHOICES = {"dataset": list(data.DATASETS), "syn": list(data.SYN_MODES), "relabel": ["on", "off"],
+           "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"]}
+RUNTIME = {"device", "workers", "out", "resume", "stop_after"}  # may differ when resuming; results do not
+NAME_KEYS = {"syn_ratio": "r", "w_cls": "wcls", "w_con": "wcon", "relabel": "relabel", "strategy": "",
+             "width": "w", "epochs": "e", "batch_size": "b", "lr": "lr", "data_seed": "ds"}
+
+
+def make_parser(with_defaults=True):
+    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    argument_default=None if with_defaults else argparse.SUPPRESS)
+    for key, (default, help) in CONFIG.items():
+        kw = dict(default=default) if with_defaults else {}
+        p.add_argument("--" + key.replace("_", "-"), type=type(default), choices=CHOICES.get(key), help=help, **kw)
+    return p
+
+
+def get_config(argv=None):
+    cfg = vars(make_parser().parse_args(argv))
+    if cfg["resume"]:  # unspecified flags come from the run being resumed
+        given = vars(make_parser(False).parse_args(argv))
+        saved = os.path.join(cfg["resume"], "config.json")
+        if not os.path.isfile(saved):
+            raise data.SAUError(f"--resume {cfg['resume']}: no config.json there, so no run to continue")
+        kept = {k: v for k, v in read_json(saved).items() if k in CONFIG and k not in RUNTIME}
+        cfg = {**CONFIG_DEFAULTS, **kept, **given, "out": cfg["resume"]}
+    checks = [(cfg["imb"] >= 1, "--imb must be >= 1"), (cfg["syn_ratio"] >= 0, "--syn-ratio must be >= 0"),
+              (cfg["epochs"] >= 1, "--epochs must be >= 1"), (cfg["batch_size"] >= 2, "--batch-size must be >= 2"),
+              (cfg["width"] >= 2 and cfg["width"] % 2 == 0, "--width must be an even number >= 2"),
+              (cfg["temperature"] > 0, "--temperature must be > 0"), (cfg["lr"] > 0, "--lr must be > 0"),
+              (min(cfg["w_cls"], cfg["w_con"]) >= 0 and max(cfg["w_cls"], cfg["w_con"]) > 0,
+               "--w-cls and --w-con must be >= 0 and not both 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise data.SAUError(msg)
+    return cfg
+
+
+CONFIG_DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
+
+
+def run_name(cfg):
+    parts = [cfg["dataset"], f"imb{cfg['imb']:g}", cfg["syn"]]
+    parts += [f"{tag}{cfg[k]:g}" if isinstance(cfg[k], float) else f"{tag}{cfg[k]}"
+              for k, tag in NAME_KEYS.items() if cfg[k] != CONFIG_DEFAULTS[k]]
+    return "_".join(parts + [f"s{cfg['seed']}"])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_atomic(path, text_or_save):
+    """Write to path + '.tmp', then rename: a kill never leaves a half-written file."""
+    tmp = path + ".tmp"
+    if isinstance(text_or_save, str):
+        with open(tmp, "w") as f:
+            f.write(text_or_save)
+    else:
+        text_or_save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- losses
+
+def soft_ce(logits, targets):
+    """Cross-entropy with soft targets: mean_i(-sum_k t_ik log_softmax(o)_ik)."""
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def supcon(feats, labels, is_anchor, temperature):
+    """Supervised contrastive loss. feats [M, V, D], labels [M], is_anchor [M] bool -> scalar."""
+    m, v = feats.shape[:2]
+    f = feats.transpose(0, 1).reshape(m * v, -1).float()  # MV x D, view-major
+    y = labels.repeat(v)  # MV
+    self_pair = torch.eye(m * v, dtype=torch.bool, device=f.device)
+    logits = f @ f.T / temperature  # MV x MV
+    # log-softmax over all other members; logsumexp subtracts the row max for stability
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_pair, -torch.inf), dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~self_pair  # MV x MV
+    per_anchor = -(log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)  # MV; no positive -> 0
+    anchors = is_anchor.repeat(v)
+    return per_anchor[anchors].mean() if anchors.any() else f.sum() * 0
+
+
+@torch.no_grad()
+def find_suspects(z_syn, y_syn, anchors, anchor_y):
+    """[S] bool: the most cosine-similar anchor, in either view, has another label than the sample."""
+    sim = torch.einsum("svd,avd->vsa", F.normalize(z_syn.float(), dim=-1), F.normalize(anchors.float(), dim=-1))
+    return (anchor_y[sim.argmax(-1)] != y_syn).any(0)  # V x S -> S
+
+
+def sau_contrastive_loss(z, labels, is_syn, prototypes, strategy="pos_neg", temperature=0.1, relabel=True,
+                         return_suspects=False):
+    """SAU.md section 5. z [B, 2, D] unit, labels [B], is_syn [B], prototypes [C, 2, D] -> scalar loss."""
+    if strategy not in CHOICES["strategy"]:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {CHOICES['strategy']}")
+    is_syn = is_syn.bool()
+    num_classes = prototypes.shape[0]
+    anchors = torch.cat([z[~is_syn], prototypes.to(z.dtype)])  # (R + C) x 2 x D
+    anchor_y = torch.cat([labels[~is_syn], torch.arange(num_classes, device=z.device)])  # R + C
+    z_syn, y_syn = z[is_syn], labels[is_syn].clone()  # S x 2 x D, S
+    suspect = torch.zeros_like(y_syn, dtype=torch.bool)
+    if relabel and len(y_syn):
+        suspect = find_suspects(z_syn, y_syn, anchors, anchor_y)
+    keep, syn_anchor = torch.ones_like(suspect), torch.ones_like(suspect)
+    if strategy == "pos_neg":  # a fresh label each: positive only with its own other view
+        y_syn[suspect] = -1 - torch.arange(int(suspect.sum()), device=z.device)
+    elif strategy == "neg_only":  # contrast samples only, never anchors
+        y_syn[suspect] = -1
+        syn_anchor = ~suspect
+    else:  # drop
+        keep = ~suspect
+    feats = torch.cat([anchors, z_syn[keep]])
+    y = torch.cat([anchor_y, y_syn[keep]])
+    is_anchor = torch.cat([torch.ones_like(anchor_y, dtype=torch.bool), syn_anchor[keep]])
+    loss = supcon(feats, y, is_anchor, temperature)
+    return (loss, suspect) if return_suspects else loss
+
+
+def cutmix(xa, xb, lam, rng):
+    """Paste from xb a box of side W * sqrt(1 - lam) centred at a uniform point; return (x, weight of xa)."""
+    h, w = xa.shape[-2:]
+    bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
+    x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    x = xa.clone()
+    x[:, :, y0:y1, x0:x1] = xb[:, :, y0:y1, x0:x1]
+    return x, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the true pasted area, also when clipped
+
+
+# ---------------------------------------------------------------- prototypes and evaluation
+
+@torch.no_grad()
+def prototypes(model, mixed, seed, workers, device, amp):
+    """[C, 2, D]: per class, the mean projection of its real images through v2 and v3 (eval mode)."""
+    model.eval()
+    x, y = mixed.real()
+    num_classes = len(mixed.classes)
+    sums = None
+    for v2, v3, yb, _ in data.loader(x, y, np.zeros(len(y), bool), mixed.dataset, ("v2", "v3"), 256, workers,
+                                     seed=seed, shuffle=False):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            z = torch.stack([model.project(model.features(v.to(device, non_blocking=True))) for v in (v2, v3)], 1)
+        if sums is None:
+            sums = torch.zeros(num_classes, *z.shape[1:], device=device)
+        sums.index_add_(0, yb.to(device), z.float())  # C x 2 x D
+    counts = torch.bincount(torch.from_numpy(y), minlength=num_classes).to(device)
+    return sums / counts.clamp(min=1)[:, None, None]
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, mean, std, n_real, device, amp):
+    """Top-1, top-5, per-class accuracy, many/medium/few and the confusion matrix on the test set."""
+    model.eval()
+    num_classes = len(n_real)
+    top5 = []
+    for i in range(0, len(y_test), 1000):
+        x = (x_test[i:i + 1000].to(device).float() / 255 - mean) / std
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            top5.append(model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices)
+    top5, y = torch.cat(top5).cpu(), y_test
+    pred = top5[:, 0]
+    per_class = (torch.bincount(y[pred == y], minlength=num_classes) / torch.bincount(y, minlength=num_classes))
+    groups = {g: [a for a, n in zip(per_class.tolist(), n_real) if data.shot_group(n) == g]
+              for g in ("many", "medium", "few")}
+    return {"top1": 100 * (pred == y).float().mean().item(), "top5": 100 * (top5 == y[:, None]).any(1).float().mean().item(),
+            **{g: 100 * sum(v) / len(v) if v else None for g, v in groups.items()},
+            "per_class": [100 * a for a in per_class.tolist()],
+            "confusion": torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
+            .reshape(num_classes, num_classes).tolist()}
+
+
+# ---------------------------------------------------------------- the run
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise data.SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def load_checkpoint(out, cfg):
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise data.SAUError(f"--resume {out}: no checkpoint.pt there; start the run again without --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle: the same message
+        raise data.SAUError(f"checkpoint {path} is unreadable ({e.__class__.__name__}): delete it and start again")
+    diff = [k for k in CONFIG if k not in RUNTIME and ckpt["config"].get(k) != cfg[k]]
+    if diff:
+        raise data.SAUError(f"checkpoint {path} was made with another config: " + ", ".join(
+            f"--{k.replace('_', '-')} {ckpt['config'].get(k)} (now {cfg[k]})" for k in diff)
+            + "; resume with the same flags or start a new --out")
+    return ckpt
+
+
+def train(cfg):
+    device = pick_device(cfg["device"])
+    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda")
+    workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1)
+    out = cfg["out"] or os.path.join("runs", run_name(cfg))
+    if not cfg["resume"] and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise data.SAUError(f"{out} already holds a run: continue it with --resume {out}, or pass a new --out")
+    ckpt = load_checkpoint(out, cfg) if cfg["resume"] else None
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    mixed = data.build_mixed(cfg["dataset"], cfg["data_root"], cfg["imb"], cfg["data_seed"], cfg["syn"],
+                             cfg["syn_ratio"], cfg["pool"] or None)
+    x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
+    x_test, y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
+    mean, std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
+    num_classes = len(mixed.classes)
+
+    torch.manual_seed(cfg["seed"])
+    model = resnet32(num_classes, cfg["width"]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+    metrics, start = [], 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start = ckpt["epoch"]
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][:start]
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"}, indent=1))
+    counts = {"n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
+    print(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
+          f"{num_classes} classes, {device}{' bf16' if amp else ''}, epochs {start + 1}-{cfg['epochs']}", flush=True)
+    use_cls, use_con = cfg["w_cls"] > 0, cfg["w_con"] > 0
+
+    for epoch in range(start, cfg["epochs"]):
+        if cfg["stop_after"] and epoch >= cfg["stop_after"]:
+            print(f"stopping after epoch {epoch} (--stop-after); continue with --resume {out}")
+            return out
+        # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
+        epoch_seed = cfg["seed"] * 1_000_003 + epoch
+        rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the data loaders seed themselves)
+        t0 = time.time()
+        protos = prototypes(model, mixed, epoch_seed * 2 + 2, workers, device, amp) if use_con else None
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        sums = torch.zeros(4, device=device)  # loss, cls, con, suspects
+        n_syn_seen = 0
+        views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if use_con else ())
+        bar = tqdm(total=len(mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+                   dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+        for step, (a, b) in enumerate(data.train_streams(mixed, cfg["batch_size"], workers, epoch_seed,
+                                                          views_a, stream_b=use_cls)):
+            *va, ya, syn = (t.to(device, non_blocking=True) for t in a)
+            loss_cls = loss_con = torch.zeros((), device=device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                if use_cls:
+                    xa, xb = va[0], b[0].to(device, non_blocking=True)
+                    ta = F.one_hot(ya, num_classes).float()
+                    tb = F.one_hot(b[1].to(device, non_blocking=True), num_classes).float()
+                    lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
+                    x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
+                    x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
+                    loss_cls = (soft_ce(model.fc(model.features(x_mix)), t_mix)
+                                + soft_ce(model.fc(model.features(x_cut)), w * ta + (1 - w) * tb))
+                if use_con:
+                    z = torch.stack([model.project(model.features(v)) for v in va[-2:]], 1)  # B x 2 x 128
+                    loss_con, suspect = sau_contrastive_loss(z, ya, syn, protos, cfg["strategy"], cfg["temperature"],
+                                                             cfg["relabel"] == "on", return_suspects=True)
+                    sums[3] += suspect.sum()
+            loss = cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums[:3] += torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach()]).float()
+            n_syn_seen += int(a[-1].sum())
+            bar.update(len(a[-1]))
+            if step % 20 == 0:  # .item() syncs the device: only now and then
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        sched.step()
+        train_s = time.time() - t0
+        ev = evaluate(model, x_test, y_test, mean, std, mixed.n_real, device, amp)
+        loss_sum, cls_sum, con_sum, n_suspect = sums.tolist()
+        steps = step + 1
+        metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / steps, "loss_cls": cls_sum / steps,
+                        "loss_con": con_sum / steps, "suspect_frac": n_suspect / max(n_syn_seen, 1) if use_con else None,
+                        **{k: ev[k] for k in ("top1", "top5", "many", "medium", "few")},
+                        "seconds": time.time() - t0, "images_per_s": len(mixed) / train_s})
+        m = metrics[-1]
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"
+        tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
+                   f"{m['loss_con']:.3f})  lr {lr:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
+                   f"{fmt(m['medium'])}/{fmt(m['few'])}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
+        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch + 1, "config": cfg, "rng": {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
+        write_atomic(os.path.join(out, "last_eval.json"), json.dumps({**ev, **counts}))
+
+    ev = read_json(os.path.join(out, "last_eval.json"))
+    best = max(metrics, key=lambda r: r["top1"])
+    final = {"final_epoch": {k: ev[k] for k in ("top1", "top5", "many", "medium", "few", "per_class")},
+             "epochs": cfg["epochs"], "seed": cfg["seed"], "data_seed": cfg["data_seed"],
+             "best_over_epochs_selected_on_test_set": {"top1": best["top1"], "epoch": best["epoch"]},
+             "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
+             "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics)}
+    write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
+    plot_run(out, metrics, ev)
+    f = final["final_epoch"]
+    print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  many/medium/few "
+          + "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in ("many", "medium", "few"))
+          + f"  (best over epochs, selected on the test set: {best['top1']:.2f} at epoch {best['epoch']})  -> {out}")
+    return out
+
+
+def plot_run(out, metrics, ev):
+    """curves.png, per_class.png and confusion.png in the run folder."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in metrics]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for k in ("loss", "loss_cls", "loss_con"):
+        ax[0].plot(ep, [r[k] for r in metrics], label=k)
+    ax[1].plot(ep, [r["lr"] for r in metrics])
+    for k in ("top1", "many", "medium", "few"):
+        if metrics[-1][k] is not None:
+            ax[2].plot(ep, [r[k] for r in metrics], label=k)
+    for a, t in zip(ax, ("training loss", "learning rate", "test accuracy (%)")):
+        a.set(title=t, xlabel="epoch")
+        a.legend() if a.get_legend_handles_labels()[0] else None
+    fig.tight_layout()
+    write_atomic(os.path.join(out, "curves.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+    c = np.arange(len(ev["per_class"]))
+    colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(8, len(c) * 0.12 + 4), 4))
+    ax.bar(c, ev["per_class"], color=[colors[data.shot_group(n)] for n in ev["n_real"]])
+    ax.set(xlabel="class (label order: head to tail)", ylabel="test accuracy (%)", ylim=(0, 100),
+           title="per-class accuracy; bars coloured many / medium / few; lines: train images per class")
+    if len(c) <= 20:
+        ax.set_xticks(c, ev["classes"], rotation=45, ha="right")
+    tw = ax.twinx()
+    tw.plot(c, ev["n_real"], "k.-", label="real")
+    tw.plot(c, ev["n_syn"], "g.--", label="synthetic")
+    tw.set(ylabel="train images", yscale="symlog")
+    tw.legend(loc="upper right")
+    fig.tight_layout()
+    write_atomic(os.path.join(out, "per_class.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+    cm = np.asarray(ev["confusion"], float)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm / cm.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (rows normalised)")
+    if len(c) <= 20:
+        ax.set_xticks(c, ev["classes"], rotation=45, ha="right")
+        ax.set_yticks(c, ev["classes"])
+    fig.colorbar(im)
+    fig.tight_layout()
+    write_atomic(os.path.join(out, "confusion.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main():
+    train(get_config())
+
+
+if __name__ == "__main__":
+    data.run_cli(main)
