@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -120,15 +121,17 @@ def shard_name(label, start):
     return f"c{label:03d}_{start:06d}.npz"
 
 
-def write_shard(folder, label, start, images, seeds, prompts=None):
+def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
     """One shard, written to a temporary name and renamed: never a half-written file."""
-    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64)}
+    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64), **extra}
     if prompts is not None:
         arrays["prompts"] = np.asarray(prompts, dtype=str)
     path = os.path.join(folder, shard_name(label, start))
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with zipfile.ZipFile(path + ".tmp", "w") as z:  # np.savez's layout with a fixed date: same images, same bytes
+        for name, arr in arrays.items():
+            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
+    os.replace(path + ".tmp", path)
     return path
 
 

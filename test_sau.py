@@ -353,3 +353,126 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
     r = run("train.py", *base, *flags)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- generate.py
+
+def write_tiny_pipeline(folder):
+    """A Stable-Diffusion-shaped pipeline small enough to run in milliseconds, saved as a user's model would be."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    import generate
+    torch.manual_seed(0)
+    tokenizer = generate.write_tokenizer(os.path.join(folder + "_tokenizer"))
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(4, 8), layers_per_block=1, cross_attention_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+                                norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2, sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+                                        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                            scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+                            image_encoder=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return write_tiny_pipeline(str(tmp_path_factory.mktemp("pipe") / "tiny-sd"))
+
+
+GEN = ["--steps", 2, "--guidance", 0, "--batch-size", 8]
+
+
+def gen_run(root, pipe_dir, pool, *args, env=None):
+    cmd = [sys.executable, os.path.join(HERE, "generate.py"), "--data-root", root, "--model", pipe_dir,
+           "--pool", pool, *map(str, GEN), *map(str, args)]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def pool_bytes(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".npz")}
+
+
+@pytest.fixture(scope="module")
+def gen_pool(root, pipe_dir, tmp_path_factory):
+    """The imb-10 pool of the tiny CIFAR-10, made once."""
+    pool = str(tmp_path_factory.mktemp("gen") / "pool")
+    r = gen_run(root, pipe_dir, pool, "--imb", 10)
+    assert r.returncode == 0, r.stderr
+    return pool
+
+
+def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
+    manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
+    assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest["image_size"] == 32
+    g = manifest["generator"]
+    assert (g["model"], g["steps"], g["guidance"], g["resolution"], g["resize"]) == (pipe_dir, 2, 0.0, 32, "lanczos")
+    assert g["rejected_images"] == 0 and g["prompts"]["templates"][0] == "a photo of a {}."
+    pool = data.read_pool(gen_pool, "cifar10", CIFAR10_NAMES)
+    counts = data.lt_counts(20, 10, 10)
+    assert {c: len(v) for c, v in pool.items()} == {c: 20 - n for c, n in enumerate(counts) if 20 - n}
+    with np.load(os.path.join(gen_pool, data.shard_name(9, 0))) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (32, 32, 3)
+        assert z["seeds"].dtype == np.int64 and str(z["prompts"][0]).startswith("a photo of a truck")
+    assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
+    assert not [f for f in os.listdir(gen_pool) if ".tmp" in f]
+
+
+def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool, tmp_path):
+    ref = pool_bytes(gen_pool)
+    again = str(tmp_path / "again")
+    assert gen_run(root, pipe_dir, again, "--imb", 10).returncode == 0
+    assert pool_bytes(again) == ref
+    for name in (data.shard_name(5, 0), data.shard_name(9, 0)):  # a killed run: shards missing
+        os.remove(os.path.join(again, name))
+    r = gen_run(root, pipe_dir, again, "--imb", 10)
+    assert r.returncode == 0 and "made 10 images" in r.stdout, r.stdout
+    assert pool_bytes(again) == ref
+    split = str(tmp_path / "split")
+    for i in (0, 1):
+        assert gen_run(root, pipe_dir, split, "--imb", 10, "--shard", f"{i}/2").returncode == 0
+    assert pool_bytes(split) == ref
+    r = gen_run(root, pipe_dir, split, "--imb", 10)
+    assert r.returncode == 0 and "nothing to make" in r.stdout
+
+
+def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
+    lines = [f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}" for name in CIFAR10_NAMES for i in (0, 1)]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    pool = str(tmp_path / "pool")
+    r = gen_run(root, pipe_dir, pool, "--per-class", 3, "--prompts", tmp_path / "prompts.txt")
+    assert r.returncode == 0, r.stderr
+    with np.load(os.path.join(pool, data.shard_name(3, 0))) as z:
+        assert z["prompts"].tolist() == ["cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
+                                         "cat. a cat seen from afar, number 0"]
+    assert json.load(open(os.path.join(pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
+
+
+def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path):
+    r = run("train.py", "--data-root", root, "--pool", gen_pool, "--epochs", 1, "--out", tmp_path / "run", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "122 synthetic" in r.stdout
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not_pipeline", "not a diffusers text-to-image pipeline"), ("offline_hub", "could not fetch"),
+    ("dataset", "invalid choice"), ("per_class", "--per-class must be >= 0"),
+    ("other_dataset", "made for cifar100"), ("other_settings", "other generator settings (seed)")])
+def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, case, message):
+    pool = str(tmp_path / "pool")
+    args = {"not_pipeline": ["--model", tmp_path], "offline_hub": ["--model", "nobody/no-such-model"],
+            "dataset": ["--dataset", "mnist"], "per_class": ["--per-class", -1], "other_settings": ["--seed", 1]}
+    if case == "other_dataset":
+        write_pool(pool, "cifar100", CIFAR10_NAMES, 2)
+    if case == "other_settings":
+        import shutil
+        shutil.copytree(gen_pool, pool)
+    before = pool_bytes(pool) if os.path.isdir(pool) else {}
+    r = gen_run(root, pipe_dir, pool, *args.get(case, []), env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (pool_bytes(pool) if os.path.isdir(pool) else {}) == before
