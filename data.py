@@ -298,21 +298,26 @@ class Views(torch.utils.data.Dataset):
         return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i])
 
 
-def loader(images, labels, is_syn, dataset, views, batch_size, workers, seed=None, shuffle=True):
-    """A DataLoader over the named views; its order and augmentation follow `seed` (or the global RNG)."""
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
+def share(order, rank=0, world=1):
+    """This process's part of an epoch's order: every world-th index from rank, all parts of equal length."""
+    return order[rank::world][:len(order) // world]
+
+
+def loader(images, labels, is_syn, dataset, views, batch_size, workers, seed, order):
+    """A DataLoader over the named views, in the given order; augmentation follows (seed, image index)."""
     return torch.utils.data.DataLoader(Views(images, labels, is_syn, dataset, views, seed), batch_size=batch_size,
-                                       shuffle=shuffle, generator=g, num_workers=workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                       sampler=order, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-def train_streams(mixed, batch_size, workers, seed, views_a=("v1", "v2", "v3"), stream_b=True):
-    """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles."""
-    a = loader(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views_a, batch_size, workers, seed * 2)
-    if not stream_b:
-        return ((batch, None) for batch in a)
-    b = loader(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, ("v1",), batch_size, workers, seed * 2 + 1)
-    return zip(a, b)
+def train_streams(mixed, batch_size, workers, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1):
+    """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles.
+    With several processes each takes a disjoint share of both orders, batch_size / world images a step."""
+    streams = []
+    for k, views in enumerate([views_a] + ([("v1",)] if stream_b else [])):
+        order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed * 2 + k)).tolist()
+        streams.append(loader(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views, batch_size // world,
+                              workers, seed * 2 + k, share(order, rank, world)))
+    return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 
 def main():

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default="./data")
     p.add_argument("--data-seed", type=int, default=0, help="kept for symmetry with train.py; counts do not use it")
     p.add_argument("--pool", default="", help="output folder; empty: <data-root>/synthetic/<dataset>")
+    p.add_argument("--generator", default="text2image", choices=["text2image", "ddpm"],
+                   help="a downloaded text-to-image pipeline | a class-conditional DDPM trained here on the real subset")
     p.add_argument("--model", default="stabilityai/sd-turbo", help="diffusers text-to-image pipeline: hub id or folder")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's, else 30)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
@@ -55,13 +57,28 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pads the last batch)")
     p.add_argument("--shard", default="", help="i/N: make every N-th batch from the i-th (torchrun sets it)")
+    g = p.add_argument_group("--generator ddpm (ours; defaults estimated for about an hour on one GPU)")
+    g.add_argument("--ddpm-width", type=int, default=128, help="UNet base channels (stages w, 2w, 2w, 2w)")
+    g.add_argument("--train-steps", type=int, default=30000)
+    g.add_argument("--train-batch", type=int, default=128)
+    g.add_argument("--train-lr", type=float, default=2e-4)
+    g.add_argument("--warmup", type=int, default=1000, help="linear lr warm-up steps")
+    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
+    g.add_argument("--ema", type=float, default=0.9995, help="EMA decay of the weights that sample")
+    g.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
+    g.add_argument("--sampling", default="balanced", choices=["balanced", "plain"], help="class-balanced or plain")
+    g.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"], help="DDIM or DPM-Solver++ (--steps: 50)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="training steps between checkpoints")
     p.add_argument("--bench", action="store_true", help="time the default architecture with random weights")
     p.add_argument("--bench-batches", type=int, default=3, help="timed batches after one warm-up, with --bench")
     a = p.parse_args(argv)
     if a.per_class is not None and a.per_class < 0:
         p.error(f"--per-class must be >= 0, got {a.per_class}")
-    if a.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    for flag in ("batch_size", "ddpm_width", "train_steps", "train_batch", "ckpt_every"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 <= a.label_dropout < 1 or not 0 <= a.ema < 1:
+        p.error("--label-dropout and --ema must lie in [0, 1)")
     if a.shard:
         try:
             a.rank, a.world = map(int, a.shard.split("/"))
@@ -193,8 +210,40 @@ def sd_turbo_architecture(dtype):
     return pipe.to(dtype=dtype)
 
 
-class Generator:
-    """Prompts and seeds in, checked 32x32 uint8 images out."""
+class Maker:
+    """Items, prompts and seeds in, checked 32x32 uint8 images out; subclasses say how (raw)."""
+    retries = 0
+
+    def to_uint8(self, x):
+        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to 32."""
+        if self.a.resize == "gpu":
+            x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if x.shape[-1] != 32 else x
+            return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        full = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
+
+    def make(self, items, prompts):
+        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n]); a black or non-finite image is
+        made again with the next seed of its (label, index)."""
+        attempt = [0] * len(items)
+        seeds = [image_seed(self.a.seed, c, k) for c, k in items]
+        x = self.raw(items, prompts, seeds)
+        bad = [i for i in range(len(items)) if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
+        while bad:
+            self.retries += len(bad)
+            for i in bad:
+                attempt[i] += 1
+                if attempt[i] > MAX_RETRIES:
+                    raise data.SAUError(f"class {items[i][0]} image {items[i][1]}: {MAX_RETRIES} seeds in a row gave a "
+                                        f"black or non-finite image; check --model, --dtype and --steps")
+                seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
+            x[bad] = self.raw([items[i] for i in bad], [prompts[i] for i in bad], [seeds[i] for i in bad])
+            bad = [i for i in bad if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
+        return self.to_uint8(x), seeds
+
+
+class TextToImage(Maker):
+    """Any diffusers text-to-image pipeline."""
 
     def __init__(self, pipe, a, device, dtype):
         self.pipe = pipe.to(device)
@@ -215,9 +264,8 @@ class Generator:
                          "resolution": self.resolution, "dtype": str(dtype).replace("torch.", ""),
                          "resize": a.resize, "seed": a.seed, "batch_size": a.batch_size,
                          "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
-        self.retries = 0
 
-    def raw(self, prompts, seeds):
+    def raw(self, items, prompts, seeds):
         """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every device)."""
         n, pad = len(prompts), (self.a.batch_size - len(prompts)) if self.a.compile else 0
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
@@ -226,32 +274,149 @@ class Generator:
                         generator=gens, output_type="pt").images
         return out[:n].float()
 
-    def to_uint8(self, x):
-        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to 32."""
-        if self.a.resize == "gpu":
-            x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if x.shape[-1] != 32 else x
-            return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        full = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
 
-    def make(self, items, prompts):
-        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n]); a black or non-finite image is
-        made again with the next seed of its (label, index)."""
-        attempt = [0] * len(items)
-        seeds = [image_seed(self.a.seed, c, k) for c, k in items]
-        x = self.raw(prompts, seeds)
-        bad = [i for i in range(len(items)) if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
-        while bad:
-            self.retries += len(bad)
-            for i in bad:
-                attempt[i] += 1
-                if attempt[i] > MAX_RETRIES:
-                    raise data.SAUError(f"class {items[i][0]} image {items[i][1]}: {MAX_RETRIES} seeds in a row gave a "
-                                        f"black or non-finite image; check --model, --dtype and --steps")
-                seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
-            x[bad] = self.raw([prompts[i] for i in bad], [seeds[i] for i in bad])
-            bad = [i for i in bad if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
-        return self.to_uint8(x), seeds
+# ---------------------------------------------------------------- the offline generator (DiffuLT's idea, ours)
+
+def ddpm_unet(num_classes, width):
+    """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of guidance."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(width, 2 * width, 2 * width, 2 * width), norm_num_groups=min(32, width),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       num_class_embeds=num_classes + 1)
+
+
+def save_ddpm(folder, unet, ema, state):
+    """Both networks by save_pretrained, plus the training state, swapped in whole: a kill keeps the last one."""
+    import shutil
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(os.path.join(tmp, "unet"))
+    ema.save_pretrained(os.path.join(tmp, "ema"))
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_ddpm(a, folder, device, log=print):
+    """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset; return the EMA
+    network, the training settings and the sha256 of the EMA weights."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # killed between the two renames
+        os.replace(folder + ".old", folder)
+    names = data.class_names(a.dataset, a.data_root)
+    images, labels = data.load_cifar(a.dataset, a.data_root, train=True)
+    keep = data.long_tail_indices(labels, a.imb, a.data_seed)
+    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2)  # N x 3 x 32 x 32 uint8
+    y_all = torch.from_numpy(labels[keep])
+    settings = {"imb": a.imb, "data_seed": a.data_seed, "real_images": len(keep), "width": a.ddpm_width,
+                "train_steps": a.train_steps, "train_batch": a.train_batch, "lr": a.train_lr, "warmup": a.warmup,
+                "lr_schedule": a.lr_schedule, "ema": a.ema, "label_dropout": a.label_dropout,
+                "sampling": a.sampling, "hflip": True, "seed": a.seed}
+    torch.manual_seed(a.seed)  # the initial weights
+    unet = ddpm_unet(len(names), a.ddpm_width).to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
+    step, rng = 0, torch.Generator().manual_seed(a.seed)
+    if os.path.isfile(os.path.join(folder, "state.pt")):
+        state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+        differ = sorted(k for k in settings if k != "train_steps" and state["settings"].get(k) != settings[k])
+        if differ:
+            raise data.SAUError(f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
+                                f"use the same flags or another --pool folder")
+        unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).to(device)
+        opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.set_state(state["rng"])
+    ema = (UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(len(names), a.ddpm_width))
+    ema = ema.to(device).requires_grad_(False)
+    if not step:
+        ema.load_state_dict(unet.state_dict())
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    warm = lambda s: min(1.0, (s + 1) / max(a.warmup, 1))
+    shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / a.train_steps))) if a.lr_schedule == "cosine" else (lambda s: 1.0)
+    counts = torch.bincount(y_all, minlength=len(names)).float()
+    weights = (1 / counts[y_all]) if a.sampling == "balanced" else torch.ones(len(y_all))
+    amp = device.type == "cuda"
+    if step < a.train_steps:
+        log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} parameters) on "
+            f"{len(keep)} real images, steps {step + 1}-{a.train_steps}")
+    losses, t0 = [], time.time()
+    bar = tqdm(total=a.train_steps, initial=step, unit="step", desc="training", dynamic_ncols=True,
+               disable=step >= a.train_steps)
+    unet.train()
+    while step < a.train_steps:
+        idx = torch.multinomial(weights, a.train_batch, replacement=True, generator=rng)
+        x0 = x_all[idx].float() / 127.5 - 1
+        flip = torch.rand(len(idx), generator=rng) < 0.5
+        x0[flip] = x0[flip].flip(-1)
+        y = torch.where(torch.rand(len(idx), generator=rng) < a.label_dropout, len(names), y_all[idx])
+        noise = torch.randn(x0.shape, generator=rng)
+        t = torch.randint(0, 1000, (len(idx),), generator=rng)
+        xt = scheduler.add_noise(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = a.train_lr * warm(step) * shape(step)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            pred = unet(xt.to(device), t.to(device), class_labels=y.to(device)).sample
+        loss = F.mse_loss(pred.float(), noise.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - a.ema)
+        step += 1
+        losses.append(loss.detach())
+        bar.update(1)
+        if step % 50 == 0 or step == a.train_steps:
+            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
+        if step % a.ckpt_every == 0 or step == a.train_steps:
+            save_ddpm(folder, unet, ema, {"step": step, "settings": settings, "optimizer": opt.state_dict(),
+                                          "rng": rng.get_state()})
+    bar.close()
+    if losses:
+        n = len(losses)
+        log(f"trained {n} steps in {time.time() - t0:.1f}s ({n * a.train_batch / (time.time() - t0):.1f} images/s); "
+            f"loss {torch.stack(losses[:max(n // 10, 1)]).mean().item():.4f} (first tenth) -> "
+            f"{torch.stack(losses[-max(n // 10, 1):]).mean().item():.4f} (last tenth)")
+    weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema"))) if f.endswith(".safetensors"))
+    with open(os.path.join(folder, "ema", weights_file), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return ema.eval(), settings, sha, [v.item() for v in losses]
+
+
+class ClassConditional(Maker):
+    """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free guidance."""
+
+    def __init__(self, unet, train_settings, sha, a, device, dtype):
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+        self.unet, self.a, self.device, self.dtype = unet.to(device), a, device, dtype
+        config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
+        self.sampler = (DDIMScheduler if a.sampler == "ddim" else DPMSolverMultistepScheduler).from_config(config)
+        self.steps = a.steps if a.steps is not None else 50
+        self.guidance = a.guidance if a.guidance is not None else 1.5
+        self.null = unet.config.num_class_embeds - 1
+        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha, "sampler": a.sampler,
+                         "steps": self.steps, "guidance": self.guidance, "seed": a.seed, "batch_size": a.batch_size,
+                         "dtype": str(dtype).replace("torch.", "")}
+
+    @torch.no_grad()
+    def raw(self, items, prompts, seeds):
+        """float [n, 3, 32, 32] in [0, 1]; eps = uncond + guidance * (cond - uncond)."""
+        y = torch.tensor([c for c, _ in items], device=self.device)
+        labels = torch.cat([y, torch.full_like(y, self.null)])
+        x = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = x.to(self.device)
+        self.sampler.set_timesteps(self.steps)
+        for t in self.sampler.timesteps:
+            with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+                eps = self.unet(torch.cat([x, x]), t.to(self.device), class_labels=labels).sample.float()
+            cond, uncond = eps.chunk(2)
+            x = self.sampler.step(uncond + self.guidance * (cond - uncond), t, x).prev_sample
+        return ((x + 1) / 2).clamp(0, 1)
 
 
 # ---------------------------------------------------------------- the pool
@@ -311,6 +476,7 @@ def write_samples(folder, names, per_row=8):
         images = []
         for _, path in shards[c]:
             images += list(data.read_shard(path)[:per_row - len(images)])
+        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))  # short classes: blank tiles
         strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
         ax.imshow(strip, interpolation="nearest")
         ax.set_yticks([])
@@ -326,7 +492,7 @@ def bench(a):
     device, dtype = pick(a)
     torch.manual_seed(0)
     print(f"building the stabilityai/sd-turbo architecture with random weights on {device} ({dtype})", flush=True)
-    gen = Generator(sd_turbo_architecture(dtype), a, device, dtype)
+    gen = TextToImage(sd_turbo_architecture(dtype), a, device, dtype)
     prompts = [TEMPLATES[i % len(TEMPLATES)].format("cat") for i in range(a.batch_size)]
     items = [(3, k) for k in range(a.batch_size)]
     t0 = time.time()
@@ -362,10 +528,15 @@ def main(argv=None):
                             f"with each class name")
     check_dataset(folder, a.dataset, names)
     device, dtype = pick(a)
-    gen = Generator(load_pipeline(a.model, dtype), a, device, dtype)
-    gen.settings["prompts"] = ({"file": os.path.basename(a.prompts),
-                                "sha256": hashlib.sha256(open(a.prompts, "rb").read()).hexdigest()}
-                               if a.prompts else {"templates": TEMPLATES})
+    if a.generator == "ddpm":
+        os.makedirs(folder, exist_ok=True)
+        gen = ClassConditional(*train_ddpm(a, os.path.join(folder, "ddpm"), device)[:3], a, device, dtype)
+        prompts = {c: [None] for c in range(len(names))}
+    else:
+        gen = TextToImage(load_pipeline(a.model, dtype), a, device, dtype)
+        gen.settings["prompts"] = ({"file": os.path.basename(a.prompts),
+                                    "sha256": hashlib.sha256(open(a.prompts, "rb").read()).hexdigest()}
+                                   if a.prompts else {"templates": TEMPLATES})
     manifest = {"dataset": a.dataset, "classes": names, "image_size": 32, "generator": gen.settings}
     check_manifest(folder, manifest)
     have = present(folder)
@@ -387,7 +558,8 @@ def main(argv=None):
                 ks = [batch[i][1] for i in run]
                 redone = np.array([seeds[i] != image_seed(a.seed, c, batch[i][1]) for i in run])
                 data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
-                                 [prompts[c][k % len(prompts[c])] for k in ks], rejected=redone)
+                                 None if a.generator == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
+                                 rejected=redone)
                 made += len(run)
         bar.update(len(batch))
         bar.set_postfix(retried=gen.retries - retries0)

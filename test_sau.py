@@ -476,3 +476,129 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, case, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (pool_bytes(pool) if os.path.isdir(pool) else {}) == before
+
+
+# ---------------------------------------------------------------- generate.py --generator ddpm
+
+DDPM = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3, "--warmup", 1,
+        "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10]
+
+
+def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
+    import generate
+    args = lambda steps: generate.parse_args(["--data-root", root, *map(str, DDPM), "--train-steps", str(steps),
+                                              "--ckpt-every", "4"])
+    cpu = torch.device("cpu")
+    folder = str(tmp_path / "ddpm")
+    _, settings, sha16, losses = generate.train_ddpm(args(16), folder, cpu, log=lambda *_: None)
+    assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert settings["real_images"] == sum(data.lt_counts(20, 10, 10)) and settings["sampling"] == "balanced"
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    assert state["step"] == 16 and os.path.isdir(os.path.join(folder, "ema"))
+    _, _, sha24, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)  # resumes at 16
+    assert len(losses) == 8 and sha24 != sha16
+    _, _, again, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)  # finished: reused
+    assert losses == [] and again == sha24
+    _, _, straight, _ = generate.train_ddpm(args(24), str(tmp_path / "straight"), cpu, log=lambda *_: None)
+    assert straight == sha24  # 16 + 8 steps after a restart == 24 steps in one go
+
+
+def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path):
+    pools = [str(tmp_path / p) for p in ("a", "b")]
+    for pool in pools:
+        r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--data-root", root, "--pool", pool,
+                            *map(str, DDPM), "--train-steps", "4"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert pool_bytes(pools[0]) == pool_bytes(pools[1]) and len(pool_bytes(pools[0])) >= 9
+    g = json.load(open(os.path.join(pools[0], "manifest.json")))["generator"]
+    assert g["type"] == "ddpm" and g["training"]["train_steps"] == 4 and len(g["checkpoint_sha256"]) == 64
+    assert os.path.isfile(os.path.join(pools[0], "samples.png"))
+    r = run("data.py", "--data-root", root, "--imb", 10, "--pool", pools[0])
+    assert r.returncode == 0 and "= 200 images" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- several processes, reports, failures
+
+def test_shares_are_disjoint_and_cover_the_epoch():
+    order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()
+    parts = [data.share(order, r, 2) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
+    assert set(parts[0]) | set(parts[1]) == set(order) - {order[-1]}  # one image left over of 103
+    assert data.share(order) == order
+
+
+def test_two_process_gloo_run(root, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        os.path.join(HERE, "train.py"), *map(str, ["--data-root", root, "--epochs", 2, "--out", out,
+                                                                   "--device", "cpu", *TINY])],
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone reports
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
+    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images a class)
+    final = json.loads((out / "final.json").read_text())["final_epoch"]
+    assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path):
+    import signal
+    import time
+    args = ["--data-root", root, "--epochs", 3, *TINY, "--width", 4, "--syn", "heldout", "--batch-size", 4]
+    assert run("train.py", *args, "--out", tmp_path / "full").returncode == 0
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, args), "--out", tmp_path / "kill"],
+                         cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = torch.load(tmp_path / "kill" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 3
+    r = run("train.py", "--resume", tmp_path / "kill")
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("full", "kill"))
+    assert b["epoch"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not [f for f in os.listdir(tmp_path / "kill") if f.endswith(".tmp")]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", "--data-root", root, "--epochs", 3, "--out", out, *TINY, "--stop-after", 1).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    r = run("train.py", "--resume", out)
+    assert r.returncode == 2 and "non-finite loss at epoch 2, step " in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]  # beside the progress bar's lines
+    assert len(errors) == 1 and "Traceback" not in r.stderr and (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path):
+    out = tmp_path / "run"
+    assert run("train.py", "--data-root", root, "--epochs", 2, "--out", out, *TINY, "--stop-after", 1).returncode == 0
+    data_ = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data_[: len(data_) // 2])
+    r = run("train.py", "--resume", out)
+    assert r.returncode == 2 and f"checkpoint {out / 'checkpoint.pt'} is unreadable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path):
+    outs = []
+    for seed, extra in ((0, []), (1, []), (2, ["--lr", 0.02])):
+        outs.append(tmp_path / f"s{seed}")
+        r = run("train.py", "--data-root", root, "--epochs", 1, "--out", outs[-1], "--seed", seed, *TINY, *extra)
+        assert r.returncode == 0, r.stderr
+    r = run("train.py", "--summarize", outs[0], outs[1], "--out", tmp_path / "summary")
+    assert r.returncode == 0, r.stderr
+    top1 = [json.loads((d / "final.json").read_text())["final_epoch"]["top1"] for d in outs[:2]]
+    summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]["top1"]
+    assert summary["runs"] == 2 and abs(summary["mean"] - np.mean(top1)) < 1e-9
+    assert abs(summary["std"] - np.std(top1, ddof=1)) < 1e-9 and "±" in (tmp_path / "summary.md").read_text()
+    r = run("train.py", "--summarize", outs[0], outs[2])
+    assert r.returncode == 2 and "differs from" in r.stderr and "--lr" in r.stderr

@@ -47,9 +47,10 @@ CONFIG = {
     "out": ("", "run folder; empty: runs/<name from the key flags>"),
     "resume": ("", "continue the run in this folder; flags not given are taken from it"),
     "stop_after": (0, "leave after this many epochs in total, checkpoint kept (for time-limited jobs; ours)"),
+    "sync_bn": ("off", "with torchrun: off: BatchNorm statistics per process, as the paper | on: over all"),
 }
 CHOICES = {"dataset": list(data.DATASETS), "syn": list(data.SYN_MODES), "relabel": ["on", "off"],
-           "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"]}
+           "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"], "sync_bn": ["on", "off"]}
 RUNTIME = {"device", "workers", "out", "resume", "stop_after"}  # may differ when resuming; results do not
 NAME_KEYS = {"syn_ratio": "r", "w_cls": "wcls", "w_con": "wcon", "relabel": "relabel", "strategy": "",
              "width": "w", "epochs": "e", "batch_size": "b", "lr": "lr", "data_seed": "ds"}
@@ -61,6 +62,8 @@ def make_parser(with_defaults=True):
     for key, (default, help) in CONFIG.items():
         kw = dict(default=default) if with_defaults else {}
         p.add_argument("--" + key.replace("_", "-"), type=type(default), choices=CHOICES.get(key), help=help, **kw)
+    p.add_argument("--summarize", nargs="+", metavar="RUN", help="mean and std of finished runs' final metrics over "
+                   "seeds (writes --out or runs/summary_<name>.md/.json) and exit")
     return p
 
 
@@ -88,11 +91,11 @@ def get_config(argv=None):
 CONFIG_DEFAULTS = {k: v for k, (v, _) in CONFIG.items()}
 
 
-def run_name(cfg):
+def run_name(cfg, seed=True):
     parts = [cfg["dataset"], f"imb{cfg['imb']:g}", cfg["syn"]]
     parts += [f"{tag}{cfg[k]:g}" if isinstance(cfg[k], float) else f"{tag}{cfg[k]}"
               for k, tag in NAME_KEYS.items() if cfg[k] != CONFIG_DEFAULTS[k]]
-    return "_".join(parts + [f"s{cfg['seed']}"])
+    return "_".join(parts + ([f"s{cfg['seed']}"] if seed else []))
 
 
 def read_json(path):
@@ -180,46 +183,75 @@ def cutmix(xa, xb, lam, rng):
     return x, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the true pasted area, also when clipped
 
 
+class Step(torch.nn.Module):
+    """The forward passes of one step and their losses, as one module call so that DistributedDataParallel
+    sees one forward per backward. Inputs are already mixed; a branch given None is skipped."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x_mix, t_mix, x_cut, t_cut, v2, v3, y, is_syn, protos):
+        m, cfg = self.model, self.cfg
+        zero = torch.zeros((), device=y.device)
+        loss_cls, loss_con, n_suspect = zero, zero, zero
+        if x_mix is not None:
+            loss_cls = soft_ce(m.fc(m.features(x_mix)), t_mix) + soft_ce(m.fc(m.features(x_cut)), t_cut)
+        if v2 is not None:
+            z = torch.stack([m.project(m.features(v2)), m.project(m.features(v3))], 1)  # B x 2 x 128
+            loss_con, suspect = sau_contrastive_loss(z, y, is_syn, protos, cfg["strategy"], cfg["temperature"],
+                                                     cfg["relabel"] == "on", return_suspects=True)
+            n_suspect = suspect.sum()
+        return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, n_suspect
+
+
+def all_sum(t, world):
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
 # ---------------------------------------------------------------- prototypes and evaluation
 
 @torch.no_grad()
-def prototypes(model, mixed, seed, workers, device, amp):
+def prototypes(model, mixed, seed, workers, device, amp, rank=0, world=1):
     """[C, 2, D]: per class, the mean projection of its real images through v2 and v3 (eval mode)."""
     model.eval()
     x, y = mixed.real()
     num_classes = len(mixed.classes)
-    sums = None
+    sums = torch.zeros(num_classes, 2, model.proj[-1].out_features, device=device)
+    counts = torch.zeros(num_classes, device=device)
+    order = list(range(rank, len(y), world))  # every real image once over all processes
     for v2, v3, yb, _ in data.loader(x, y, np.zeros(len(y), bool), mixed.dataset, ("v2", "v3"), 256, workers,
-                                     seed=seed, shuffle=False):
+                                     seed, order):
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             z = torch.stack([model.project(model.features(v.to(device, non_blocking=True))) for v in (v2, v3)], 1)
-        if sums is None:
-            sums = torch.zeros(num_classes, *z.shape[1:], device=device)
         sums.index_add_(0, yb.to(device), z.float())  # C x 2 x D
-    counts = torch.bincount(torch.from_numpy(y), minlength=num_classes).to(device)
-    return sums / counts.clamp(min=1)[:, None, None]
+        counts += torch.bincount(yb.to(device), minlength=num_classes)
+    return all_sum(sums, world) / all_sum(counts, world).clamp(min=1)[:, None, None]
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, mean, std, n_real, device, amp):
+def evaluate(model, x_test, y_test, mean, std, n_real, device, amp, rank=0, world=1):
     """Top-1, top-5, per-class accuracy, many/medium/few and the confusion matrix on the test set."""
     model.eval()
     num_classes = len(n_real)
-    top5 = []
-    for i in range(0, len(y_test), 1000):
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    top5_hits = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(rank * 1000, len(y_test), world * 1000):
         x = (x_test[i:i + 1000].to(device).float() / 255 - mean) / std
+        y = y_test[i:i + 1000].to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            top5.append(model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices)
-    top5, y = torch.cat(top5).cpu(), y_test
-    pred = top5[:, 0]
-    per_class = (torch.bincount(y[pred == y], minlength=num_classes) / torch.bincount(y, minlength=num_classes))
-    groups = {g: [a for a, n in zip(per_class.tolist(), n_real) if data.shot_group(n) == g]
-              for g in ("many", "medium", "few")}
-    return {"top1": 100 * (pred == y).float().mean().item(), "top5": 100 * (top5 == y[:, None]).any(1).float().mean().item(),
+            top5 = model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices
+        confusion += torch.bincount(y * num_classes + top5[:, 0], minlength=num_classes ** 2)
+        top5_hits += (top5 == y[:, None]).any(1).sum()
+    confusion = all_sum(confusion, world).reshape(num_classes, num_classes).cpu()
+    top5_hits = all_sum(top5_hits, world).item()
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    groups = {g: [a for a, n in zip(per_class, n_real) if data.shot_group(n) == g] for g in ("many", "medium", "few")}
+    return {"top1": 100 * confusion.diag().sum().item() / len(y_test), "top5": 100 * top5_hits / len(y_test),
             **{g: 100 * sum(v) / len(v) if v else None for g, v in groups.items()},
-            "per_class": [100 * a for a in per_class.tolist()],
-            "confusion": torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
-            .reshape(num_classes, num_classes).tolist()}
+            "per_class": [100 * a for a in per_class], "confusion": confusion.tolist()}
 
 
 # ---------------------------------------------------------------- the run
@@ -248,8 +280,25 @@ def load_checkpoint(out, cfg):
     return ckpt
 
 
+def check_finite(bad_step, epoch, out):
+    if bad_step.item() >= 0:
+        raise data.SAUError(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item()}: stopped; the last good "
+                            f"checkpoint ({'epoch ' + str(epoch) if epoch else 'none yet'}) is kept in {out}")
+
+
 def train(cfg):
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    rank = int(os.environ.get("RANK", 0))
     device = pick_device(cfg["device"])
+    if world > 1:
+        if cfg["batch_size"] % world:
+            raise data.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
     amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda")
     workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1)
     out = cfg["out"] or os.path.join("runs", run_name(cfg))
@@ -276,67 +325,80 @@ def train(cfg):
         sched.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"]
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][:start]
-    os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"}, indent=1))
-    counts = {"n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
-    print(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
-          f"{num_classes} classes, {device}{' bf16' if amp else ''}, epochs {start + 1}-{cfg['epochs']}", flush=True)
     use_cls, use_con = cfg["w_cls"] > 0, cfg["w_con"] > 0
+    step_fn = Step(model, cfg)
+    if world > 1:
+        if cfg["sync_bn"] == "on":
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=not (use_cls and use_con))
+    if main_proc:
+        os.makedirs(out, exist_ok=True)
+        write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"},
+                                                                  indent=1))
+    counts = {"n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
+    say(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
+        f"{num_classes} classes, {device}{' bf16' if amp else ''}{f' x {world} processes' if world > 1 else ''}, "
+        f"epochs {start + 1}-{cfg['epochs']}", flush=True)
 
     for epoch in range(start, cfg["epochs"]):
         if cfg["stop_after"] and epoch >= cfg["stop_after"]:
-            print(f"stopping after epoch {epoch} (--stop-after); continue with --resume {out}")
+            say(f"stopping after epoch {epoch} (--stop-after); continue with --resume {out}")
             return out
         # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
         epoch_seed = cfg["seed"] * 1_000_003 + epoch
         rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the data loaders seed themselves)
         t0 = time.time()
-        protos = prototypes(model, mixed, epoch_seed * 2 + 2, workers, device, amp) if use_con else None
+        protos = prototypes(model, mixed, epoch_seed * 2 + 2, workers, device, amp, rank, world) if use_con else None
         model.train()
         lr = opt.param_groups[0]["lr"]
         sums = torch.zeros(4, device=device)  # loss, cls, con, suspects
-        n_syn_seen = 0
+        bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss, found without a sync
+        n_syn_seen = n_seen = 0
         views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if use_con else ())
         bar = tqdm(total=len(mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+                   dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, disable=not main_proc)
         for step, (a, b) in enumerate(data.train_streams(mixed, cfg["batch_size"], workers, epoch_seed,
-                                                          views_a, stream_b=use_cls)):
+                                                          views_a, use_cls, rank, world)):
             *va, ya, syn = (t.to(device, non_blocking=True) for t in a)
-            loss_cls = loss_con = torch.zeros((), device=device)
+            x_mix = t_mix = x_cut = t_cut = None
+            if use_cls:  # mixup and cutmix of stream A's v1 with stream B's
+                xa, xb = va[0], b[0].to(device, non_blocking=True)
+                ta = F.one_hot(ya, num_classes).float()
+                tb = F.one_hot(b[1].to(device, non_blocking=True), num_classes).float()
+                lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
+                x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
+                x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
+                t_cut = w * ta + (1 - w) * tb
+            v2, v3 = va[-2:] if use_con else (None, None)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                if use_cls:
-                    xa, xb = va[0], b[0].to(device, non_blocking=True)
-                    ta = F.one_hot(ya, num_classes).float()
-                    tb = F.one_hot(b[1].to(device, non_blocking=True), num_classes).float()
-                    lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
-                    x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
-                    x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
-                    loss_cls = (soft_ce(model.fc(model.features(x_mix)), t_mix)
-                                + soft_ce(model.fc(model.features(x_cut)), w * ta + (1 - w) * tb))
-                if use_con:
-                    z = torch.stack([model.project(model.features(v)) for v in va[-2:]], 1)  # B x 2 x 128
-                    loss_con, suspect = sau_contrastive_loss(z, ya, syn, protos, cfg["strategy"], cfg["temperature"],
-                                                             cfg["relabel"] == "on", return_suspects=True)
-                    sums[3] += suspect.sum()
-            loss = cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con
+                loss, loss_cls, loss_con, n_suspect = step_fn(x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn, protos)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums[:3] += torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach()]).float()
+            parts = torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach(), n_suspect.detach()]).float()
+            sums += parts
+            bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(parts[0]), step + 1)
             n_syn_seen += int(a[-1].sum())
-            bar.update(len(a[-1]))
+            n_seen += len(a[-1]) * world
+            bar.update(len(a[-1]) * world)
             if step % 20 == 0:  # .item() syncs the device: only now and then
+                check_finite(bad_step, epoch, out)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        check_finite(bad_step, epoch, out)
         bar.close()
         sched.step()
         train_s = time.time() - t0
-        ev = evaluate(model, x_test, y_test, mean, std, mixed.n_real, device, amp)
-        loss_sum, cls_sum, con_sum, n_suspect = sums.tolist()
+        ev = evaluate(model, x_test, y_test, mean, std, mixed.n_real, device, amp, rank, world)
         steps = step + 1
+        loss_sum, cls_sum, con_sum, n_suspect = (all_sum(sums, world) / world).tolist()
+        n_syn_seen = all_sum(torch.tensor(float(n_syn_seen), device=device), world).item()
         metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / steps, "loss_cls": cls_sum / steps,
-                        "loss_con": con_sum / steps, "suspect_frac": n_suspect / max(n_syn_seen, 1) if use_con else None,
+                        "loss_con": con_sum / steps,
+                        "suspect_frac": world * n_suspect / max(n_syn_seen, 1) if use_con else None,
                         **{k: ev[k] for k in ("top1", "top5", "many", "medium", "few")},
-                        "seconds": time.time() - t0, "images_per_s": len(mixed) / train_s})
+                        "seconds": time.time() - t0, "images_per_s": n_seen / train_s})
+        if not main_proc:
+            continue
         m = metrics[-1]
         fmt = lambda v: "-" if v is None else f"{v:.1f}"
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
@@ -348,6 +410,8 @@ def train(cfg):
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
         write_atomic(os.path.join(out, "last_eval.json"), json.dumps({**ev, **counts}))
+    if not main_proc:
+        return out
 
     ev = read_json(os.path.join(out, "last_eval.json"))
     best = max(metrics, key=lambda r: r["top1"])
@@ -363,6 +427,37 @@ def train(cfg):
           + "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in ("many", "medium", "few"))
           + f"  (best over epochs, selected on the test set: {best['top1']:.2f} at epoch {best['epoch']})  -> {out}")
     return out
+
+
+def summarize(dirs, out=""):
+    """Mean and standard deviation of the final metrics over runs that differ only in --seed."""
+    runs = [(d, read_json(os.path.join(d, "config.json")), os.path.join(d, "final.json")) for d in dirs]
+    for d, _, f in runs:
+        if not os.path.isfile(f):
+            raise data.SAUError(f"{d} has no final.json: the run did not finish")
+    ref = runs[0][1]
+    for d, c, _ in runs[1:]:
+        diff = [k for k in CONFIG if k not in RUNTIME | {"seed"} and c.get(k) != ref.get(k)]
+        if diff:
+            raise data.SAUError(f"{d} differs from {runs[0][0]} in " + ", ".join(f"--{k.replace('_', '-')}" for k in diff)
+                                + ": summarize runs that differ only in --seed")
+    finals = [read_json(f)["final_epoch"] for _, _, f in runs]
+    table = {}
+    for k in ("top1", "top5", "many", "medium", "few"):
+        v = np.array([f[k] for f in finals if f[k] is not None], float)
+        if len(v):
+            table[k] = {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0, "runs": len(v)}
+    name = run_name({**CONFIG_DEFAULTS, **ref}, seed=False)
+    lines = [f"{name}: final-epoch test accuracy (%), {ref['epochs']} epochs, seeds "
+             f"{', '.join(str(c['seed']) for _, c, _ in runs)}, mean ± std over {len(runs)} runs",
+             "| " + " | ".join(table) + " |", "|" + "---|" * len(table),
+             "| " + " | ".join(f"{t['mean']:.2f} ± {t['std']:.2f}" for t in table.values()) + " |"]
+    print("\n".join(lines))
+    path = out or os.path.join("runs", f"summary_{name}")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomic(path + ".md", "\n".join(lines) + "\n")
+    write_atomic(path + ".json", json.dumps({"runs": dirs, "config": ref, "final_epoch": table}, indent=1))
+    print(f"written: {path}.md, {path}.json")
 
 
 def plot_run(out, metrics, ev):
@@ -416,7 +511,11 @@ def plot_run(out, metrics, ev):
 
 
 def main():
-    train(get_config())
+    cfg = get_config()
+    runs = cfg.pop("summarize", None)
+    if runs:
+        return summarize(runs, cfg["out"])
+    train(cfg)
 
 
 if __name__ == "__main__":
