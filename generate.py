@@ -335,6 +335,9 @@ def train_ddpm(a, folder, device, log=print):
     ema = ema.to(device).requires_grad_(False)
     if not step:
         ema.load_state_dict(unet.state_dict())
+    if step < a.train_steps and a.world > 1:
+        raise data.SAUError("the class-conditional model is not trained yet: train it in one process (the same "
+                            "command without torchrun or --shard), then sample with several")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     warm = lambda s: min(1.0, (s + 1) / max(a.warmup, 1))
     shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / a.train_steps))) if a.lr_schedule == "cosine" else (lambda s: 1.0)

@@ -468,11 +468,11 @@ def plot_run(out, metrics, ev):
     ep = [r["epoch"] for r in metrics]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for k in ("loss", "loss_cls", "loss_con"):
-        ax[0].plot(ep, [r[k] for r in metrics], label=k)
-    ax[1].plot(ep, [r["lr"] for r in metrics])
+        ax[0].plot(ep, [r[k] for r in metrics], ".-", label=k)
+    ax[1].plot(ep, [r["lr"] for r in metrics], ".-")
     for k in ("top1", "many", "medium", "few"):
         if metrics[-1][k] is not None:
-            ax[2].plot(ep, [r[k] for r in metrics], label=k)
+            ax[2].plot(ep, [r[k] for r in metrics], ".-", label=k)
     for a, t in zip(ax, ("training loss", "learning rate", "test accuracy (%)")):
         a.set(title=t, xlabel="epoch")
         a.legend() if a.get_legend_handles_labels()[0] else None
