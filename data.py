@@ -46,6 +46,17 @@ def run_cli(main):
         sys.exit(2)
 
 
+def write_atomic(path, text_or_save):
+    """Write to path + '.tmp', then rename: a kill never leaves a half-written file."""
+    tmp = path + ".tmp"
+    if isinstance(text_or_save, str):
+        with open(tmp, "w") as f:
+            f.write(text_or_save)
+    else:
+        text_or_save(tmp)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- CIFAR
 
 def _unpickle(path):

@@ -156,12 +156,8 @@ def pick(a):
 
 
 def load_pipeline(model, dtype):
-    import diffusers
-    import transformers
     from diffusers import AutoPipelineForText2Image
-    for lib in (diffusers, transformers):  # our progress bar and errors, not the libraries' notes and bars
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
+    quiet_libraries()
     try:
         with warnings.catch_warnings():  # the libraries' own deprecation notes are not the user's business
             warnings.simplefilter("ignore")
@@ -190,8 +186,18 @@ def write_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
+def quiet_libraries():
+    """Our progress bar and errors, not the libraries' notes and loading bars."""
+    import diffusers
+    import transformers
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def sd_turbo_architecture(dtype):
     """stabilityai/sd-turbo's components (SD 2.1 shapes) from their configs, random weights: for --bench."""
+    quiet_libraries()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
@@ -203,7 +209,7 @@ def sd_turbo_architecture(dtype):
                                         num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
                                         vocab_size=len(tokenizer), max_position_embeddings=77))
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       timestep_spacing="trailing")
+                                       timestep_spacing="trailing", steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)
@@ -314,7 +320,7 @@ def train_ddpm(a, folder, device, log=print):
     y_all = torch.from_numpy(labels[keep])
     settings = {"imb": a.imb, "data_seed": a.data_seed, "real_images": len(keep), "width": a.ddpm_width,
                 "train_steps": a.train_steps, "train_batch": a.train_batch, "lr": a.train_lr, "warmup": a.warmup,
-                "lr_schedule": a.lr_schedule, "ema": a.ema, "label_dropout": a.label_dropout,
+                "lr_schedule": a.lr_schedule, "ema": a.ema, "ema_warmup": "min(ema, (1+s)/(10+s))", "label_dropout": a.label_dropout,
                 "sampling": a.sampling, "hflip": True, "seed": a.seed}
     torch.manual_seed(a.seed)  # the initial weights
     unet = ddpm_unet(len(names), a.ddpm_width).to(device)
@@ -368,9 +374,10 @@ def train_ddpm(a, folder, device, log=print):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        decay = min(a.ema, (1 + step) / (10 + step))  # warm-up: early EMA weights are not mostly the random init
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - a.ema)
+                pe.lerp_(p, 1 - decay)
         step += 1
         losses.append(loss.detach())
         bar.update(1)
@@ -445,9 +452,7 @@ def check_manifest(folder, manifest):
             raise data.SAUError(f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
                                 f"use the same flags, or pass a new --pool folder to start another pool")
     os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+    data.write_atomic(path, json.dumps(manifest, indent=1))
 
 
 def count_rejected(folder, manifest):
@@ -458,10 +463,7 @@ def count_rejected(folder, manifest):
             with np.load(path) as z:
                 total += int(z["rejected"].sum()) if "rejected" in z else 0
     manifest["generator"]["rejected_images"] = total
-    path = os.path.join(folder, "manifest.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+    data.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     return total
 
 
@@ -485,10 +487,9 @@ def write_samples(folder, names, per_row=8):
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "samples.png.tmp"), format="png", dpi=100)
+    fig.subplots_adjust(left=0.17, right=0.99, top=0.99, bottom=0.01, hspace=0.15)  # room for the class names
+    data.write_atomic(os.path.join(folder, "samples.png"), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
-    os.replace(os.path.join(folder, "samples.png.tmp"), os.path.join(folder, "samples.png"))
 
 
 def bench(a):
@@ -509,7 +510,7 @@ def bench(a):
     sync()
     rate = a.bench_batches * a.batch_size / (time.time() - t0)
     peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    print(f"bench: {rate:.2f} images/s at batch {a.batch_size}, {gen.resolution}px, {gen.steps} step(s), "
+    print(f"bench: {rate:.3g} images/s at batch {a.batch_size}, {gen.resolution}px, {gen.steps} step(s), "
           f"{gen.settings['dtype']}, compile {'on' if a.compile else 'off'}, {device}{peak}; "
           f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
 

@@ -103,17 +103,6 @@ def read_json(path):
         return json.load(f)
 
 
-def write_atomic(path, text_or_save):
-    """Write to path + '.tmp', then rename: a kill never leaves a half-written file."""
-    tmp = path + ".tmp"
-    if isinstance(text_or_save, str):
-        with open(tmp, "w") as f:
-            f.write(text_or_save)
-    else:
-        text_or_save(tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- losses
 
 def soft_ce(logits, targets):
@@ -333,7 +322,7 @@ def train(cfg):
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=not (use_cls and use_con))
     if main_proc:
         os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"},
+        data.write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"},
                                                                   indent=1))
     counts = {"n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
     say(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
@@ -404,12 +393,12 @@ def train(cfg):
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
                    f"{m['loss_con']:.3f})  lr {lr:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
                    f"{fmt(m['medium'])}/{fmt(m['few'])}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
-        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
+        data.write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "epoch": epoch + 1, "config": cfg, "rng": {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-        write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
-        write_atomic(os.path.join(out, "last_eval.json"), json.dumps({**ev, **counts}))
+        data.write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
+        data.write_atomic(os.path.join(out, "last_eval.json"), json.dumps({**ev, **counts}))
     if not main_proc:
         return out
 
@@ -420,7 +409,7 @@ def train(cfg):
              "best_over_epochs_selected_on_test_set": {"top1": best["top1"], "epoch": best["epoch"]},
              "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
              "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics)}
-    write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
+    data.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
     plot_run(out, metrics, ev)
     f = final["final_epoch"]
     print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  many/medium/few "
@@ -455,8 +444,8 @@ def summarize(dirs, out=""):
     print("\n".join(lines))
     path = out or os.path.join("runs", f"summary_{name}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(path + ".md", "\n".join(lines) + "\n")
-    write_atomic(path + ".json", json.dumps({"runs": dirs, "config": ref, "final_epoch": table}, indent=1))
+    data.write_atomic(path + ".md", "\n".join(lines) + "\n")
+    data.write_atomic(path + ".json", json.dumps({"runs": dirs, "config": ref, "final_epoch": table}, indent=1))
     print(f"written: {path}.md, {path}.json")
 
 
@@ -477,7 +466,7 @@ def plot_run(out, metrics, ev):
         a.set(title=t, xlabel="epoch")
         a.legend() if a.get_legend_handles_labels()[0] else None
     fig.tight_layout()
-    write_atomic(os.path.join(out, "curves.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    data.write_atomic(os.path.join(out, "curves.png"), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
     c = np.arange(len(ev["per_class"]))
@@ -494,7 +483,7 @@ def plot_run(out, metrics, ev):
     tw.set(ylabel="train images", yscale="symlog")
     tw.legend(loc="upper right")
     fig.tight_layout()
-    write_atomic(os.path.join(out, "per_class.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    data.write_atomic(os.path.join(out, "per_class.png"), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
     cm = np.asarray(ev["confusion"], float)
@@ -506,7 +495,7 @@ def plot_run(out, metrics, ev):
         ax.set_yticks(c, ev["classes"])
     fig.colorbar(im)
     fig.tight_layout()
-    write_atomic(os.path.join(out, "confusion.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    data.write_atomic(os.path.join(out, "confusion.png"), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
 
