@@ -68,6 +68,9 @@ def _unpickle(path):
 
 
 def _ensure_cifar(dataset, root):
+    """The dataset's folder under root, downloaded by torchvision if missing."""
+    if dataset not in DATASETS:
+        raise SAUError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     folder = os.path.join(root, DATASETS[dataset][0])
     if os.path.isdir(folder):
         return folder
@@ -82,16 +85,13 @@ def _ensure_cifar(dataset, root):
 
 
 def class_names(dataset, root):
-    if dataset not in DATASETS:
-        raise SAUError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    folder, _, _, _, names_key, meta, _ = DATASETS[dataset]
-    return list(_unpickle(os.path.join(_ensure_cifar(dataset, root), meta))[names_key])
+    folder = _ensure_cifar(dataset, root)
+    _, _, _, _, names_key, meta, _ = DATASETS[dataset]
+    return list(_unpickle(os.path.join(folder, meta))[names_key])
 
 
 def load_cifar(dataset, root, train):
     """(images uint8 [N, 32, 32, 3] RGB HWC, labels int64 [N]) of the train or test split."""
-    if dataset not in DATASETS:
-        raise SAUError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     folder = _ensure_cifar(dataset, root)
     _, train_files, test_file, label_key, _, _, _ = DATASETS[dataset]
     xs, ys = [], []

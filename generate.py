@@ -218,6 +218,11 @@ def sd_turbo_architecture(dtype):
     return pipe.to(dtype=dtype)
 
 
+def broken(image):
+    """An image to make again: all black (as a safety checker leaves it) or not finite."""
+    return not torch.isfinite(image).all() or image.max() <= 1 / 255
+
+
 class Maker:
     """Items, prompts and seeds in, checked 32x32 uint8 images out; subclasses say how (raw)."""
     retries = 0
@@ -236,7 +241,7 @@ class Maker:
         attempt = [0] * len(items)
         seeds = [image_seed(self.a.seed, c, k) for c, k in items]
         x = self.raw(items, prompts, seeds)
-        bad = [i for i in range(len(items)) if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
+        bad = [i for i in range(len(items)) if broken(x[i])]
         while bad:
             self.retries += len(bad)
             for i in bad:
@@ -246,7 +251,7 @@ class Maker:
                                         f"black or non-finite image; check --model, --dtype and --steps")
                 seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
             x[bad] = self.raw([items[i] for i in bad], [prompts[i] for i in bad], [seeds[i] for i in bad])
-            bad = [i for i in bad if not torch.isfinite(x[i]).all() or x[i].max() <= 1 / 255]
+            bad = [i for i in bad if broken(x[i])]
         return self.to_uint8(x), seeds
 
 
@@ -458,15 +463,17 @@ def check_manifest(folder, manifest):
 
 
 def count_rejected(folder, manifest):
-    """Record in the manifest how many images were made again, summed over every shard on disk."""
-    total = 0
+    """Record in the manifest how many images were made again, summed over every shard on disk;
+    return (images on disk, images made again)."""
+    total = rejected = 0
     for shards in data.pool_shards(folder).values():
         for _, path in shards:
             with np.load(path) as z:
-                total += int(z["rejected"].sum()) if "rejected" in z else 0
-    manifest["generator"]["rejected_images"] = total
+                total += len(z["seeds"])
+                rejected += int(z["rejected"].sum()) if "rejected" in z else 0
+    manifest["generator"]["rejected_images"] = rejected
     data.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
-    return total
+    return total, rejected
 
 
 def write_samples(folder, names, per_row=8):
@@ -571,10 +578,10 @@ def main(argv=None):
         bar.set_postfix(retried=gen.retries - retries0)
     bar.close()
     seconds = time.time() - t0
-    rejected = count_rejected(folder, manifest)
+    total, rejected = count_rejected(folder, manifest)
     write_samples(folder, names)
     print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
-          f"{sum(len(v) for v in present(folder).values())} images, {rejected} made again after a black or "
+          f"{total} images, {rejected} made again after a black or "
           f"non-finite first try; samples.png written")
 
 
