@@ -5,6 +5,7 @@
 import argparse
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -13,7 +14,9 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # batched; torchvision pinned
 
 DATASETS = {  # name: (folder, train files, test file, label key, names key, meta file, torchvision class)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
@@ -309,25 +312,272 @@ class Views(torch.utils.data.Dataset):
         return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i])
 
 
+# ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
+# The same three views, made on the device for a whole batch with per-sample random parameters. torchvision v2 draws
+# one parameter set per call, and kornia 0.9 one AutoAugment sub-policy and one colour-jitter order per batch, so each
+# op here is ours; test_sau.py checks each against torchvision's kernel for fixed parameters, and the views' pixel
+# statistics against the CPU views.
+
+def _col(v):  # [B] -> [B, 1, 1, 1]
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _u8(x):  # float -> uint8 as torchvision does: clamp, then truncate
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def _gray(xf):  # [B, 3, H, W] float -> [B, 1, H, W], torchvision's weights and order of operations
+    return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114)[:, None]
+
+
+def _blend(xf, other, f):  # xf * f + other * (1 - f) per sample, f float64 [B], rounded as torchvision's _blend
+    return _u8(torch.addcmul(xf * _col(f.float()), other, _col((1 - f).float())))
+
+
+def crop_flip(x, top, left, flip, pad=4):
+    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W]."""
+    b, _, h, w = x.shape
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = top[:, None] + ar_h  # B x H
+    cols = left[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # B x W
+    xp = F.pad(x, (pad,) * 4)
+    return xp[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy):
+    """torchvision's affine (nearest, zero fill) with per-sample float64 parameters [B]; (cx, cy) is the centre
+    relative to the image centre. x uint8 [B, C, H, W]."""
+    b, _, h, w = x.shape
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    bb = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    theta = torch.stack([d, -bb, cx - d * (cx + tx) + bb * (cy + ty),
+                         -c, a, cy + c * (cx + tx) - a * (cy + ty)], 1).float().reshape(b, 2, 3)  # the inverse map
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # H x W x 3
+    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
+    grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)  # B x HW x 2
+    out = F.grid_sample(x.float(), grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round().to(torch.uint8)
+
+
+def _sharpness(xf, f):
+    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness."""
+    k = torch.full((3, 3), 1 / 13, device=xf.device)
+    k[1, 1] = 5 / 13
+    blurred = F.conv2d(xf, k.expand(3, 1, 3, 3), groups=3).round()
+    inner = xf[..., 1:-1, 1:-1]
+    out = xf.clone()
+    out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred - inner, _col((1 - f).float()))
+    return _u8(out)
+
+
+def _autocontrast(xf):
+    lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, 1.0, (hi - lo) * (1 / 255))
+    return ((xf - torch.where(flat, 0.0, lo)) / scale).clamp(0, 255).to(torch.uint8)
+
+
+AA_OPS = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness",
+          "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"]
+
+
+def autoaugment_op(x, op, mag):
+    """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B] float64 signed
+    magnitude. Every op is computed for the whole batch and selected per sample: no host sync, fixed shapes."""
+    is_op = {name: op == i for i, name in enumerate(AA_OPS)}
+    zero, w, h = torch.zeros_like(mag), x.shape[-1], x.shape[-2]
+    shear = is_op["ShearX"] | is_op["ShearY"]  # sheared about the top-left corner, as torchvision's AutoAugment
+    sheared = torch.rad2deg(torch.atan(mag))
+    geo = affine_nearest(x, torch.where(is_op["Rotate"], -mag, zero), torch.where(is_op["ShearX"], sheared, zero),
+                         torch.where(is_op["ShearY"], sheared, zero), torch.where(is_op["TranslateX"], mag.trunc(), zero),
+                         torch.where(is_op["TranslateY"], mag.trunc(), zero), torch.where(shear, -w / 2, zero),
+                         torch.where(shear, -h / 2, zero))
+    xf, f = x.float(), 1 + mag
+    gray = _gray(xf).floor()
+    shift = (8 - mag.clamp(0, 8)).long()  # posterize keeps the top mag bits
+    results = {
+        "Brightness": _u8(xf * _col(f.float())), "Color": _blend(xf, gray, f),
+        "Contrast": _blend(xf, gray.mean((1, 2, 3), keepdim=True), f), "Sharpness": _sharpness(xf, f),
+        "Posterize": x & _col((255 << shift) & 255).to(torch.uint8),
+        "Solarize": torch.where(xf >= _col((255 * mag).float()), 255 - x, x),
+        "AutoContrast": _autocontrast(xf), "Equalize": T.functional.equalize(x), "Invert": 255 - x,
+    }
+    out = torch.where(_col(op <= AA_OPS.index("Rotate")) & _col(op >= 0), geo, x)
+    for name, y in results.items():
+        out = torch.where(_col(is_op[name]), y, out)
+    return out
+
+
+def _aa_tables(h, w):
+    """[25, 2] op index, probability, magnitude and signedness of torchvision's CIFAR-10 policy."""
+    aa = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+    rows = []
+    for policy in aa._policies:
+        for name, p, idx in policy:
+            space, signed = aa._AUGMENTATION_SPACE[name]
+            mags = space(10, h, w)
+            rows.append((AA_OPS.index(name), p, 0.0 if mags is None else float(mags[idx]), signed))
+    op, p, mag, signed = zip(*rows)
+    return (torch.tensor(op).reshape(-1, 2), torch.tensor(p, dtype=torch.float64).reshape(-1, 2),
+            torch.tensor(mag, dtype=torch.float64).reshape(-1, 2), torch.tensor(signed).reshape(-1, 2))
+
+
+def cutout(x, cy, cx, length=16):
+    """Zero a length x length square centred at (cy, cx) per sample, clipped at the border."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y = (ys >= cy[:, None] - length // 2) & (ys < cy[:, None] + length // 2)  # B x H
+    in_x = (xs >= cx[:, None] - length // 2) & (xs < cx[:, None] + length // 2)  # B x W
+    return x.masked_fill(in_y[:, None, :, None] & in_x[:, None, None, :], 0)
+
+
+def resized_crop(x, top, left, ch, cw, size):
+    """Crop the box (top, left, ch, cw) per sample and resize it to size x size, bilinear as torch's upsampling."""
+    b, c = x.shape[:2]
+
+    def axis(start, length):  # B x size: the two source indices and the weight of the second
+        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)
+        i0 = src.floor().long().minimum(length[:, None] - 1)
+        return start[:, None] + i0, start[:, None] + (i0 + 1).minimum(length[:, None] - 1), src - i0
+
+    y0, y1, wy = axis(top, ch)
+    x0, x1, wx = axis(left, cw)
+    xf = x.float()
+    rows = lambda i: xf.gather(2, i[:, None, :, None].expand(b, c, size, xf.shape[-1]))  # B x C x size x W
+    r = rows(y0) + (rows(y1) - rows(y0)) * wy[:, None, :, None]
+    cols = lambda i: r.gather(3, i[:, None, None, :].expand(b, c, size, size))
+    return (cols(x0) + (cols(x1) - cols(x0)) * wx[:, None, None, :]).round().to(torch.uint8)
+
+
+def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+    """torchvision's RandomResizedCrop.get_params for b samples: the first of 10 tries that fits, else the image."""
+    dev = g.device
+    area = h * w * (torch.rand(b, tries, generator=g, device=dev) * (scale[1] - scale[0]) + scale[0])
+    log_r = torch.rand(b, tries, generator=g, device=dev) * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])
+    cw, ch = (area * log_r.exp()).sqrt().round().long(), (area / log_r.exp()).sqrt().round().long()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.int().argmax(1, keepdim=True)
+    cw = torch.where(ok.any(1), cw.gather(1, first)[:, 0], w)
+    ch = torch.where(ok.any(1), ch.gather(1, first)[:, 0], h)
+    top = (torch.rand(b, generator=g, device=dev) * (h - ch + 1)).long()
+    left = (torch.rand(b, generator=g, device=dev) * (w - cw + 1)).long()
+    return top, left, ch, cw
+
+
+def color_jitter(x, order, bf, cf, sf, hf):
+    """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0 brightness, 1 contrast,
+    2 saturation, 3 hue). x uint8 [B, 3, H, W]."""
+    for k in range(4):
+        xf = x.float()
+        gray = _gray(xf).floor()
+        hsv = _rgb_to_hsv(xf * (1 / 255))
+        hsv = torch.stack([(hsv[:, 0] + hf[:, None, None]).remainder(1.0), hsv[:, 1], hsv[:, 2]], 1)
+        hue = T.functional.to_dtype(_hsv_to_rgb(hsv), torch.uint8, scale=True)
+        ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
+              _blend(xf, gray, sf.double()), hue]
+        o = _col(order[:, k])
+        x = torch.where(o == 0, ys[0], torch.where(o == 1, ys[1], torch.where(o == 2, ys[2], ys[3])))
+    return x
+
+
+def gaussian_blur3(x, sigma):
+    """torchvision's 3x3 Gaussian blur (reflect padding) with a per-sample sigma [B]."""
+    t = torch.linspace(-1 / math.sqrt(2), 1 / math.sqrt(2), 3, device=x.device)
+    k = torch.softmax(-(t[None] / sigma[:, None]) ** 2, 1)  # B x 3
+    xp = F.pad(x.float(), (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    out = sum(_col(k[:, i] * k[:, j]) * xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3))
+    return out.round().to(torch.uint8)
+
+
+class DeviceViews:
+    """view name -> the batched view of uint8 [B, 3, 32, 32] images on their device, random draws from generator g."""
+
+    def __init__(self, dataset, device, size=32):
+        mean, std = MEAN_STD[dataset]
+        self.mean, self.std = (torch.tensor(s, device=device)[:, None, None] for s in (mean, std))
+        self.aa = [t.to(device) for t in _aa_tables(size, size)]
+
+    def finish(self, x):
+        return (x.float() * (1 / 255) - self.mean) / self.std
+
+    def v1(self, x, g):
+        b, _, h, w = x.shape
+        top, left = (torch.randint(9, (b,), generator=g, device=g.device) for _ in range(2))
+        return crop_flip(x, top, left, torch.rand(b, generator=g, device=g.device) < 0.5)
+
+    def __call__(self, x, views, g):
+        b, _, h, w = x.shape
+        rand = lambda *shape: torch.rand(*shape, generator=g, device=g.device)
+        out = []
+        for v in views:
+            if v == "v1":
+                out.append(self.finish(self.v1(x, g)))
+            elif v == "v2":
+                y, (op, p, mag, signed) = self.v1(x, g), self.aa
+                k = torch.randint(len(op), (b,), generator=g, device=g.device)  # one sub-policy per sample
+                for j in range(2):
+                    sign = torch.where(signed[k, j] & (rand(b) <= 0.5), -1.0, 1.0).double()
+                    y = autoaugment_op(y, torch.where(rand(b) <= p[k, j], op[k, j], -1), mag[k, j] * sign)
+                y = cutout(y, torch.randint(h, (b,), generator=g, device=g.device),
+                           torch.randint(w, (b,), generator=g, device=g.device))
+                out.append(self.finish(y))
+            elif v == "v3":
+                top, left, ch, cw = _resized_crop_params(g, b, h, w)
+                y = resized_crop(x, top, left, ch, cw, h)
+                y = torch.where(_col(rand(b) < 0.5), y.flip(-1), y)
+                jittered = color_jitter(y, rand(b, 4).argsort(1), rand(b) * 0.8 + 0.6, rand(b) * 0.8 + 0.6,
+                                        rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1)
+                y = torch.where(_col(rand(b) < 0.8), jittered, y)
+                y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
+                y = torch.where(_col(rand(b) < 0.5), gaussian_blur3(y, rand(b) * 1.9 + 0.1), y)
+                out.append(self.finish(y))
+            else:
+                raise ValueError(f"unknown view {v!r}")
+        return out
+
+
+def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
+    """(views, batch_size, seed, order) -> an iterable of (*views, labels, is_syn) batches of the mixed set in that
+    order. cpu: DataLoader workers with torchvision transforms, as the paper; gpu: the set held on `device` as uint8
+    and each batch's views made there (DeviceViews). Augmentation follows the seed alone, whatever --workers is."""
+    if loader == "cpu":
+        return lambda views, batch_size, seed, order: torch.utils.data.DataLoader(
+            Views(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views, seed), batch_size=batch_size,
+            sampler=order, num_workers=workers, pin_memory=torch.cuda.is_available())
+    if loader != "gpu":
+        raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
+    images = torch.from_numpy(mixed.images).to(device).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32 uint8
+    labels, is_syn = torch.from_numpy(mixed.labels).to(device), torch.from_numpy(mixed.is_syn).to(device)
+    view_fn = DeviceViews(mixed.dataset, images.device)
+
+    def batches(views, batch_size, seed, order):
+        g = torch.Generator(images.device).manual_seed(seed)
+        order = torch.as_tensor(order, dtype=torch.long).to(images.device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield (*view_fn(images[idx], views, g), labels[idx], is_syn[idx])
+    return batches
+
+
 def share(order, rank=0, world=1):
     """This process's part of an epoch's order: every world-th index from rank, all parts of equal length."""
     return order[rank::world][:len(order) // world]
 
 
-def loader(images, labels, is_syn, dataset, views, batch_size, workers, seed, order):
-    """A DataLoader over the named views, in the given order; augmentation follows (seed, image index)."""
-    return torch.utils.data.DataLoader(Views(images, labels, is_syn, dataset, views, seed), batch_size=batch_size,
-                                       sampler=order, num_workers=workers, pin_memory=torch.cuda.is_available())
-
-
-def train_streams(mixed, batch_size, workers, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1):
+def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1, batches=None):
     """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles.
     With several processes each takes a disjoint share of both orders, batch_size / world images a step."""
+    batches = batches or batch_maker(mixed)
     streams = []
     for k, views in enumerate([views_a] + ([("v1",)] if stream_b else [])):
         order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed * 2 + k)).tolist()
-        streams.append(loader(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views, batch_size // world,
-                              workers, seed * 2 + k, share(order, rank, world)))
+        streams.append(batches(views, batch_size // world, seed * 2 + k, share(order, rank, world)))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 

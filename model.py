@@ -2,7 +2,6 @@
 
     python model.py      # parameter counts
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -160,12 +160,133 @@ def test_views_shapes_and_cutout():
 
 def test_train_streams_are_two_independent_shuffles(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
-    batches = list(data.train_streams(m, 50, 0, seed=5))
+    batches = list(data.train_streams(m, 50, seed=5))
     a_labels = torch.cat([a[-2] for a, _ in batches])
     b_labels = torch.cat([b[-2] for _, b in batches])
     assert len(batches) == 4 and len(batches[0][0]) == 5 and len(batches[0][1]) == 3
     assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
     assert not torch.equal(a_labels, b_labels)
+
+
+# ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
+
+TF = data.T.functional
+SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+
+
+def smooth_images(n, seed=0):
+    """uint8 [n, 3, 32, 32] with structure at several scales (geometric ops move something), plus flat corner cases."""
+    g = torch.Generator().manual_seed(seed)
+    low = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False)
+    x = (low * 200 + torch.rand(n, 3, 32, 32, generator=g) * 55).to(torch.uint8)
+    x[0] = 7  # flat: autocontrast and equalize leave it alone
+    x[1] = x[1] // 3 + 90  # low contrast
+    return x
+
+
+def policy_cases():
+    op, _, mag, _ = data._aa_tables(32, 32)
+    for i, name in enumerate(data.AA_OPS):
+        for m in sorted({float(v) for o, v in zip(op.flatten().tolist(), mag.flatten().tolist()) if o == i}):
+            for sign in ((1, -1) if name in SIGNED else (1,)):
+                yield name, m * sign
+
+
+@pytest.mark.parametrize("name,magnitude", list(policy_cases()))
+def test_autoaugment_op_equals_torchvision(name, magnitude):
+    """Every (op, magnitude) of the CIFAR-10 policy, both signs: the same uint8 values as torchvision's kernel."""
+    x = smooth_images(8)
+    aa = data.T.AutoAugment(data.T.AutoAugmentPolicy.CIFAR10)
+    ref = aa._apply_image_or_video_transform(x, name, magnitude, interpolation=TF.InterpolationMode.NEAREST, fill={})
+    ours = data.autoaugment_op(x, torch.full((8,), data.AA_OPS.index(name)), torch.full((8,), magnitude).double())
+    assert torch.equal(ours, ref)
+
+
+def test_batched_ops_equal_torchvision_for_fixed_parameters():
+    x, g = smooth_images(16), torch.Generator().manual_seed(1)
+    rand = lambda *s: torch.rand(*s, generator=g)
+    # per-sample ops mixed in one batch, against torchvision one image at a time
+    top, left, flip = torch.randint(9, (16,), generator=g), torch.randint(9, (16,), generator=g), rand(16) < 0.5
+    ref = [TF.crop(TF.pad(x[i], [4]), int(top[i]), int(left[i]), 32, 32) for i in range(16)]
+    ref = torch.stack([TF.horizontal_flip(r) if f else r for r, f in zip(ref, flip)])
+    assert torch.equal(data.crop_flip(x, top, left, flip), ref)
+    op = torch.randint(-1, len(data.AA_OPS), (16,), generator=g)
+    _, _, mags, _ = data._aa_tables(32, 32)
+    mag = mags.flatten()[torch.randint(50, (16,), generator=g)] * torch.where(rand(16) < 0.5, -1.0, 1.0).double()
+    aa = data.T.AutoAugment(data.T.AutoAugmentPolicy.CIFAR10)
+    mag = torch.where(torch.tensor([data.AA_OPS[o] in SIGNED if o >= 0 else False for o in op]), mag, mag.abs())
+    mag = torch.where(op == data.AA_OPS.index("Posterize"), 5.0, torch.where(op == data.AA_OPS.index("Solarize"),
+                                                                             mag.abs().clamp(max=1), mag))
+    ref = torch.stack([x[i] if op[i] < 0 else aa._apply_image_or_video_transform(
+        x[i], data.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST, fill={})
+        for i in range(16)])
+    assert torch.equal(data.autoaugment_op(x, op, mag), ref)
+    cy, cx = torch.randint(32, (16,), generator=g), torch.randint(32, (16,), generator=g)
+    ref = x.clone()
+    for i in range(16):
+        ref[i, :, max(cy[i] - 8, 0):cy[i] + 8, max(cx[i] - 8, 0):cx[i] + 8] = 0
+    assert torch.equal(data.cutout(x, cy, cx), ref)
+    top, left, ch, cw = data._resized_crop_params(g, 16, 32, 32)
+    box = lambda i, img: TF.resized_crop(img, int(top[i]), int(left[i]), int(ch[i]), int(cw[i]), [32, 32])
+    ours = data.resized_crop(x, top, left, ch, cw, 32)
+    assert torch.equal(ours, torch.stack([box(i, x[i].float()).round().to(torch.uint8) for i in range(16)]))
+    diff = (ours.int() - torch.stack([box(i, x[i]) for i in range(16)]).int()).abs()  # torchvision's uint8 kernel
+    assert diff.max() <= 1 and diff.float().mean() < 0.3  # is fixed-point: within one level
+    order = rand(16, 4).argsort(1)
+    bf, cf, sf, hf = rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.2 - 0.1
+    fns = [lambda y, i: TF.adjust_brightness(y, float(bf[i])), lambda y, i: TF.adjust_contrast(y, float(cf[i])),
+           lambda y, i: TF.adjust_saturation(y, float(sf[i])), lambda y, i: TF.adjust_hue(y, float(hf[i]))]
+    ref = []
+    for i in range(16):
+        y = x[i]
+        for o in order[i].tolist():
+            y = fns[o](y, i)
+        ref.append(y)
+    assert torch.equal(data.color_jitter(x, order, bf, cf, sf, hf), torch.stack(ref))
+    sigma = rand(16) * 1.9 + 0.1
+    ref = torch.stack([TF.gaussian_blur(x[i], [3, 3], [float(sigma[i])] * 2) for i in range(16)])
+    assert torch.equal(data.gaussian_blur3(x, sigma), ref)
+    assert torch.equal(data._u8(data._gray(x.float())).expand_as(x), TF.rgb_to_grayscale(x, 3))
+
+
+def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view would move
+    return torch.stack([v.mean(), v.std(), (v.diff(dim=-1).abs()).mean(), (v.diff(dim=-2).abs()).mean(),
+                        v[..., 8:24, 8:24].mean() - v.mean(), v[:, 0].mean() - v[:, 2].mean()])
+
+
+def test_device_views_match_the_cpu_views_in_distribution():
+    """The same 4 images, 256 draws each: the batched views' statistics against torchvision's per-image views.
+    The tolerance is 4x the spread of the statistics between two CPU runs; v1 against v2 or v3 must fail it."""
+    x = smooth_images(4, seed=3).repeat(256, 1, 1, 1)
+    cpu, dev = data.view_transforms("cifar10"), data.DeviceViews("cifar10", torch.device("cpu"))
+    stats = {}
+    for v in ("v1", "v2", "v3"):
+        runs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            runs.append(view_stats(torch.stack([cpu[v](img) for img in x])))
+        noise = (runs[0] - runs[1]).abs() + 0.01
+        ours = view_stats(dev(x, (v,), torch.Generator().manual_seed(0))[0])
+        assert ((ours - runs[0]).abs() < 4 * noise).all(), (v, ours, runs[0], noise)
+        stats[v] = (runs[0], noise)
+    for v in ("v2", "v3"):  # the check has teeth: another view is told apart
+        assert ((stats["v1"][0] - stats[v][0]).abs() >= 4 * stats[v][1]).any()
+
+
+def test_gpu_loader_batches_like_the_cpu_loader(root):
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    order = np.random.default_rng(0).permutation(len(m)).tolist()
+    cpu = list(data.batch_maker(m, "cpu")(("v1", "v2", "v3"), 32, 7, order))
+    dev = data.batch_maker(m, "gpu", "cpu")
+    ours = list(dev(("v1", "v2", "v3"), 32, 7, order))
+    assert [tuple(t.shape) for t in cpu[0]] == [tuple(t.shape) for t in ours[0]] and len(cpu) == len(ours)
+    assert all(t.dtype == u.dtype for t, u in zip(cpu[0], ours[0]))
+    for c, o in zip(cpu, ours):  # the same images, labels and flags in the same order
+        assert torch.equal(c[-2], o[-2]) and torch.equal(c[-1], o[-1])
+    again = list(dev(("v1", "v2", "v3"), 32, 7, order))
+    assert all(torch.equal(a, b) for x, y in zip(ours, again) for a, b in zip(x, y))  # a function of the seed
+    other = list(dev(("v1",), 32, 8, order))
+    assert not torch.equal(other[0][0], ours[0][0])
 
 
 # ---------------------------------------------------------------- model and losses
@@ -232,15 +353,26 @@ def relabel_case():
     return z, labels, is_syn, protos
 
 
+def test_supcon_member_mask_equals_leaving_members_out():
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(9, 2, 8), dim=-1)
+    labels, t = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0, 1]), 0.1
+    anchor = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1, 1]).bool()
+    member = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1]).bool()
+    masked = train.supcon(feats, labels, anchor, t, member)
+    assert torch.allclose(masked, train.supcon(feats[member], labels[member], anchor[member], t), atol=1e-6)
+    assert not torch.allclose(masked, train.supcon(feats, labels, anchor, t))
+
+
 def test_relabel_finds_the_suspect():
     z, labels, is_syn, protos = relabel_case()
     _, suspect = train.sau_contrastive_loss(z, labels, is_syn, protos, return_suspects=True)
-    assert suspect.tolist() == [True, False]
+    assert suspect.tolist() == [False, True, False]  # the real sample is never a suspect
     # a neighbour of another class in one view only is enough
     z2 = z.clone()
     z2[2, 1] = e(0)
     _, suspect = train.sau_contrastive_loss(z2, labels, is_syn, protos, return_suspects=True)
-    assert suspect.tolist() == [True, True]
+    assert suspect.tolist() == [False, True, True]
 
 
 def test_strategies_change_the_loss_as_described():
@@ -320,8 +452,9 @@ def test_train_ablations_run(root, tmp_path, flags):
     assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls" in flags)
 
 
-def test_resume_gives_the_same_weights(root, tmp_path):
-    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout"]
+@pytest.mark.parametrize("loader", ["cpu", "gpu"])
+def test_resume_gives_the_same_weights(root, tmp_path, loader):
+    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout", "--loader", loader]
     r = run("train.py", *args, "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr
     r = run("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
@@ -334,14 +467,44 @@ def test_resume_gives_the_same_weights(root, tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
 
 
+def test_gpu_loader_run_and_bench(root, tmp_path):
+    """--loader gpu (batched views, here on CPU tensors) trains; --bench prints its figures and writes nothing."""
+    out = tmp_path / "run"
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu", "--amp", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert "loader gpu" in r.stdout and 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
+    r = run("train.py", "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs", 200, "--out",
+            tmp_path / "bench")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.split("bench_json ")[1])
+    assert res["step_images_per_s"] > 0 and res["data_images_per_s"] > res["step_images_per_s"]
+    assert 0 < res["data_fraction"] < 1 and res["run_s"] == pytest.approx(200 * res["epoch_s"])
+    assert "whole step" in r.stdout and "projected" in r.stdout and not (tmp_path / "bench").exists()
+
+
+def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path):
+    """--compile on (inductor on this CPU, about a minute): the same losses as eager up to rounding, and a
+    checkpoint an eager run can resume (no torch.compile prefixes in the weights)."""
+    args = ["--data-root", root, "--epochs", 1, *TINY, "--amp", "off", "--syn", "heldout", "--lr", 1e-6]
+    for mode in ("off", "on"):
+        r = run("train.py", *args, "--out", tmp_path / mode, "--compile", mode)
+        assert r.returncode == 0, r.stderr
+    eager, compiled = (json.loads((tmp_path / m / "metrics.jsonl").read_text()) for m in ("off", "on"))
+    for k in ("loss", "loss_cls", "loss_con"):
+        assert compiled[k] == pytest.approx(eager[k], rel=1e-4), k
+    keys = torch.load(tmp_path / "on" / "checkpoint.pt", weights_only=True)["model"].keys()
+    assert keys == torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=True)["model"].keys()
+
+
 @pytest.mark.parametrize("case,message", [
+    ("loader", "invalid choice"), ("bench", "--bench must be >= 0"),
     ("imb", "--imb must be >= 1"), ("dataset", "invalid choice"), ("strategy", "invalid choice"),
     ("syn", "invalid choice"), ("no_data", "not found at"), ("other_pool", "made for cifar100"),
     ("small_pool", "needs"), ("float_pool", "expected uint8"), ("resume_config", "another config"),
     ("exists", "already holds a run")])
 def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
     base = ["--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY]
-    flags = {"imb": ["--imb", 0.5], "dataset": ["--dataset", "mnist"], "strategy": ["--strategy", "x"],
+    flags = {"loader": ["--loader", "tpu"], "bench": ["--bench", -1], "imb": ["--imb", 0.5], "dataset": ["--dataset", "mnist"], "strategy": ["--strategy", "x"],
              "syn": ["--syn", "gan"], "no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
     if case.endswith("pool"):
         write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10", CIFAR10_NAMES,

@@ -5,11 +5,13 @@
     python train.py --resume runs/<name>                        # continue a killed run
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -41,17 +43,24 @@ CONFIG = {
     "weight_decay": (5e-3, "SGD weight decay"),
     "width": (64, "ResNet-32 stem width (stages w, 2w, 4w)"),
     "seed": (0, "training seed: init, order, augmentation, mixing"),
-    "amp": ("auto", "bf16 autocast: auto (on CUDA) | bf16 | off"),
+    "amp": ("auto", "bf16 autocast: auto (on CUDA, and on a CPU with native bf16) | bf16 | off"),
+    "loader": ("auto", "auto (gpu on CUDA, else cpu) | cpu: DataLoader workers + torchvision, as the paper | "
+                       "gpu: the set held on the device, views as batched tensor ops (ours)"),
     "device": ("auto", "auto (cuda if present) | cpu | cuda | cuda:N"),
-    "workers": (-1, "DataLoader worker processes; -1: min(8, CPU count)"),
+    "workers": (-1, "DataLoader worker processes (--loader cpu); -1: min(8, CPU count)"),
+    "channels_last": ("on", "channels_last memory format for the network: on | off (ours)"),
+    "compile": ("off", "torch.compile the backbone: on | off (ours)"),
+    "bench": (0, "time this many steps after warm-up with the run's flags, print the figures and exit (ours)"),
     "out": ("", "run folder; empty: runs/<name from the key flags>"),
     "resume": ("", "continue the run in this folder; flags not given are taken from it"),
     "stop_after": (0, "leave after this many epochs in total, checkpoint kept (for time-limited jobs; ours)"),
     "sync_bn": ("off", "with torchrun: off: BatchNorm statistics per process, as the paper | on: over all"),
 }
 CHOICES = {"dataset": list(data.DATASETS), "syn": list(data.SYN_MODES), "relabel": ["on", "off"],
-           "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"], "sync_bn": ["on", "off"]}
-RUNTIME = {"device", "workers", "out", "resume", "stop_after"}  # may differ when resuming; results do not
+           "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"], "sync_bn": ["on", "off"],
+           "loader": ["auto", "cpu", "gpu"], "channels_last": ["on", "off"], "compile": ["on", "off"]}
+# may differ when resuming: results do not depend on them beyond float rounding
+RUNTIME = {"device", "workers", "out", "resume", "stop_after", "channels_last", "compile", "bench"}
 NAME_KEYS = {"syn_ratio": "r", "w_cls": "wcls", "w_con": "wcon", "relabel": "relabel", "strategy": "",
              "width": "w", "epochs": "e", "batch_size": "b", "lr": "lr", "data_seed": "ds"}
 
@@ -80,6 +89,7 @@ def get_config(argv=None):
               (cfg["epochs"] >= 1, "--epochs must be >= 1"), (cfg["batch_size"] >= 2, "--batch-size must be >= 2"),
               (cfg["width"] >= 2 and cfg["width"] % 2 == 0, "--width must be an even number >= 2"),
               (cfg["temperature"] > 0, "--temperature must be > 0"), (cfg["lr"] > 0, "--lr must be > 0"),
+              (cfg["bench"] >= 0, "--bench must be >= 0"),
               (min(cfg["w_cls"], cfg["w_con"]) >= 0 and max(cfg["w_cls"], cfg["w_con"]) > 0,
                "--w-cls and --w-con must be >= 0 and not both 0")]
     for ok, msg in checks:
@@ -110,54 +120,53 @@ def soft_ce(logits, targets):
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
-def supcon(feats, labels, is_anchor, temperature):
-    """Supervised contrastive loss. feats [M, V, D], labels [M], is_anchor [M] bool -> scalar."""
+def supcon(feats, labels, is_anchor, temperature, member=None):
+    """Supervised contrastive loss. feats [M, V, D], labels [M], is_anchor [M] bool -> scalar. member [M] bool
+    (default all): non-members are no anchor, no positive and in no denominator, as if left out (fixed shapes)."""
     m, v = feats.shape[:2]
+    member = torch.ones_like(is_anchor) if member is None else member
     f = feats.transpose(0, 1).reshape(m * v, -1).float()  # MV x D, view-major
-    y = labels.repeat(v)  # MV
+    y, keep = labels.repeat(v), member.repeat(v)  # MV
     self_pair = torch.eye(m * v, dtype=torch.bool, device=f.device)
-    logits = f @ f.T / temperature  # MV x MV
+    logits = (f @ f.T / temperature).masked_fill(~keep[None, :], -torch.inf)  # MV x MV
     # log-softmax over all other members; logsumexp subtracts the row max for stability
     log_prob = logits - torch.logsumexp(logits.masked_fill(self_pair, -torch.inf), dim=1, keepdim=True)
-    pos = (y[:, None] == y[None, :]) & ~self_pair  # MV x MV
-    per_anchor = -(log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)  # MV; no positive -> 0
-    anchors = is_anchor.repeat(v)
-    return per_anchor[anchors].mean() if anchors.any() else f.sum() * 0
+    pos = (y[:, None] == y[None, :]) & ~self_pair & keep[None, :]  # MV x MV
+    per_anchor = -log_prob.masked_fill(~pos, 0).sum(1) / pos.sum(1).clamp(min=1)  # MV; no positive -> 0
+    anchors = (is_anchor & member).repeat(v)
+    return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1)
 
 
 @torch.no_grad()
-def find_suspects(z_syn, y_syn, anchors, anchor_y):
-    """[S] bool: the most cosine-similar anchor, in either view, has another label than the sample."""
-    sim = torch.einsum("svd,avd->vsa", F.normalize(z_syn.float(), dim=-1), F.normalize(anchors.float(), dim=-1))
-    return (anchor_y[sim.argmax(-1)] != y_syn).any(0)  # V x S -> S
+def find_suspects(feats, labels, in_anchor_set):
+    """[M] bool: the most cosine-similar member of the anchor set, in either view, has another label.
+    feats [M, V, D]; a sample outside the anchor set (a synthetic one) is never its own neighbour."""
+    f = F.normalize(feats.float(), dim=-1)
+    sim = torch.einsum("mvd,avd->vma", f, f).masked_fill(~in_anchor_set, -torch.inf)  # V x M x M
+    return (labels[sim.argmax(-1)] != labels).any(0)  # V x M -> M
 
 
 def sau_contrastive_loss(z, labels, is_syn, prototypes, strategy="pos_neg", temperature=0.1, relabel=True,
                          return_suspects=False):
-    """SAU.md section 5. z [B, 2, D] unit, labels [B], is_syn [B], prototypes [C, 2, D] -> scalar loss."""
+    """SAU.md section 5. z [B, 2, D] unit, labels [B], is_syn [B], prototypes [C, 2, D] -> scalar loss (and the
+    suspects, [B] bool). Who takes part is a mask, not a subset, so the step never waits for the host."""
     if strategy not in CHOICES["strategy"]:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {CHOICES['strategy']}")
-    is_syn = is_syn.bool()
-    num_classes = prototypes.shape[0]
-    anchors = torch.cat([z[~is_syn], prototypes.to(z.dtype)])  # (R + C) x 2 x D
-    anchor_y = torch.cat([labels[~is_syn], torch.arange(num_classes, device=z.device)])  # R + C
-    z_syn, y_syn = z[is_syn], labels[is_syn].clone()  # S x 2 x D, S
-    suspect = torch.zeros_like(y_syn, dtype=torch.bool)
-    if relabel and len(y_syn):
-        suspect = find_suspects(z_syn, y_syn, anchors, anchor_y)
-    keep, syn_anchor = torch.ones_like(suspect), torch.ones_like(suspect)
+    b, c = len(labels), len(prototypes)
+    feats = torch.cat([z, prototypes.to(z.dtype)])  # (B + C) x 2 x D
+    y = torch.cat([labels, torch.arange(c, device=z.device)])  # B + C
+    syn = torch.cat([is_syn.bool(), torch.zeros(c, dtype=torch.bool, device=z.device)])
+    suspect = find_suspects(feats, y, ~syn) & syn if relabel else torch.zeros_like(syn)  # anchor set: real + prototypes
+    member, anchor = torch.ones_like(syn), torch.ones_like(syn)
     if strategy == "pos_neg":  # a fresh label each: positive only with its own other view
-        y_syn[suspect] = -1 - torch.arange(int(suspect.sum()), device=z.device)
+        y = torch.where(suspect, -1 - torch.arange(b + c, device=z.device), y)
     elif strategy == "neg_only":  # contrast samples only, never anchors
-        y_syn[suspect] = -1
-        syn_anchor = ~suspect
+        y = torch.where(suspect, -1, y)
+        anchor = ~suspect
     else:  # drop
-        keep = ~suspect
-    feats = torch.cat([anchors, z_syn[keep]])
-    y = torch.cat([anchor_y, y_syn[keep]])
-    is_anchor = torch.cat([torch.ones_like(anchor_y, dtype=torch.bool), syn_anchor[keep]])
-    loss = supcon(feats, y, is_anchor, temperature)
-    return (loss, suspect) if return_suspects else loss
+        member = ~suspect
+    loss = supcon(feats, y, anchor, temperature, member)
+    return (loss, suspect[:b]) if return_suspects else loss
 
 
 def cutmix(xa, xb, lam, rng):
@@ -203,42 +212,43 @@ def all_sum(t, world):
 # ---------------------------------------------------------------- prototypes and evaluation
 
 @torch.no_grad()
-def prototypes(model, mixed, seed, workers, device, amp, rank=0, world=1):
+def prototypes(run, seed):
     """[C, 2, D]: per class, the mean projection of its real images through v2 and v3 (eval mode)."""
+    model, device = run.model, run.device
     model.eval()
-    x, y = mixed.real()
-    num_classes = len(mixed.classes)
+    num_classes = len(run.mixed.classes)
     sums = torch.zeros(num_classes, 2, model.proj[-1].out_features, device=device)
     counts = torch.zeros(num_classes, device=device)
-    order = list(range(rank, len(y), world))  # every real image once over all processes
-    for v2, v3, yb, _ in data.loader(x, y, np.zeros(len(y), bool), mixed.dataset, ("v2", "v3"), 256, workers,
-                                     seed, order):
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            z = torch.stack([model.project(model.features(v.to(device, non_blocking=True))) for v in (v2, v3)], 1)
-        sums.index_add_(0, yb.to(device), z.float())  # C x 2 x D
-        counts += torch.bincount(yb.to(device), minlength=num_classes)
-    return all_sum(sums, world) / all_sum(counts, world).clamp(min=1)[:, None, None]
+    real = np.flatnonzero(~run.mixed.is_syn)  # the real images come first in the mixed set
+    for v2, v3, yb, _ in run.batches(("v2", "v3"), 256, seed, real[run.rank::run.world].tolist()):
+        yb = yb.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
+            z = torch.stack([model.project(model.features(run.prep(v))) for v in (v2, v3)], 1)
+        sums.index_add_(0, yb, z.float())  # C x 2 x D
+        counts.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float))
+    return all_sum(sums, run.world) / all_sum(counts, run.world).clamp(min=1)[:, None, None]
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, mean, std, n_real, device, amp, rank=0, world=1):
+def evaluate(run, batch_size=1000):
     """Top-1, top-5, per-class accuracy, many/medium/few and the confusion matrix on the test set."""
+    model, device, n_real = run.model, run.device, run.mixed.n_real
     model.eval()
     num_classes = len(n_real)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
-    for i in range(rank * 1000, len(y_test), world * 1000):
-        x = (x_test[i:i + 1000].to(device).float() / 255 - mean) / std
-        y = y_test[i:i + 1000].to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+    for i in range(run.rank * batch_size, len(run.y_test), run.world * batch_size):
+        x = run.prep((run.x_test[i:i + batch_size].to(device).float() / 255 - run.mean) / run.std)
+        y = run.y_test[i:i + batch_size].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
             top5 = model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices
-        confusion += torch.bincount(y * num_classes + top5[:, 0], minlength=num_classes ** 2)
+        confusion.index_add_(0, y * num_classes + top5[:, 0], torch.ones_like(y))
         top5_hits += (top5 == y[:, None]).any(1).sum()
-    confusion = all_sum(confusion, world).reshape(num_classes, num_classes).cpu()
-    top5_hits = all_sum(top5_hits, world).item()
+    confusion = all_sum(confusion, run.world).reshape(num_classes, num_classes).cpu()
+    top5_hits = all_sum(top5_hits, run.world).item()
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     groups = {g: [a for a, n in zip(per_class, n_real) if data.shot_group(n) == g] for g in ("many", "medium", "few")}
-    return {"top1": 100 * confusion.diag().sum().item() / len(y_test), "top5": 100 * top5_hits / len(y_test),
+    return {"top1": 100 * confusion.diag().sum().item() / len(run.y_test), "top5": 100 * top5_hits / len(run.y_test),
             **{g: 100 * sum(v) / len(v) if v else None for g, v in groups.items()},
             "per_class": [100 * a for a in per_class], "confusion": confusion.tolist()}
 
@@ -251,6 +261,16 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise data.SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
     return torch.device(name)
+
+
+def cpu_has_bf16():
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): without it bf16 autocast on a CPU is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def load_checkpoint(out, cfg):
@@ -275,59 +295,110 @@ def check_finite(bad_step, epoch, out):
                             f"checkpoint ({'epoch ' + str(epoch) if epoch else 'none yet'}) is kept in {out}")
 
 
-def train(cfg):
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    rank = int(os.environ.get("RANK", 0))
-    device = pick_device(cfg["device"])
-    if world > 1:
-        if cfg["batch_size"] % world:
-            raise data.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world} processes")
+def setup(cfg):
+    """Everything a run holds before its first step: processes, device, data, model, optimiser, the step."""
+    run = argparse.Namespace(world=int(os.environ.get("WORLD_SIZE", 1)), rank=int(os.environ.get("RANK", 0)))
+    device = pick_device(cfg["device"])  # set by torchrun
+    if run.world > 1:
+        if cfg["batch_size"] % run.world:
+            raise data.SAUError(f"--batch-size {cfg['batch_size']} does not split over {run.world} processes")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run.device = device
+    run.amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    run.loader = cfg["loader"] if cfg["loader"] != "auto" else "gpu" if device.type == "cuda" else "cpu"
+    workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1)
+    fmt = torch.channels_last if cfg["channels_last"] == "on" else torch.contiguous_format
+    run.prep = lambda x: x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    run.mixed = data.build_mixed(cfg["dataset"], cfg["data_root"], cfg["imb"], cfg["data_seed"], cfg["syn"],
+                                 cfg["syn_ratio"], cfg["pool"] or None)
+    run.batches = data.batch_maker(run.mixed, run.loader, device, workers)
+    x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
+    run.x_test, run.y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
+    run.mean, run.std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
+
+    torch.manual_seed(cfg["seed"])
+    run.model = model = resnet32(len(run.mixed.classes), cfg["width"]).to(device, memory_format=fmt)
+    if cfg["compile"] == "on":  # the backbone only: the heads are small and the loss has masks, not shapes
+        model.features = torch.compile(model.features)
+    run.opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"])
+    run.sched = torch.optim.lr_scheduler.CosineAnnealingLR(run.opt, T_max=cfg["epochs"])
+    run.use_cls, run.use_con = cfg["w_cls"] > 0, cfg["w_con"] > 0
+    run.step_fn = Step(model, cfg)
+    if run.world > 1:
+        if cfg["sync_bn"] == "on":
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        run.step_fn = torch.nn.parallel.DistributedDataParallel(
+            run.step_fn, find_unused_parameters=not (run.use_cls and run.use_con))
+    return run
+
+
+def streams(run, cfg, epoch_seed):
+    views_a = (("v1",) if run.use_cls else ()) + (("v2", "v3") if run.use_con else ())
+    return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, run.use_cls, run.rank, run.world,
+                              run.batches)
+
+
+def step_inputs(run, cfg, a, b, rng, protos):
+    """The Step's arguments from one (A, B) pair of batches: mixup and cutmix of A's v1 with B's, on the device."""
+    *va, ya, syn = a
+    ya, syn = ya.to(run.device, non_blocking=True), syn.to(run.device, non_blocking=True)
+    va = [run.prep(v) for v in va]
+    x_mix = t_mix = x_cut = t_cut = None
+    if run.use_cls:
+        num_classes = len(run.mixed.classes)
+        classes = torch.arange(num_classes, device=run.device)
+        xa, xb = va[0], run.prep(b[0])
+        ta = (ya[:, None] == classes).float()  # one-hot without F.one_hot's range check, a device sync
+        tb = (b[1].to(run.device, non_blocking=True)[:, None] == classes).float()
+        lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
+        x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
+        x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
+        t_cut = w * ta + (1 - w) * tb
+    v2, v3 = va[-2:] if run.use_con else (None, None)
+    return x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn, protos
+
+
+def train_step(run, inputs):
+    """Forward, backward, SGD step; returns [loss, cls, con, suspects, synthetic] on the device, without a sync."""
+    run.model.train()
+    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+        loss, loss_cls, loss_con, n_suspect = run.step_fn(*inputs)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    return torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach(), n_suspect, inputs[-2].sum()]).float()
+
+
+def train(cfg):
+    run = setup(cfg)
+    world, rank, device, model, mixed = run.world, run.rank, run.device, run.model, run.mixed
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
-    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda")
-    workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1)
     out = cfg["out"] or os.path.join("runs", run_name(cfg))
     if not cfg["resume"] and os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise data.SAUError(f"{out} already holds a run: continue it with --resume {out}, or pass a new --out")
     ckpt = load_checkpoint(out, cfg) if cfg["resume"] else None
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    mixed = data.build_mixed(cfg["dataset"], cfg["data_root"], cfg["imb"], cfg["data_seed"], cfg["syn"],
-                             cfg["syn_ratio"], cfg["pool"] or None)
-    x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
-    x_test, y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
-    mean, std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
-    num_classes = len(mixed.classes)
-
-    torch.manual_seed(cfg["seed"])
-    model = resnet32(num_classes, cfg["width"]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
     metrics, start = [], 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"]
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][:start]
-    use_cls, use_con = cfg["w_cls"] > 0, cfg["w_con"] > 0
-    step_fn = Step(model, cfg)
-    if world > 1:
-        if cfg["sync_bn"] == "on":
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, find_unused_parameters=not (use_cls and use_con))
     if main_proc:
         os.makedirs(out, exist_ok=True)
         data.write_atomic(os.path.join(out, "config.json"), json.dumps({k: v for k, v in cfg.items() if k != "resume"},
                                                                   indent=1))
     counts = {"n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
     say(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
-        f"{num_classes} classes, {device}{' bf16' if amp else ''}{f' x {world} processes' if world > 1 else ''}, "
-        f"epochs {start + 1}-{cfg['epochs']}", flush=True)
+        f"{len(mixed.classes)} classes, {device}{' bf16' if run.amp else ''}, loader {run.loader}"
+        f"{f' x {world} processes' if world > 1 else ''}, epochs {start + 1}-{cfg['epochs']}", flush=True)
 
     for epoch in range(start, cfg["epochs"]):
         if cfg["stop_after"] and epoch >= cfg["stop_after"]:
@@ -335,55 +406,34 @@ def train(cfg):
             return out
         # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
         epoch_seed = cfg["seed"] * 1_000_003 + epoch
-        rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the data loaders seed themselves)
+        rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the batch makers seed themselves)
         t0 = time.time()
-        protos = prototypes(model, mixed, epoch_seed * 2 + 2, workers, device, amp, rank, world) if use_con else None
-        model.train()
-        lr = opt.param_groups[0]["lr"]
-        sums = torch.zeros(4, device=device)  # loss, cls, con, suspects
+        protos = prototypes(run, epoch_seed * 2 + 2) if run.use_con else None
+        lr = run.opt.param_groups[0]["lr"]
+        sums = torch.zeros(5, device=device)  # loss, cls, con, suspects, synthetic images
         bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss, found without a sync
-        n_syn_seen = n_seen = 0
-        views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if use_con else ())
+        n_seen = 0
         bar = tqdm(total=len(mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, disable=not main_proc)
-        for step, (a, b) in enumerate(data.train_streams(mixed, cfg["batch_size"], workers, epoch_seed,
-                                                          views_a, use_cls, rank, world)):
-            *va, ya, syn = (t.to(device, non_blocking=True) for t in a)
-            x_mix = t_mix = x_cut = t_cut = None
-            if use_cls:  # mixup and cutmix of stream A's v1 with stream B's
-                xa, xb = va[0], b[0].to(device, non_blocking=True)
-                ta = F.one_hot(ya, num_classes).float()
-                tb = F.one_hot(b[1].to(device, non_blocking=True), num_classes).float()
-                lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
-                x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
-                x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
-                t_cut = w * ta + (1 - w) * tb
-            v2, v3 = va[-2:] if use_con else (None, None)
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss, loss_cls, loss_con, n_suspect = step_fn(x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn, protos)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            parts = torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach(), n_suspect.detach()]).float()
+        for step, (a, b) in enumerate(streams(run, cfg, epoch_seed)):
+            parts = train_step(run, step_inputs(run, cfg, a, b, rng, protos))
             sums += parts
             bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(parts[0]), step + 1)
-            n_syn_seen += int(a[-1].sum())
             n_seen += len(a[-1]) * world
             bar.update(len(a[-1]) * world)
             if step % 20 == 0:  # .item() syncs the device: only now and then
                 check_finite(bad_step, epoch, out)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{parts[0].item():.3f}")
         check_finite(bad_step, epoch, out)
         bar.close()
-        sched.step()
+        run.sched.step()
         train_s = time.time() - t0
-        ev = evaluate(model, x_test, y_test, mean, std, mixed.n_real, device, amp, rank, world)
+        ev = evaluate(run)
         steps = step + 1
-        loss_sum, cls_sum, con_sum, n_suspect = (all_sum(sums, world) / world).tolist()
-        n_syn_seen = all_sum(torch.tensor(float(n_syn_seen), device=device), world).item()
-        metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / steps, "loss_cls": cls_sum / steps,
-                        "loss_con": con_sum / steps,
-                        "suspect_frac": world * n_suspect / max(n_syn_seen, 1) if use_con else None,
+        loss_sum, cls_sum, con_sum, n_suspect, n_syn_seen = all_sum(sums, world).tolist()
+        metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / world / steps,
+                        "loss_cls": cls_sum / world / steps, "loss_con": con_sum / world / steps,
+                        "suspect_frac": n_suspect / max(n_syn_seen, 1) if run.use_con else None,
                         **{k: ev[k] for k in ("top1", "top5", "many", "medium", "few")},
                         "seconds": time.time() - t0, "images_per_s": n_seen / train_s})
         if not main_proc:
@@ -394,7 +444,7 @@ def train(cfg):
                    f"{m['loss_con']:.3f})  lr {lr:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
                    f"{fmt(m['medium'])}/{fmt(m['few'])}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
         data.write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        state = {"model": model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                  "epoch": epoch + 1, "config": cfg, "rng": {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         data.write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
@@ -416,6 +466,82 @@ def train(cfg):
           + "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in ("many", "medium", "few"))
           + f"  (best over epochs, selected on the test set: {best['top1']:.2f} at epoch {best['epoch']})  -> {out}")
     return out
+
+
+# ---------------------------------------------------------------- --bench
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(cfg, warmup=3):
+    """Time cfg["bench"] steps after warm-up with the run's flags: whole step, data path alone, forward-only (the
+    prototype and test passes), peak memory, and the projected time of the full schedule. Writes nothing."""
+    run = setup(cfg)
+    n, device, mixed = cfg["bench"], run.device, run.mixed
+    warmup += 7 * (cfg["compile"] == "on")  # compilation, and a recompilation for the eval graph
+    rng = np.random.default_rng(0)
+    num_classes = len(mixed.classes)
+    protos = F.normalize(torch.randn(num_classes, 2, run.model.proj[-1].out_features, device=device), dim=-1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(batches, work):  # seconds per batch over n batches after warm-up
+        it = iter(batches)
+        for _ in range(warmup):
+            work(next(it))
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            work(next(it))
+        sync(device)
+        return (time.perf_counter() - t) / n
+
+    epochs = lambda: (ab for e in itertools.count() for ab in streams(run, cfg, e))  # as many steps as asked for
+    with warnings.catch_warnings(record=True) as syncs:  # CUDA: every host sync inside a step warns once
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        step_s = timed(epochs(), lambda ab: train_step(run, step_inputs(run, cfg, *ab, rng, protos)))
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in syncs) if device.type == "cuda" else None
+    data_s = timed(epochs(), lambda ab: step_inputs(run, cfg, *ab, rng, protos))
+    real = np.flatnonzero(~mixed.is_syn).tolist() * (1 + (warmup + n) * 256 // max(len(mixed.n_real), 1))
+
+    @torch.no_grad()
+    def forward(batch):  # a prototype batch: two views through backbone and projection head, eval mode
+        run.model.eval()
+        with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
+            return torch.stack([run.model.project(run.model.features(run.prep(v))) for v in batch[:2]])
+    proto_s = timed(run.batches(("v2", "v3"), 256, 0, real), forward)
+    bs = cfg["batch_size"] // run.world
+    steps = math.ceil(len(mixed) / cfg["batch_size"])
+    # per epoch: the steps, the prototypes (real images, two views, batches of 256), the test set (one view, ~ half)
+    epoch_s = steps * step_s + (math.ceil(sum(mixed.n_real) / 256) * run.use_con + len(run.y_test) / 512) * proto_s
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"
+    else:
+        import resource
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (host)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    res = {"device": name, "loader": run.loader, "amp": "bf16" if run.amp else "off", "width": cfg["width"],
+           "batch_size": bs, "channels_last": cfg["channels_last"], "compile": cfg["compile"], "steps_timed": n,
+           "step_images_per_s": bs / step_s, "data_images_per_s": bs / data_s, "data_fraction": data_s / step_s,
+           "forward_images_per_s": 2 * 256 / proto_s, "epoch_s": epoch_s, "run_s": epoch_s * cfg["epochs"],
+           "peak": peak, "host_syncs_in_timed_steps": syncs}
+    print(f"bench ({name}; loader {run.loader}, amp {res['amp']}, channels_last {cfg['channels_last']}, compile "
+          f"{cfg['compile']}, width {cfg['width']}, batch {bs}; {n} steps after {warmup} warm-up):\n"
+          f"  whole step      {res['step_images_per_s']:8.1f} images/s  ({1000 * step_s:.1f} ms/step)\n"
+          f"  data path alone {res['data_images_per_s']:8.1f} images/s  ({100 * data_s / step_s:.1f}% of a step)\n"
+          f"  prototype/test forward passes {res['forward_images_per_s']:.1f} images/s\n"
+          f"  peak memory {peak}\n"
+          + (f"  host syncs in the timed steps (warm-up included): {syncs}\n" if syncs is not None else "") +
+          f"  projected: {epoch_s:.1f} s per epoch, {cfg['epochs']} epochs {epoch_s * cfg['epochs'] / 60:.1f} min "
+          f"({steps} steps of {cfg['batch_size']}, prototypes and test set each epoch)")
+    print("bench_json " + json.dumps(res))
+    return res
 
 
 def summarize(dirs, out=""):
@@ -504,7 +630,7 @@ def main():
     runs = cfg.pop("summarize", None)
     if runs:
         return summarize(runs, cfg["out"])
-    train(cfg)
+    bench(cfg) if cfg["bench"] else train(cfg)
 
 
 if __name__ == "__main__":
