@@ -690,11 +690,12 @@ def test_shares_are_disjoint_and_cover_the_epoch():
     assert data.share(order) == order
 
 
-def test_two_process_gloo_run(root, tmp_path):
+@pytest.mark.parametrize("loader,port", [("cpu", 29517), ("gpu", 29518)])
+def test_two_process_gloo_run(root, tmp_path, loader, port):
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                         os.path.join(HERE, "train.py"), *map(str, ["--data-root", root, "--epochs", 2, "--out", out,
-                                                                   "--device", "cpu", *TINY])],
+                                                                   "--device", "cpu", *TINY, "--loader", loader])],
                        capture_output=True, text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone reports
