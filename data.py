@@ -41,6 +41,15 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def pick_device(name):
+    """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad input."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
 def run_cli(main):
     try:
         main()
@@ -269,12 +278,10 @@ class Cutout(torch.nn.Module):
         super().__init__()
         self.length = length
 
-    def forward(self, x):  # [..., H, W]
+    def forward(self, x):  # [C, H, W]
         h, w = x.shape[-2:]
-        cy, cx = torch.randint(h, ()).item(), torch.randint(w, ()).item()
-        x = x.clone()
-        x[..., max(cy - self.length // 2, 0):cy + self.length // 2, max(cx - self.length // 2, 0):cx + self.length // 2] = 0
-        return x
+        cy, cx = torch.randint(h, ()), torch.randint(w, ())
+        return cutout(x[None], cy[None], cx[None], self.length)[0]
 
 
 def view_transforms(dataset):
@@ -507,7 +514,7 @@ class DeviceViews:
         return (x.float() * (1 / 255) - self.mean) / self.std
 
     def v1(self, x, g):
-        b, _, h, w = x.shape
+        b = len(x)
         top, left = (torch.randint(9, (b,), generator=g, device=g.device) for _ in range(2))
         return crop_flip(x, top, left, torch.rand(b, generator=g, device=g.device) < 0.5)
 

@@ -147,9 +147,7 @@ def runs(indices):
 # ---------------------------------------------------------------- the pipeline
 
 def pick(a):
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise data.SAUError(f"--device {a.device}: CUDA is not available here; use --device cpu")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else torch.device(a.device)
+    device = data.pick_device(a.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,

@@ -211,6 +211,12 @@ def all_sum(t, world):
 
 # ---------------------------------------------------------------- prototypes and evaluation
 
+def project_views(run, *views):
+    """[B, V, D]: each view through the backbone and the projection head, under the run's autocast."""
+    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+        return torch.stack([run.model.project(run.model.features(run.prep(v))) for v in views], 1)
+
+
 @torch.no_grad()
 def prototypes(run, seed):
     """[C, 2, D]: per class, the mean projection of its real images through v2 and v3 (eval mode)."""
@@ -222,8 +228,7 @@ def prototypes(run, seed):
     real = np.flatnonzero(~run.mixed.is_syn)  # the real images come first in the mixed set
     for v2, v3, yb, _ in run.batches(("v2", "v3"), 256, seed, real[run.rank::run.world].tolist()):
         yb = yb.to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
-            z = torch.stack([model.project(model.features(run.prep(v))) for v in (v2, v3)], 1)
+        z = project_views(run, v2, v3)
         sums.index_add_(0, yb, z.float())  # C x 2 x D
         counts.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float))
     return all_sum(sums, run.world) / all_sum(counts, run.world).clamp(min=1)[:, None, None]
@@ -254,14 +259,6 @@ def evaluate(run, batch_size=1000):
 
 
 # ---------------------------------------------------------------- the run
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise data.SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
-
 
 def cpu_has_bf16():
     """Native bf16 arithmetic (AVX512-BF16 or AMX): without it bf16 autocast on a CPU is emulated and slower."""
@@ -297,8 +294,9 @@ def check_finite(bad_step, epoch, out):
 
 def setup(cfg):
     """Everything a run holds before its first step: processes, device, data, model, optimiser, the step."""
+    # WORLD_SIZE and RANK are set by torchrun
     run = argparse.Namespace(world=int(os.environ.get("WORLD_SIZE", 1)), rank=int(os.environ.get("RANK", 0)))
-    device = pick_device(cfg["device"])  # set by torchrun
+    device = data.pick_device(cfg["device"])
     if run.world > 1:
         if cfg["batch_size"] % run.world:
             raise data.SAUError(f"--batch-size {cfg['batch_size']} does not split over {run.world} processes")
@@ -365,8 +363,8 @@ def step_inputs(run, cfg, a, b, rng, protos):
 
 
 def train_step(run, inputs):
-    """Forward, backward, SGD step; returns [loss, cls, con, suspects, synthetic] on the device, without a sync."""
-    run.model.train()
+    """Forward, backward, SGD step (the model in train mode); returns [loss, cls, con, suspects, synthetic] on the
+    device, without a sync."""
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
         loss, loss_cls, loss_con, n_suspect = run.step_fn(*inputs)
     run.opt.zero_grad(set_to_none=True)
@@ -409,6 +407,7 @@ def train(cfg):
         rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the batch makers seed themselves)
         t0 = time.time()
         protos = prototypes(run, epoch_seed * 2 + 2) if run.use_con else None
+        model.train()
         lr = run.opt.param_groups[0]["lr"]
         sums = torch.zeros(5, device=device)  # loss, cls, con, suspects, synthetic images
         bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss, found without a sync
@@ -512,9 +511,8 @@ def bench(cfg, warmup=3):
 
     @torch.no_grad()
     def forward(batch):  # a prototype batch: two views through backbone and projection head, eval mode
-        run.model.eval()
-        with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
-            return torch.stack([run.model.project(run.model.features(run.prep(v))) for v in batch[:2]])
+        return project_views(run, *batch[:2])
+    run.model.eval()
     proto_s = timed(run.batches(("v2", "v3"), 256, 0, real), forward)
     bs = cfg["batch_size"] // run.world
     steps = math.ceil(len(mixed) / cfg["batch_size"])
