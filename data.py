@@ -23,10 +23,17 @@ DATASETS = {  # name: (folder, train files, test file, label key, names key, met
                 "labels", "label_names", "batches.meta", "CIFAR10"),
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "fine_label_names", "meta", "CIFAR100"),
 }
-MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),  # the reference's
+            "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 SYN_MODES = ("pool", "none", "heldout")
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
+# Each stream of random draws in an epoch has its own seed, epoch_seed * len(STREAMS) + its index: no stream of one
+# epoch repeats another stream's draws of this epoch or of any other.
+STREAMS = ("order_a", "order_b", "views_a", "views_b", "prototypes", "mix")
+
+
+def stream_seed(epoch_seed, stream):
+    return epoch_seed * len(STREAMS) + STREAMS.index(stream)
 
 
 class SAUError(Exception):
@@ -87,12 +94,13 @@ def _ensure_cifar(dataset, root):
     if os.path.isdir(folder):
         return folder
     import torchvision.datasets
+    source = getattr(torchvision.datasets, DATASETS[dataset][6])
     try:
-        getattr(torchvision.datasets, DATASETS[dataset][6])(root, train=True, download=True)
+        source(root, train=True, download=True)
     except Exception as e:  # any network or archive failure ends the same way
         raise SAUError(f"{dataset} not found at {folder} and the download failed ({e.__class__.__name__}); "
-                       f"put the CIFAR python-layout files there (offline CIFAR-10: "
-                       f"python ../shared/data/prepare_cifar.py --root {root})") from None
+                       f"fetch {source.url} (the CIFAR python version) where there is a network and unpack it "
+                       f"into --data-root: tar xzf {source.filename} -C {root} makes {folder}") from None
     return folder
 
 
@@ -284,6 +292,32 @@ class Cutout(torch.nn.Module):
         return cutout(x[None], cy[None], cx[None], self.length)[0]
 
 
+class GaussianBlur(torch.nn.Module):
+    """PIL's ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(lo, hi), as the reference (MoCo's v2 blur)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x):  # uint8 [C, H, W]
+        return gaussian_blur(x[None], torch.empty(1).uniform_(*self.sigma))[0]
+
+
+AA_FILL = 128  # the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
+
+
+class AutoAugment(T.AutoAugment):
+    """torchvision's CIFAR-10 AutoAugment with the reference's numbers (its utils/autoaug.py): grey fill for the
+    geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the reference shears bicubic)."""
+
+    _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE,
+                           "Solarize": (lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255,
+                                        False)}  # x 255 (torchvision's bound) = the reference's thresholds
+
+    def __init__(self):
+        super().__init__(T.AutoAugmentPolicy.CIFAR10, fill=AA_FILL)
+
+
 def view_transforms(dataset):
     """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor (SAU.md section 4)."""
     mean, std = MEAN_STD[dataset]
@@ -291,10 +325,10 @@ def view_transforms(dataset):
     v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     return {
         "v1": T.Compose(v1 + finish),
-        "v2": T.Compose(v1 + [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), Cutout(16)] + finish),
+        "v2": T.Compose(v1 + [AutoAugment(), Cutout(16)] + finish),
         "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                         T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5)] + finish),
+                         T.RandomApply([GaussianBlur()], p=0.5)] + finish),
         "test": T.Compose(finish),
     }
 
@@ -351,8 +385,8 @@ def crop_flip(x, top, left, flip, pad=4):
     return xp[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy):
-    """torchvision's affine (nearest, zero fill) with per-sample float64 parameters [B]; (cx, cy) is the centre
+def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
+    """torchvision's affine (nearest, constant fill) with per-sample float64 parameters [B]; (cx, cy) is the centre
     relative to the image centre. x uint8 [B, C, H, W]."""
     b, _, h, w = x.shape
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
@@ -367,8 +401,9 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy):
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # H x W x 3
     scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
     grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)  # B x HW x 2
-    out = F.grid_sample(x.float(), grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.round().to(torch.uint8)
+    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros",
+                        align_corners=False)  # outside the image: 0, so fill after adding it back
+    return (out + fill).round().to(torch.uint8)
 
 
 def _sharpness(xf, f):
@@ -403,7 +438,7 @@ def autoaugment_op(x, op, mag):
     geo = affine_nearest(x, torch.where(is_op["Rotate"], -mag, zero), torch.where(is_op["ShearX"], sheared, zero),
                          torch.where(is_op["ShearY"], sheared, zero), torch.where(is_op["TranslateX"], mag.trunc(), zero),
                          torch.where(is_op["TranslateY"], mag.trunc(), zero), torch.where(shear, -w / 2, zero),
-                         torch.where(shear, -h / 2, zero))
+                         torch.where(shear, -h / 2, zero), AA_FILL)
     xf, f = x.float(), 1 + mag
     gray = _gray(xf).floor()
     shift = (8 - mag.clamp(0, 8)).long()  # posterize keeps the top mag bits
@@ -421,8 +456,8 @@ def autoaugment_op(x, op, mag):
 
 
 def _aa_tables(h, w):
-    """[25, 2] op index, probability, magnitude and signedness of torchvision's CIFAR-10 policy."""
-    aa = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy (AutoAugment above)."""
+    aa = AutoAugment()
     rows = []
     for policy in aa._policies:
         for name, p, idx in policy:
@@ -492,14 +527,30 @@ def color_jitter(x, order, bf, cf, sf, hf):
     return x
 
 
-def gaussian_blur3(x, sigma):
-    """torchvision's 3x3 Gaussian blur (reflect padding) with a per-sample sigma [B]."""
-    t = torch.linspace(-1 / math.sqrt(2), 1 / math.sqrt(2), 3, device=x.device)
-    k = torch.softmax(-(t[None] / sigma[:, None]) ** 2, 1)  # B x 3
-    xp = F.pad(x.float(), (1, 1, 1, 1), mode="reflect")
-    h, w = x.shape[-2:]
-    out = sum(_col(k[:, i] * k[:, j]) * xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3))
-    return out.round().to(torch.uint8)
+def _pil_box_radius(sigma, passes=3):
+    """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance sigma^2,
+    computed in float32 (and float64 where PIL's C does)."""
+    s2 = sigma.float() ** 2 / passes
+    l = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()
+    return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) * (l + 1)))
+
+
+def gaussian_blur(x, sigma, passes=3):
+    """PIL's GaussianBlur(radius=sigma) with a per-sample sigma [B] (up to 2.4), bit for bit: three extended box
+    blurs along the width, then three along the height, edge pixels repeated, PIL's 24-bit fixed-point weights
+    and rounding to uint8 after every pass. x uint8 [B, C, H, W]."""
+    r = _pil_box_radius(sigma, passes)
+    l = r.floor()
+    ww = (float(1 << 24) / (2 * r + 1)).floor().double()  # weight of the 2l + 1 whole pixels
+    fw = ((1 << 24) - (2 * l.double() + 1) * ww).div(2).floor()  # weight of the two fractional ones
+    d = torch.arange(-2, 3, device=x.device).abs()  # offsets; l <= 1 for sigma < 2.45
+    k = torch.where(d <= l[:, None], ww[:, None], torch.where(d == l[:, None] + 1, fw[:, None], 0.0))  # B x 5
+    y, (h, w) = x.double(), x.shape[-2:]  # integers below 2^33: exact in float64
+    for dim, n, pad in ((3, w, (2, 2, 0, 0)), (2, h, (0, 0, 2, 2))):
+        for _ in range(passes):
+            yp = F.pad(y, pad, mode="replicate")
+            y = sum(_col(k[:, i]) * yp.narrow(dim, i, n) for i in range(5)).add_(1 << 23).div_(1 << 24).floor_()
+    return y.to(torch.uint8)
 
 
 class DeviceViews:
@@ -542,7 +593,7 @@ class DeviceViews:
                                         rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1)
                 y = torch.where(_col(rand(b) < 0.8), jittered, y)
                 y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
-                y = torch.where(_col(rand(b) < 0.5), gaussian_blur3(y, rand(b) * 1.9 + 0.1), y)
+                y = torch.where(_col(rand(b) < 0.5), gaussian_blur(y, rand(b) * 1.9 + 0.1), y)
                 out.append(self.finish(y))
             else:
                 raise ValueError(f"unknown view {v!r}")
@@ -578,13 +629,15 @@ def share(order, rank=0, world=1):
 
 
 def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1, batches=None):
-    """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles.
-    With several processes each takes a disjoint share of both orders, batch_size / world images a step."""
+    """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles of the
+    epoch with seed `seed`. With several processes each takes a disjoint share of both orders, batch_size / world
+    images a step."""
     batches = batches or batch_maker(mixed)
     streams = []
-    for k, views in enumerate([views_a] + ([("v1",)] if stream_b else [])):
-        order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed * 2 + k)).tolist()
-        streams.append(batches(views, batch_size // world, seed * 2 + k, share(order, rank, world)))
+    for k, views in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
+        g = torch.Generator().manual_seed(stream_seed(seed, "order_" + k))
+        order = torch.randperm(len(mixed), generator=g).tolist()
+        streams.append(batches(views, batch_size // world, stream_seed(seed, "views_" + k), share(order, rank, world)))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 

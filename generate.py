@@ -332,7 +332,11 @@ def train_ddpm(a, folder, device, log=print):
     opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
     step, rng = 0, torch.Generator().manual_seed(a.seed)
     if os.path.isfile(os.path.join(folder, "state.pt")):
-        state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, or holding what weights_only refuses: the same message
+            raise data.SAUError(f"{os.path.join(folder, 'state.pt')} is unreadable ({e.__class__.__name__}): delete "
+                                f"{folder} to train the model again") from None
         differ = sorted(k for k in settings if k != "train_steps" and state["settings"].get(k) != settings[k])
         if differ:
             raise data.SAUError(f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
@@ -372,7 +376,7 @@ def train_ddpm(a, folder, device, log=print):
         t = torch.randint(0, 1000, (len(idx),), generator=rng)
         xt = scheduler.add_noise(x0, noise, t)
         for g in opt.param_groups:
-            g["lr"] = a.train_lr * warm(step) * shape(step)
+            g["lr"] = float(a.train_lr * warm(step) * shape(step))  # a plain float: state.pt loads weights_only
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             pred = unet(xt.to(device), t.to(device), class_labels=y.to(device)).sample
         loss = F.mse_loss(pred.float(), noise.to(device))

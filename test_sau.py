@@ -196,8 +196,9 @@ def policy_cases():
 def test_autoaugment_op_equals_torchvision(name, magnitude):
     """Every (op, magnitude) of the CIFAR-10 policy, both signs: the same uint8 values as torchvision's kernel."""
     x = smooth_images(8)
-    aa = data.T.AutoAugment(data.T.AutoAugmentPolicy.CIFAR10)
-    ref = aa._apply_image_or_video_transform(x, name, magnitude, interpolation=TF.InterpolationMode.NEAREST, fill={})
+    aa = data.AutoAugment()  # the reference's grey fill, through torchvision's own fill handling
+    ref = aa._apply_image_or_video_transform(x, name, magnitude, interpolation=TF.InterpolationMode.NEAREST,
+                                             fill=aa._fill)
     ours = data.autoaugment_op(x, torch.full((8,), data.AA_OPS.index(name)), torch.full((8,), magnitude).double())
     assert torch.equal(ours, ref)
 
@@ -214,9 +215,9 @@ def test_batched_ops_equal_torchvision_for_fixed_parameters():
     pick = torch.randint(len(ops), (16,), generator=g)
     op = torch.where(rand(16) < 0.2, -1, ops[pick])
     mag = mags[pick] * torch.where(signed[pick] & (rand(16) < 0.5), -1.0, 1.0).double()
-    aa = data.T.AutoAugment(data.T.AutoAugmentPolicy.CIFAR10)
+    aa = data.AutoAugment()
     ref = torch.stack([x[i] if op[i] < 0 else aa._apply_image_or_video_transform(
-        x[i], data.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST, fill={})
+        x[i], data.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST, fill=aa._fill)
         for i in range(16)])
     assert torch.equal(data.autoaugment_op(x, op, mag), ref)
     cy, cx = torch.randint(32, (16,), generator=g), torch.randint(32, (16,), generator=g)
@@ -242,9 +243,53 @@ def test_batched_ops_equal_torchvision_for_fixed_parameters():
         ref.append(y)
     assert torch.equal(data.color_jitter(x, order, bf, cf, sf, hf), torch.stack(ref))
     sigma = rand(16) * 1.9 + 0.1
-    ref = torch.stack([TF.gaussian_blur(x[i], [3, 3], [float(sigma[i])] * 2) for i in range(16)])
-    assert torch.equal(data.gaussian_blur3(x, sigma), ref)
+    assert torch.equal(data.gaussian_blur(x, sigma), torch.stack([pil_blur(x[i], sigma[i]) for i in range(16)]))
     assert torch.equal(data._u8(data._gray(x.float())).expand_as(x), TF.rgb_to_grayscale(x, 3))
+
+
+def pil_blur(img, sigma):  # uint8 [3, H, W] through PIL's GaussianBlur, the reference's v3 blur
+    from PIL import Image, ImageFilter
+    out = Image.fromarray(img.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=float(sigma)))
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+def test_blur_is_pils_gaussian_blur_bit_for_bit():
+    """Tolerance 0: every pixel equal to PIL's, over the whole sigma range, its ends included, in both loaders."""
+    x = torch.cat([smooth_images(24, seed=5), torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)])
+    sigma = torch.cat([torch.tensor([0.1, 2.0]), torch.rand(46, generator=torch.Generator().manual_seed(2)) * 1.9 + 0.1])
+    assert torch.equal(data.gaussian_blur(x, sigma), torch.stack([pil_blur(x[i], s) for i, s in enumerate(sigma)]))
+    torch.manual_seed(3)  # the cpu loader's transform draws sigma ~ U(0.1, 2) from the global generator
+    ours = data.GaussianBlur()(x[0])
+    torch.manual_seed(3)
+    assert torch.equal(ours, pil_blur(x[0], torch.empty(1).uniform_(0.1, 2.0)))
+    impulse = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    impulse[..., 16, 16] = 255  # full support: a 3x3 kernel kept 33 of 255 at the centre at sigma 2
+    assert data.gaussian_blur(impulse, torch.tensor([2.0]))[0, 0, 16, 16] == 9
+
+
+def test_autoaugment_has_the_references_fill_and_solarize_thresholds():
+    _, _, mag, _ = data._aa_tables(32, 32)
+    op = data._aa_tables(32, 32)[0]
+    thresholds = sorted({round(255 * m, 4) for o, m in zip(op.flatten().tolist(), mag.flatten().tolist())
+                         if o == data.AA_OPS.index("Solarize")})
+    assert thresholds == sorted(round(float(v), 4) for v in np.linspace(256, 0, 10)[[2, 3, 5, 8]])
+    x = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)
+    rotated = data.autoaugment_op(x, torch.full((2,), data.AA_OPS.index("Rotate")), torch.tensor([30.0, -30.0]).double())
+    assert (rotated[:, :, 0, 0] == 128).all() and (rotated[:, :, 16, 16] == 7).all()  # grey outside, not black
+    shifted = data.autoaugment_op(x, torch.full((2,), data.AA_OPS.index("TranslateX")), torch.tensor([9.0, -9.0]).double())
+    assert (shifted == 128).sum() == 2 * 3 * 32 * 9
+    solar = data.autoaugment_op(torch.tensor([199, 200], dtype=torch.uint8).reshape(2, 1, 1, 1).expand(2, 3, 4, 4),
+                                torch.full((2,), data.AA_OPS.index("Solarize")), torch.full((2,), 256 * 7 / 9 / 255).double())
+    assert solar[:, 0, 0, 0].tolist() == [199, 55]  # threshold 199.1: 199 kept (255 * 7/9 = 198.3 would invert it)
+
+
+def test_normalisation_is_the_references():
+    assert data.MEAN_STD["cifar10"] == ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768))
+    assert data.MEAN_STD["cifar100"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    x = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    out = data.view_transforms("cifar10")["test"](x)
+    assert torch.allclose(out[:, 0, 0], (128 / 255 - torch.tensor(data.MEAN_STD["cifar10"][0])) /
+                          torch.tensor(data.MEAN_STD["cifar10"][1]))
 
 
 def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view would move
@@ -311,6 +356,22 @@ def test_cutmix_weight_is_the_true_pasted_area():
     for lam in (0.1, 0.5, 0.9):
         x, w = train.cutmix(xa, xb, lam, np.random.default_rng(0))
         assert abs((1 - w) - x[0, 0].mean().item()) < 1e-6
+
+
+def test_cutmix_box_is_the_references():
+    """A continuous centre ~ U(0, W), the box's clipped edges rounded: side 10 centred at 15.6 covers 11..20."""
+    class Fixed:  # an rng whose uniform draws are given
+        def __init__(self, *v):
+            self.v = list(v)
+
+        def uniform(self, lo, hi):
+            return self.v.pop(0)
+    xa, xb = torch.zeros(1, 1, 32, 32), torch.ones(1, 1, 32, 32)
+    lam = 1 - (10 / 32) ** 2
+    x, w = train.cutmix(xa, xb, lam, Fixed(15.6, 3.2))  # rows 10.6..20.6 -> 11..21, columns -1.8..8.2 -> 0..8
+    expect = torch.zeros(32, 32)
+    expect[11:21, 0:8] = 1
+    assert torch.equal(x[0, 0], expect) and w == 1 - 80 / 1024
 
 
 def naive_supcon(feats, labels, is_anchor, t):
@@ -664,6 +725,38 @@ def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
     assert straight == sha24  # 16 + 8 steps after a restart == 24 steps in one go
 
 
+def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path):
+    """The default cosine schedule once stored a numpy lr that weights_only refused: a second run and a resume
+    after kill -9 must read state.pt, and an unreadable one is a one-line error naming it."""
+    import signal
+    import time
+    flags = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2, "--steps", 2,
+             "--batch-size", 64, "--imb", 10, "--data-root", root]
+    cmd = lambda pool, steps: [sys.executable, os.path.join(HERE, "generate.py"), "--pool", pool, *map(str, flags),
+                               "--train-steps", str(steps), "--ckpt-every", "5"]
+    pool = str(tmp_path / "killed")
+    p = subprocess.Popen(cmd(pool, 400), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(pool, "ddpm", "state.pt")
+    deadline = time.time() + 300
+    while not os.path.isfile(state) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert 5 <= killed_at < 400 and not os.path.isfile(os.path.join(pool, "manifest.json"))
+    r = subprocess.run(cmd(pool, 400), capture_output=True, text=True, timeout=600)  # resumes
+    assert r.returncode == 0, r.stderr
+    assert f"steps {killed_at + 1}-400" in r.stdout + r.stderr
+    s = torch.load(state, weights_only=True)
+    assert s["step"] == 400 and all(type(g["lr"]) is float for g in s["optimizer"]["param_groups"])
+    r = subprocess.run(cmd(pool, 400), capture_output=True, text=True, timeout=600)  # finished: reused
+    assert r.returncode == 0 and "training the class-conditional" not in r.stdout + r.stderr, r.stderr
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    r = subprocess.run(cmd(pool, 400), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "state.pt is unreadable" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path):
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
@@ -679,6 +772,34 @@ def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path):
 
 
 # ---------------------------------------------------------------- several processes, reports, failures
+
+def test_every_stream_of_draws_has_its_own_seed(root):
+    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e once reused
+    stream A's seed of epoch e + 1), and train_streams seeds its orders and its views apart."""
+    seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
+    assert len(set(seeds)) == len(seeds)
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    used = []
+    fake = lambda views, bs, seed, order: used.append(seed) or [(torch.zeros(1),) * (len(views) + 2)]
+    for e in (7, 8):
+        list(data.train_streams(m, 50, e, batches=fake))
+    assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
+    orders = [torch.randperm(len(m), generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
+              for s in ("order_a", "order_b")]
+    assert orders[0] != orders[1]
+
+
+def test_projection_head_batchnorm_sees_the_mixed_images():
+    """As the reference, the classification branch runs the whole model: the projection head's BatchNorm running
+    statistics count the mixup and cutmix batches too (prototypes are computed in eval mode with them)."""
+    torch.manual_seed(0)
+    model = resnet32(3, width=4).train()
+    step = train.Step(model, {**train.CONFIG_DEFAULTS, "w_con": 0.0})
+    x, t = torch.randn(8, 3, 32, 32), torch.softmax(torch.randn(8, 3), 1)
+    step(x, t, x, t, None, None, torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.bool), None)
+    bn = model.proj[1]
+    assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
+
 
 def test_shares_are_disjoint_and_cover_the_epoch():
     order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()

@@ -170,12 +170,13 @@ def sau_contrastive_loss(z, labels, is_syn, prototypes, strategy="pos_neg", temp
 
 
 def cutmix(xa, xb, lam, rng):
-    """Paste from xb a box of side W * sqrt(1 - lam) centred at a uniform point; return (x, weight of xa)."""
+    """Paste from xb a box of side W * sqrt(1 - lam) centred at a uniform point; return (x, weight of xa).
+    The reference's geometry: a continuous centre, the clipped edges rounded to pixels."""
     h, w = xa.shape[-2:]
-    bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
-    x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    bh, bw = h * math.sqrt(1 - lam), w * math.sqrt(1 - lam)
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    y0, y1 = round(max(cy - bh / 2, 0)), round(min(cy + bh / 2, h))
+    x0, x1 = round(max(cx - bw / 2, 0)), round(min(cx + bw / 2, w))
     x = xa.clone()
     x[:, :, y0:y1, x0:x1] = xb[:, :, y0:y1, x0:x1]
     return x, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the true pasted area, also when clipped
@@ -193,8 +194,8 @@ class Step(torch.nn.Module):
         m, cfg = self.model, self.cfg
         zero = torch.zeros((), device=y.device)
         loss_cls, loss_con, n_suspect = zero, zero, zero
-        if x_mix is not None:
-            loss_cls = soft_ce(m.fc(m.features(x_mix)), t_mix) + soft_ce(m.fc(m.features(x_cut)), t_cut)
+        if x_mix is not None:  # the whole model, as the reference: the projection head's BatchNorm statistics see
+            loss_cls = soft_ce(m(x_mix)[0], t_mix) + soft_ce(m(x_cut)[0], t_cut)  # the mixed images too
         if v2 is not None:
             z = torch.stack([m.project(m.features(v2)), m.project(m.features(v3))], 1)  # B x 2 x 128
             loss_con, suspect = sau_contrastive_loss(z, y, is_syn, protos, cfg["strategy"], cfg["temperature"],
@@ -404,9 +405,9 @@ def train(cfg):
             return out
         # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
         epoch_seed = cfg["seed"] * 1_000_003 + epoch
-        rng = np.random.default_rng(epoch_seed)  # mixup and cutmix draws (the batch makers seed themselves)
+        rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix draws
         t0 = time.time()
-        protos = prototypes(run, epoch_seed * 2 + 2) if run.use_con else None
+        protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes")) if run.use_con else None
         model.train()
         lr = run.opt.param_groups[0]["lr"]
         sums = torch.zeros(5, device=device)  # loss, cls, con, suspects, synthetic images
