@@ -229,11 +229,12 @@ def read_pool(folder, dataset, classes):
 # ---------------------------------------------------------------- the mixed set
 
 class MixedSet:
-    """The long-tailed real subset topped up per class; images uint8 [N, 32, 32, 3], labels, is_syn."""
+    """The long-tailed real subset topped up per class; images uint8 [N, 32, 32, 3], labels, is_syn, and is_noisy
+    (the planted wrong-class images of --syn-noise, counted as synthetic); per class n_real, n_syn, n_noisy."""
 
-    def __init__(self, images, labels, is_syn, n_real, n_syn, classes, dataset):
-        self.images, self.labels, self.is_syn = images, labels, is_syn
-        self.n_real, self.n_syn, self.classes, self.dataset = n_real, n_syn, classes, dataset
+    def __init__(self, images, labels, is_syn, is_noisy, n_real, n_syn, n_noisy, classes, dataset):
+        self.images, self.labels, self.is_syn, self.is_noisy = images, labels, is_syn, is_noisy
+        self.n_real, self.n_syn, self.n_noisy, self.classes, self.dataset = n_real, n_syn, n_noisy, classes, dataset
 
     def __len__(self):
         return len(self.labels)
@@ -242,11 +243,14 @@ class MixedSet:
         return self.images[~self.is_syn], self.labels[~self.is_syn]
 
 
-def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0, pool=None):
+def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0, pool=None, syn_noise=0.0):
     if syn not in SYN_MODES:
         raise SAUError(f"unknown --syn {syn!r}: choose one of {', '.join(SYN_MODES)}")
     if syn_ratio < 0:
         raise SAUError(f"--syn-ratio must be >= 0, got {syn_ratio:g}")
+    if not 0 <= syn_noise <= 1:
+        raise SAUError(f"--syn-noise must be in [0, 1] (the fraction of each class's fill taken from other classes), "
+                       f"got {syn_noise:g}")
     classes = class_names(dataset, root)
     images, labels = load_cifar(dataset, root, train=True)
     keep = long_tail_indices(labels, imb, data_seed)
@@ -254,8 +258,10 @@ def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ra
     n_real = np.bincount(labels[keep], minlength=num_classes).tolist()
     n_max = int(np.bincount(labels).max())
     n_fill = [0 if syn == "none" else int(round(syn_ratio * (n_max - n))) for n in n_real]
+    n_noisy = [int(round(syn_noise * n)) for n in n_fill]
     rng = np.random.default_rng([data_seed, 1])  # the fill has its own stream: the subset never depends on it
-    xs, ys, ss = [images[keep]], [labels[keep]], [np.zeros(len(keep), bool)]
+    plant_rng = np.random.default_rng([data_seed, 2])  # and so do the planted images: P = 0 changes nothing
+    xs, ys, ss, ns = [images[keep]], [labels[keep]], [np.zeros(len(keep), bool)], [np.zeros(len(keep), bool)]
     if syn == "heldout":
         left = np.setdiff1d(np.arange(len(labels)), keep)
         source = {c: images[left[labels[left] == c]] for c in range(num_classes)}
@@ -264,17 +270,28 @@ def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ra
         folder = pool or os.path.join(root, "synthetic", dataset)
         source = read_pool(folder, dataset, classes)
         hint = f"generate more (python generate.py --dataset {dataset} --imb {imb:g}) or lower --syn-ratio"
-    for c, n in enumerate(n_fill):
+    for c, (n, k) in enumerate(zip(n_fill, n_noisy)):
         if n == 0:
             continue
         have = len(source.get(c, ()))
-        if have < n:
-            raise SAUError(f"class {c} ({classes[c]}) needs {n} synthetic images but the {syn} source holds {have}: {hint}")
-        xs.append(source[c][np.sort(rng.choice(have, n, replace=False))])
+        if have < n - k:
+            raise SAUError(f"class {c} ({classes[c]}) needs {n - k} synthetic images but the {syn} source holds "
+                           f"{have}: {hint}")
+        xs.append(source[c][np.sort(rng.choice(have, n - k, replace=False))])
+        if k:  # planted: drawn uniformly from the other classes' sources pooled, labelled c
+            others = [o for o in range(num_classes) if o != c and len(source.get(o, ()))]
+            ends = np.cumsum([len(source[o]) for o in others])
+            if not len(ends) or ends[-1] < k:
+                raise SAUError(f"class {c} ({classes[c]}) needs {k} planted images (--syn-noise {syn_noise:g}) but the "
+                               f"other classes' {syn} source holds {ends[-1] if len(ends) else 0}: lower --syn-noise")
+            pick = np.sort(plant_rng.choice(int(ends[-1]), k, replace=False))
+            which = np.searchsorted(ends, pick, side="right")  # the source class of each pick, and its index there
+            xs.append(np.stack([source[others[w]][i - (ends[w - 1] if w else 0)] for w, i in zip(which, pick)]))
         ys.append(np.full(n, c, np.int64))
         ss.append(np.ones(n, bool))
+        ns.append(np.arange(n) >= n - k)
     return MixedSet(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), np.concatenate(ss),
-                    n_real, n_fill, classes, dataset)
+                    np.concatenate(ns), n_real, n_fill, n_noisy, classes, dataset)
 
 
 # ---------------------------------------------------------------- views
@@ -334,7 +351,7 @@ def view_transforms(dataset):
 
 
 class Views(torch.utils.data.Dataset):
-    """Item i -> (view_1, ..., view_k, label, is_syn) for the named views."""
+    """Item i -> (view_1, ..., view_k, label, is_syn, i) for the named views."""
 
     def __init__(self, images, labels, is_syn, dataset, views, seed=None):
         self.seed = seed
@@ -350,7 +367,7 @@ class Views(torch.utils.data.Dataset):
         if self.seed is not None:  # augmentation a function of (seed, i) alone, whatever --workers is
             torch.default_generator.manual_seed(self.seed * 1_000_003 + int(i))
         x = self.images[i]
-        return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i])
+        return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i], i)
 
 
 # ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
@@ -399,8 +416,8 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # H x W x 3
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-    grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)  # B x HW x 2
+    theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)  # to grid units; no host tensor
+    grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2))  # B x HW x 2
     out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros",
                         align_corners=False)  # outside the image: 0, so fill after adding it back
     return (out + fill).round().to(torch.uint8)
@@ -601,8 +618,9 @@ class DeviceViews:
 
 
 def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
-    """(views, batch_size, seed, order) -> an iterable of (*views, labels, is_syn) batches of the mixed set in that
-    order. cpu: DataLoader workers with torchvision transforms, as the paper; gpu: the set held on `device` as uint8
+    """(views, batch_size, seed, order) -> an iterable of (*views, labels, is_syn, index) batches of the mixed set
+    in that order (index: of each sample in the mixed set). cpu: DataLoader workers with torchvision transforms, as
+    the paper; gpu: the set held on `device` as uint8
     and each batch's views made there (DeviceViews). Augmentation follows the seed alone, whatever --workers is."""
     if loader == "cpu":
         return lambda views, batch_size, seed, order: torch.utils.data.DataLoader(
@@ -619,7 +637,7 @@ def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
         order = torch.as_tensor(order, dtype=torch.long).to(images.device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            yield (*view_fn(images[idx], views, g), labels[idx], is_syn[idx])
+            yield (*view_fn(images[idx], views, g), labels[idx], is_syn[idx], idx)
     return batches
 
 
@@ -629,8 +647,8 @@ def share(order, rank=0, world=1):
 
 
 def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1, batches=None):
-    """Per step (A, B): A = (*views_a, y, is_syn) and B = (v1, y, is_syn) from two independent shuffles of the
-    epoch with seed `seed`. With several processes each takes a disjoint share of both orders, batch_size / world
+    """Per step (A, B): A = (*views_a, y, is_syn, index) and B = (v1, y, is_syn, index) from two independent
+    shuffles of the epoch with seed `seed`. With several processes each takes a disjoint share of both orders, batch_size / world
     images a step."""
     batches = batches or batch_maker(mixed)
     streams = []
@@ -650,13 +668,16 @@ def main():
     p.add_argument("--data-root", default="./data")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--pool", default="")
+    p.add_argument("--syn-noise", type=float, default=0.0)
     a = p.parse_args()
-    m = build_mixed(a.dataset, a.data_root, a.imb, a.data_seed, a.syn, a.syn_ratio, a.pool or None)
-    print(f"{'class':>5} {'name':<16} {'real':>6} {'synthetic':>9} {'group':>6}")
+    m = build_mixed(a.dataset, a.data_root, a.imb, a.data_seed, a.syn, a.syn_ratio, a.pool or None, a.syn_noise)
+    planted = lambda s: f" {s:>7}" if a.syn_noise else ""
+    print(f"{'class':>5} {'name':<16} {'real':>6} {'synthetic':>9}{planted('planted')} {'group':>6}")
     for c, name in enumerate(m.classes):
-        print(f"{c:>5} {name:<16} {m.n_real[c]:>6} {m.n_syn[c]:>9} {shot_group(m.n_real[c]):>6}")
+        print(f"{c:>5} {name:<16} {m.n_real[c]:>6} {m.n_syn[c]:>9}{planted(m.n_noisy[c])} {shot_group(m.n_real[c]):>6}")
     groups = {g: sum(shot_group(n) == g for n in m.n_real) for g in ("many", "medium", "few")}
-    print(f"total: {sum(m.n_real)} real + {sum(m.n_syn)} synthetic = {len(m)} images; classes per group: {groups}")
+    print(f"total: {sum(m.n_real)} real + {sum(m.n_syn)} synthetic = {len(m)} images; classes per group: {groups}"
+          + (f"; planted wrong-class images among the synthetic: {sum(m.n_noisy)}" if a.syn_noise else ""))
 
 
 if __name__ == "__main__":

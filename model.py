@@ -44,7 +44,7 @@ class ResNet32(nn.Module):
 
     def features(self, x):  # B x 3 x 32 x 32 -> B x 4w
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x.mean((2, 3))  # global average pool; unlike adaptive_avg_pool2d, its CUDA backward is deterministic
 
     def project(self, f):  # B x 4w -> B x 128, unit length
         return F.normalize(self.proj(f), dim=1)

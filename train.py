@@ -27,6 +27,8 @@ CONFIG = {
     "imb": (100.0, "imbalance factor: head / tail real images"),
     "syn": ("pool", "tail fill: pool (generate.py's images) | none (plain long-tailed set) | heldout (unused real images, ours)"),
     "syn_ratio": (1.0, "fraction of each class's synthetic fill that is used"),
+    "syn_noise": (0.0, "fraction of each class's fill drawn from the other classes' fill source, keeping its label: "
+                       "planted wrong-class images that measure the relabel rule as a detector (ours)"),
     "pool": ("", "synthetic pool folder; empty: <data-root>/synthetic/<dataset>"),
     "data_root": ("./data", "folder holding the CIFAR python-layout files"),
     "data_seed": (0, "seed of the long-tailed subset and the synthetic draw"),
@@ -50,6 +52,8 @@ CONFIG = {
     "workers": (-1, "DataLoader worker processes (--loader cpu); -1: min(8, CPU count)"),
     "channels_last": ("on", "channels_last memory format for the network: on | off (ours)"),
     "compile": ("off", "torch.compile the backbone: on | off (ours)"),
+    "deterministic": ("off", "on: deterministic CUDA kernels, so a resumed CUDA run ends with the same weights as an "
+                             "uninterrupted one (CPU runs always do); somewhat slower (ours)"),
     "bench": (0, "time this many steps after warm-up with the run's flags, print the figures and exit (ours)"),
     "out": ("", "run folder; empty: runs/<name from the key flags>"),
     "resume": ("", "continue the run in this folder; flags not given are taken from it"),
@@ -58,11 +62,12 @@ CONFIG = {
 }
 CHOICES = {"dataset": list(data.DATASETS), "syn": list(data.SYN_MODES), "relabel": ["on", "off"],
            "strategy": ["pos_neg", "neg_only", "drop"], "amp": ["auto", "bf16", "off"], "sync_bn": ["on", "off"],
-           "loader": ["auto", "cpu", "gpu"], "channels_last": ["on", "off"], "compile": ["on", "off"]}
+           "loader": ["auto", "cpu", "gpu"], "channels_last": ["on", "off"], "compile": ["on", "off"],
+           "deterministic": ["on", "off"]}
 # may differ when resuming: results do not depend on them beyond float rounding
-RUNTIME = {"device", "workers", "out", "resume", "stop_after", "channels_last", "compile", "bench"}
-NAME_KEYS = {"syn_ratio": "r", "w_cls": "wcls", "w_con": "wcon", "relabel": "relabel", "strategy": "",
-             "width": "w", "epochs": "e", "batch_size": "b", "lr": "lr", "data_seed": "ds"}
+RUNTIME = {"device", "workers", "out", "resume", "stop_after", "channels_last", "compile", "bench", "deterministic"}
+NAME_KEYS = {"syn_ratio": "r", "syn_noise": "noise", "w_cls": "wcls", "w_con": "wcon", "relabel": "relabel",
+             "strategy": "", "width": "w", "epochs": "e", "batch_size": "b", "lr": "lr", "data_seed": "ds"}
 
 
 def make_parser(with_defaults=True):
@@ -86,6 +91,7 @@ def get_config(argv=None):
         kept = {k: v for k, v in read_json(saved).items() if k in CONFIG and k not in RUNTIME}
         cfg = {**CONFIG_DEFAULTS, **kept, **given, "out": cfg["resume"]}
     checks = [(cfg["imb"] >= 1, "--imb must be >= 1"), (cfg["syn_ratio"] >= 0, "--syn-ratio must be >= 0"),
+              (0 <= cfg["syn_noise"] <= 1, "--syn-noise must be in [0, 1]"),
               (cfg["epochs"] >= 1, "--epochs must be >= 1"), (cfg["batch_size"] >= 2, "--batch-size must be >= 2"),
               (cfg["width"] >= 2 and cfg["width"] % 2 == 0, "--width must be an even number >= 2"),
               (cfg["temperature"] > 0, "--temperature must be > 0"), (cfg["lr"] > 0, "--lr must be > 0"),
@@ -193,15 +199,14 @@ class Step(torch.nn.Module):
     def forward(self, x_mix, t_mix, x_cut, t_cut, v2, v3, y, is_syn, protos):
         m, cfg = self.model, self.cfg
         zero = torch.zeros((), device=y.device)
-        loss_cls, loss_con, n_suspect = zero, zero, zero
+        loss_cls, loss_con, suspect = zero, zero, torch.zeros_like(is_syn, dtype=torch.bool)
         if x_mix is not None:  # the whole model, as the reference: the projection head's BatchNorm statistics see
             loss_cls = soft_ce(m(x_mix)[0], t_mix) + soft_ce(m(x_cut)[0], t_cut)  # the mixed images too
         if v2 is not None:
             z = torch.stack([m.project(m.features(v2)), m.project(m.features(v3))], 1)  # B x 2 x 128
             loss_con, suspect = sau_contrastive_loss(z, y, is_syn, protos, cfg["strategy"], cfg["temperature"],
                                                      cfg["relabel"] == "on", return_suspects=True)
-            n_suspect = suspect.sum()
-        return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, n_suspect
+        return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, suspect
 
 
 def all_sum(t, world):
@@ -227,7 +232,7 @@ def prototypes(run, seed):
     sums = torch.zeros(num_classes, 2, model.proj[-1].out_features, device=device)
     counts = torch.zeros(num_classes, device=device)
     real = np.flatnonzero(~run.mixed.is_syn)  # the real images come first in the mixed set
-    for v2, v3, yb, _ in run.batches(("v2", "v3"), 256, seed, real[run.rank::run.world].tolist()):
+    for v2, v3, yb, *_ in run.batches(("v2", "v3"), 256, seed, real[run.rank::run.world].tolist()):
         yb = yb.to(device, non_blocking=True)
         z = project_views(run, v2, v3)
         sums.index_add_(0, yb, z.float())  # C x 2 x D
@@ -279,10 +284,11 @@ def load_checkpoint(out, cfg):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle: the same message
         raise data.SAUError(f"checkpoint {path} is unreadable ({e.__class__.__name__}): delete it and start again")
-    diff = [k for k in CONFIG if k not in RUNTIME and ckpt["config"].get(k) != cfg[k]]
+    saved = {**CONFIG_DEFAULTS, **ckpt["config"]}  # a flag newer than the run: the run had its default
+    diff = [k for k in CONFIG if k not in RUNTIME and saved[k] != cfg[k]]
     if diff:
         raise data.SAUError(f"checkpoint {path} was made with another config: " + ", ".join(
-            f"--{k.replace('_', '-')} {ckpt['config'].get(k)} (now {cfg[k]})" for k in diff)
+            f"--{k.replace('_', '-')} {saved[k]} (now {cfg[k]})" for k in diff)
             + "; resume with the same flags or start a new --out")
     return ckpt
 
@@ -312,9 +318,13 @@ def setup(cfg):
     fmt = torch.channels_last if cfg["channels_last"] == "on" else torch.contiguous_format
     run.prep = lambda x: x.to(device, non_blocking=True).contiguous(memory_format=fmt)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg["deterministic"] == "on":  # cuDNN and cuBLAS pick deterministic kernels; an op that has none warns
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     run.mixed = data.build_mixed(cfg["dataset"], cfg["data_root"], cfg["imb"], cfg["data_seed"], cfg["syn"],
-                                 cfg["syn_ratio"], cfg["pool"] or None)
+                                 cfg["syn_ratio"], cfg["pool"] or None, cfg["syn_noise"])
+    run.is_noisy = torch.from_numpy(run.mixed.is_noisy).to(device)
     run.batches = data.batch_maker(run.mixed, run.loader, device, workers)
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
     run.x_test, run.y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
@@ -345,7 +355,7 @@ def streams(run, cfg, epoch_seed):
 
 def step_inputs(run, cfg, a, b, rng, protos):
     """The Step's arguments from one (A, B) pair of batches: mixup and cutmix of A's v1 with B's, on the device."""
-    *va, ya, syn = a
+    *va, ya, syn, _ = a
     ya, syn = ya.to(run.device, non_blocking=True), syn.to(run.device, non_blocking=True)
     va = [run.prep(v) for v in va]
     x_mix = t_mix = x_cut = t_cut = None
@@ -363,15 +373,39 @@ def step_inputs(run, cfg, a, b, rng, protos):
     return x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn, protos
 
 
-def train_step(run, inputs):
-    """Forward, backward, SGD step (the model in train mode); returns [loss, cls, con, suspects, synthetic] on the
-    device, without a sync."""
+def train_step(run, inputs, index, det, flagged):
+    """Forward, backward, SGD step (the model in train mode), and the relabel rule's counts for the batch (index:
+    its samples in the mixed set); returns [loss, cls, con] on the device, without a sync."""
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
-        loss, loss_cls, loss_con, n_suspect = run.step_fn(*inputs)
+        loss, loss_cls, loss_con, suspect = run.step_fn(*inputs)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
-    return torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach(), n_suspect, inputs[-2].sum()]).float()
+    index = index.to(run.device, non_blocking=True)
+    count_suspects(det, flagged, inputs[-3], inputs[-2], run.is_noisy[index], suspect, index)
+    return torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach()]).float()
+
+
+# ---------------------------------------------------------------- the relabel rule as a detector (ours)
+
+def count_suspects(det, flagged, y, is_syn, is_noisy, suspect, index):
+    """Add one batch to the device counts, without a sync. det [C, 4] per class: synthetic seen, flagged, planted
+    seen, planted flagged; flagged [N]: in how many epochs each sample of the mixed set was taken as a suspect."""
+    s = suspect & is_syn
+    det.index_add_(0, y, torch.stack([is_syn, s, is_noisy, is_noisy & s], 1).float())
+    flagged.index_add_(0, index, s.int())
+
+
+def detector_figures(det, planted):
+    """metrics.jsonl's detector fields from an epoch's det [C, 4] (host lists): the suspect fraction of synthetic
+    samples overall and per class and, with planted images, recall, false-flag rate and precision."""
+    seen, flagged, p_seen, p_flagged = (sum(col) for col in zip(*det))
+    ratio = lambda a, b: a / b if b else None
+    fig = {"suspect_frac": ratio(flagged, seen), "suspect_frac_per_class": [ratio(r[1], r[0]) for r in det]}
+    if planted:
+        fig.update(recall=ratio(p_flagged, p_seen), false_flag_rate=ratio(flagged - p_flagged, seen - p_seen),
+                   precision=ratio(p_flagged, flagged))
+    return fig
 
 
 def train(cfg):
@@ -384,11 +418,14 @@ def train(cfg):
         raise data.SAUError(f"{out} already holds a run: continue it with --resume {out}, or pass a new --out")
     ckpt = load_checkpoint(out, cfg) if cfg["resume"] else None
     metrics, start = [], 0
+    flagged = torch.zeros(len(mixed), dtype=torch.int32, device=device)  # epochs each sample was a suspect
     if ckpt:
         model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
         run.sched.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"]
+        if main_proc and "flagged" in ckpt:  # the saved counts are summed over processes: keep them once
+            flagged += ckpt["flagged"].to(device)
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][:start]
     if main_proc:
         os.makedirs(out, exist_ok=True)
@@ -410,13 +447,14 @@ def train(cfg):
         protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes")) if run.use_con else None
         model.train()
         lr = run.opt.param_groups[0]["lr"]
-        sums = torch.zeros(5, device=device)  # loss, cls, con, suspects, synthetic images
+        sums = torch.zeros(3, device=device)  # loss, cls, con
+        det = torch.zeros(len(mixed.classes), 4, device=device)  # per class: synthetic, flagged, planted, both
         bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss, found without a sync
         n_seen = 0
         bar = tqdm(total=len(mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, disable=not main_proc)
         for step, (a, b) in enumerate(streams(run, cfg, epoch_seed)):
-            parts = train_step(run, step_inputs(run, cfg, a, b, rng, protos))
+            parts = train_step(run, step_inputs(run, cfg, a, b, rng, protos), a[-1], det, flagged)
             sums += parts
             bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(parts[0]), step + 1)
             n_seen += len(a[-1]) * world
@@ -430,22 +468,27 @@ def train(cfg):
         train_s = time.time() - t0
         ev = evaluate(run)
         steps = step + 1
-        loss_sum, cls_sum, con_sum, n_suspect, n_syn_seen = all_sum(sums, world).tolist()
+        loss_sum, cls_sum, con_sum = all_sum(sums, world).tolist()
+        detector = detector_figures(all_sum(det, world).tolist(), cfg["syn_noise"] > 0) if run.use_con else {}
+        flagged_all = all_sum(flagged.clone(), world).cpu()
         metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / world / steps,
                         "loss_cls": cls_sum / world / steps, "loss_con": con_sum / world / steps,
-                        "suspect_frac": n_suspect / max(n_syn_seen, 1) if run.use_con else None,
+                        "suspect_frac": None, **detector,
                         **{k: ev[k] for k in ("top1", "top5", "many", "medium", "few")},
                         "seconds": time.time() - t0, "images_per_s": n_seen / train_s})
         if not main_proc:
             continue
         m = metrics[-1]
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"
+        fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
+        found = "" if m["suspect_frac"] is None else f"  suspects {fmt(m['suspect_frac'], 3)}" + (
+            f" (planted: recall {fmt(m['recall'], 3)}, false flags {fmt(m['false_flag_rate'], 3)}, precision "
+            f"{fmt(m['precision'], 3)})" if "recall" in m else "")
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
                    f"{m['loss_con']:.3f})  lr {lr:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
-                   f"{fmt(m['medium'])}/{fmt(m['few'])}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
+                   f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
         data.write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
         state = {"model": model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                 "epoch": epoch + 1, "config": cfg, "rng": {"torch": torch.get_rng_state(),
+                 "epoch": epoch + 1, "config": cfg, "flagged": flagged_all, "rng": {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         data.write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))
         data.write_atomic(os.path.join(out, "last_eval.json"), json.dumps({**ev, **counts}))
@@ -458,9 +501,14 @@ def train(cfg):
              "epochs": cfg["epochs"], "seed": cfg["seed"], "data_seed": cfg["data_seed"],
              "best_over_epochs_selected_on_test_set": {"top1": best["top1"], "epoch": best["epoch"]},
              "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
-             "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics)}
+             "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics),
+             "detector_last_epoch": {k: metrics[-1].get(k) for k in ("suspect_frac", "recall", "false_flag_rate",
+                                                                     "precision") if k in metrics[-1]}}
     data.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
     plot_run(out, metrics, ev)
+    if run.use_con and mixed.is_syn.any():
+        flagged = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["flagged"].numpy()
+        plot_suspects(out, mixed, flagged, cfg["epochs"])
     f = final["final_epoch"]
     print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  many/medium/few "
           + "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in ("many", "medium", "few"))
@@ -503,7 +551,10 @@ def bench(cfg, warmup=3):
         warnings.simplefilter("always")
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
-        step_s = timed(epochs(), lambda ab: train_step(run, step_inputs(run, cfg, *ab, rng, protos)))
+        det = torch.zeros(num_classes, 4, device=device)  # the detector counts are part of the step
+        flagged = torch.zeros(len(mixed), dtype=torch.int32, device=device)
+        step_s = timed(epochs(), lambda ab: train_step(run, step_inputs(run, cfg, *ab, rng, protos), ab[0][-1], det,
+                                                       flagged))
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in syncs) if device.type == "cuda" else None
@@ -580,14 +631,18 @@ def plot_run(out, metrics, ev):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [r["epoch"] for r in metrics]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    detector = metrics[-1]["suspect_frac"] is not None
+    fig, ax = plt.subplots(1, 3 + detector, figsize=(5 * (3 + detector), 4))
     for k in ("loss", "loss_cls", "loss_con"):
         ax[0].plot(ep, [r[k] for r in metrics], ".-", label=k)
     ax[1].plot(ep, [r["lr"] for r in metrics], ".-")
     for k in ("top1", "many", "medium", "few"):
         if metrics[-1][k] is not None:
             ax[2].plot(ep, [r[k] for r in metrics], ".-", label=k)
-    for a, t in zip(ax, ("training loss", "learning rate", "test accuracy (%)")):
+    for k in ("suspect_frac", "recall", "false_flag_rate", "precision") if detector else ():
+        if k in metrics[-1]:
+            ax[3].plot(ep, [np.nan if r.get(k) is None else r[k] for r in metrics], ".-", label=k)
+    for a, t in zip(ax, ("training loss", "learning rate", "test accuracy (%)", "relabel rule on synthetic samples")):
         a.set(title=t, xlabel="epoch")
         a.legend() if a.get_legend_handles_labels()[0] else None
     fig.tight_layout()
@@ -621,6 +676,49 @@ def plot_run(out, metrics, ev):
     fig.colorbar(im)
     fig.tight_layout()
     data.write_atomic(os.path.join(out, "confusion.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_suspects(out, mixed, flagged, epochs, per_side=8):
+    """suspects.png: per class (every tenth beyond 20 classes), the synthetic images taken as suspects in the most
+    epochs and those in the fewest, each with its count; planted wrong-class images outlined in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    num_classes = len(mixed.classes)
+    shown = [c for c in range(num_classes) if num_classes <= 20 or c % 10 == 0]
+    m, text = 3, 11  # margin for the outline, band below each image for its count
+    s = 32 + 2 * m
+    cols = 2 * per_side + 1  # a blank column between the two sides
+    mosaic = np.full((len(shown) * (s + text), cols * s, 3), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(cols * s / 50, len(shown) * (s + text) / 50 + 0.9))
+    order = np.random.default_rng(0).permutation(len(mixed))  # ties broken at random, the same in every run
+    for r, c in enumerate(shown):
+        syn = order[mixed.is_syn[order] & (mixed.labels[order] == c)]
+        y0 = r * (s + text)
+        if not len(syn):
+            ax.text(cols * s / 2, y0 + s / 2, "no synthetic images", ha="center", va="center", fontsize=8)
+        most = syn[np.argsort(-flagged[syn], kind="stable")[:per_side]]
+        fewest = syn[np.argsort(flagged[syn], kind="stable")[:per_side]]
+        for col, i in [(k, i) for k, i in enumerate(most)] + [(per_side + 1 + k, i) for k, i in enumerate(fewest)]:
+            x0 = col * s
+            mosaic[y0 + m:y0 + m + 32, x0 + m:x0 + m + 32] = mixed.images[i]
+            if mixed.is_noisy[i]:
+                ax.add_patch(matplotlib.patches.Rectangle((x0 + 0.5, y0 + 0.5), s - 2, s - 2, fill=False,
+                                                          edgecolor="red", linewidth=1.5))
+            ax.text(x0 + s / 2, y0 + s + text / 2, f"{flagged[i]}/{epochs}", ha="center", va="center", fontsize=6)
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([r * (s + text) + s / 2 for r in range(len(shown))], [mixed.classes[c] for c in shown])
+    ax.set_xticks([per_side * s / 2, (per_side + 1 + per_side / 2) * s],
+                  ["taken as suspect in the most epochs", "in the fewest"])
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    fig.suptitle(f"synthetic images per class, each with the epochs (of {epochs}) it was taken as a suspect; "
+                 f"red: a planted wrong-class image", fontsize=9)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.tight_layout()
+    data.write_atomic(os.path.join(out, "suspects.png"), lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 
 
