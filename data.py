@@ -10,13 +10,13 @@ import os
 import pickle
 import re
 import sys
-import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # batched; torchvision pinned
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; torchvision pinned
 
 DATASETS = {  # name: (folder, train files, test file, label key, names key, meta file, torchvision class)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
@@ -25,6 +25,7 @@ DATASETS = {  # name: (folder, train files, test file, label key, names key, met
 }
 MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),  # the reference's
             "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SYN_MODES = ("pool", "none", "heldout")
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
 # Each stream of random draws in an epoch has its own seed, epoch_seed * len(STREAMS) + its index: no stream of one
@@ -48,32 +49,125 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# ---------------------------------------------------------------- settings: one entry per flag, for every script
+
+class Setting(NamedTuple):
+    """One flag. check: (predicate, what a value must be); named: in the run name "always", when it differs from
+    the default ("changed"), or "never", as tag + value (tag None: the key); scope: "run" shapes the results
+    (compared on --resume and --summarize), "runtime" only their speed or rounding (kept on --resume unless
+    given), "call" belongs to one command (--out, --resume, --stop-after, --bench)."""
+    default: object
+    help: str
+    check: tuple = None
+    choices: tuple = None
+    tag: str = None
+    named: str = "changed"
+    scope: str = "run"
+    type: type = None  # the default's, unless the default is None
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+DEVICE = Setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N", (
+    lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"), scope="runtime")
+SEED = (lambda v: 0 <= v < 2**20, "in [0, 2^20)")  # seeds derived from it (seed x 10^6 x 6 x 10^6 + i) stay in int64
+DATA_CONFIG = {  # the flags of every script that builds the mixed set (data.py, train.py; generate.py some)
+    "dataset": Setting("cifar10", "cifar10 | cifar100", choices=tuple(DATASETS), tag="", named="always"),
+    "imb": Setting(100.0, "imbalance factor: head / tail real images", AT_LEAST_1, named="always"),
+    "syn": Setting("pool", "tail fill: pool (generate.py's images) | none (plain long-tailed set) | heldout (unused "
+                   "real images, ours)", choices=SYN_MODES, tag="", named="always"),
+    "syn_ratio": Setting(1.0, "fraction of each class's synthetic fill that is used", NON_NEGATIVE, tag="r"),
+    "syn_noise": Setting(0.0, "fraction of each class's fill drawn from the other classes' fill source, keeping its "
+                         "label: planted wrong-class images that measure the relabel rule (ours)", FRACTION,
+                         tag="noise"),
+    "pool": Setting("", "synthetic pool folder; empty: <data-root>/synthetic/<dataset>", named="never"),
+    "data_root": Setting("./data", "folder holding the CIFAR python-layout files", scope="runtime"),
+    "data_seed": Setting(0, "seed of the long-tailed subset and the synthetic draw", SEED, tag="ds"),
+}
+
+
+def settings_parser(table, description, defaults=True, **kw):
+    """argparse from a settings table; defaults=False leaves out flags not given (to tell what was given)."""
+    p = Parser(description=description, argument_default=None if defaults else argparse.SUPPRESS, **kw)
+    for key, s in table.items():
+        extra = dict(default=s.default) if defaults else {}
+        if s.default is False:
+            p.add_argument("--" + key.replace("_", "-"), action="store_true", help=s.help, **extra)
+        else:
+            p.add_argument("--" + key.replace("_", "-"), type=s.type or type(s.default), choices=s.choices,
+                           help=f"{s.help} (default: {s.default})" if s.default not in (None, "") else s.help,
+                           metavar=None if s.choices else key.upper(), **extra)
+    return p
+
+
+def check_settings(cfg, table):
+    """One line for the first value that is not finite or fails its setting's check."""
+    for key, s in table.items():
+        v = cfg.get(key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SAUError(f"--{key.replace('_', '-')} must be a finite number, got {v}")
+        if v is not None and s.check and not s.check[0](v):
+            raise SAUError(f"--{key.replace('_', '-')} must be {s.check[1]}, got {v}")
+    return cfg
+
+
 def pick_device(name):
     """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad input."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SAUError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+INTERRUPTED = "what was written is complete (each file is renamed into place)"  # a script says how to go on
 
 
 def run_cli(main):
+    prog = os.path.basename(sys.argv[0])
     try:
         main()
     except SAUError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; {INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
 
 
 def write_atomic(path, text_or_save):
-    """Write to path + '.tmp', then rename: a kill never leaves a half-written file."""
-    tmp = path + ".tmp"
-    if isinstance(text_or_save, str):
-        with open(tmp, "w") as f:
-            f.write(text_or_save)
-    else:
-        text_or_save(tmp)
-    os.replace(tmp, path)
+    """Write to a temporary name of this process, then rename: a kill never leaves a half-written file, two processes
+    never share a temporary file, a failed write (a full disk) leaves the old file and no temporary one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if isinstance(text_or_save, str):
+            with open(tmp, "w") as f:
+                f.write(text_or_save)
+        else:
+            text_or_save(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
+        raise SAUError(f"could not write {path} ({why}); the previous version, if any, is kept: "
+                       f"free space or fix the folder, then run the same command again") from None
+
+
+def writable_folder(path, flag):
+    """Make the folder, or say in one line why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SAUError(f"{flag} {path} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, f".probe.{os.getpid()}"), "w").close()
+        os.remove(os.path.join(path, f".probe.{os.getpid()}"))
+    except OSError as e:
+        raise SAUError(f"{flag} {path} is not writable ({e.strerror}): pass another folder") from None
+    return path
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -81,15 +175,16 @@ def write_atomic(path, text_or_save):
 def _unpickle(path):
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and fetch CIFAR again")
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:  # missing, truncated, not a pickle, a pickle of a class we do not have
+        raise SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and fetch CIFAR again") from None
+    if not isinstance(d, dict):
+        raise SAUError(f"{path} holds a {type(d).__name__}, not CIFAR's dict: delete the folder and fetch CIFAR again")
+    return d
 
 
 def _ensure_cifar(dataset, root):
     """The dataset's folder under root, downloaded by torchvision if missing."""
-    if dataset not in DATASETS:
-        raise SAUError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     folder = os.path.join(root, DATASETS[dataset][0])
     if os.path.isdir(folder):
         return folder
@@ -107,7 +202,12 @@ def _ensure_cifar(dataset, root):
 def class_names(dataset, root):
     folder = _ensure_cifar(dataset, root)
     _, _, _, _, names_key, meta, _ = DATASETS[dataset]
-    return list(_unpickle(os.path.join(folder, meta))[names_key])
+    path = os.path.join(folder, meta)
+    names = _unpickle(path).get(names_key)
+    if not isinstance(names, list) or len(names) != NUM_CLASSES[dataset] or not all(isinstance(n, str) for n in names):
+        raise SAUError(f"{path} has no list of {NUM_CLASSES[dataset]} class names under {names_key!r}: delete "
+                       f"{folder} and fetch CIFAR again")
+    return names
 
 
 def load_cifar(dataset, root, train):
@@ -116,9 +216,19 @@ def load_cifar(dataset, root, train):
     _, train_files, test_file, label_key, _, _, _ = DATASETS[dataset]
     xs, ys = [], []
     for name in (train_files if train else [test_file]):
-        d = _unpickle(os.path.join(folder, name))
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        path = os.path.join(folder, name)
+        d = _unpickle(path)
+        try:
+            x, y = np.asarray(d["data"]), np.asarray(d[label_key])
+            ok = x.ndim == 2 and x.shape[1] == 3072 and y.shape == (len(x),) and np.issubdtype(y.dtype, np.integer)
+            ok = ok and np.issubdtype(x.dtype, np.integer) and x.min(initial=0) >= 0 and x.max(initial=0) <= 255
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or not len(y) or y.min() < 0 or y.max() >= NUM_CLASSES[dataset]:
+            raise SAUError(f"{path} is not a CIFAR batch (expected 'data' [n, 3072] in 0-255 and {label_key!r} [n] "
+                           f"in 0-{NUM_CLASSES[dataset] - 1}): delete {folder} and fetch CIFAR again")
+        xs.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(y.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
@@ -126,8 +236,6 @@ def load_cifar(dataset, root, train):
 
 def lt_counts(n_max, num_classes, imb):
     """Real images kept per class: n_max * (1/imb)^(c/(C-1)), class 0 the head."""
-    if imb < 1:
-        raise SAUError(f"--imb must be >= 1 (head/tail ratio), got {imb:g}")
     return [int(n_max * (1 / imb) ** (c / (num_classes - 1))) for c in range(num_classes)]
 
 
@@ -152,20 +260,6 @@ def shard_name(label, start):
     return f"c{label:03d}_{start:06d}.npz"
 
 
-def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
-    """One shard, written to a temporary name and renamed: never a half-written file."""
-    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64), **extra}
-    if prompts is not None:
-        arrays["prompts"] = np.asarray(prompts, dtype=str)
-    path = os.path.join(folder, shard_name(label, start))
-    with zipfile.ZipFile(path + ".tmp", "w") as z:  # np.savez's layout with a fixed date: same images, same bytes
-        for name, arr in arrays.items():
-            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
-                np.lib.format.write_array(f, arr, allow_pickle=False)
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def read_manifest(folder):
     path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(path):
@@ -174,9 +268,13 @@ def read_manifest(folder):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["dataset"], manifest["classes"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SAUError(f"{path} is malformed ({e.__class__.__name__}: {e}): regenerate the pool") from None
+        ok = isinstance(manifest, dict) and isinstance(manifest.get("dataset"), str) and isinstance(
+            manifest.get("classes"), list) and isinstance(manifest.get("generator", {}), dict)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SAUError(f"{path} is malformed, not JSON ({e.__class__.__name__}): regenerate the pool") from None
+    if not ok:
+        raise SAUError(f"{path} is malformed (expected dataset: str, classes: [names], generator: {{settings}}): "
+                       f"regenerate the pool")
     return manifest
 
 
@@ -196,9 +294,9 @@ def read_shard(path):
             images, seeds = z["images"], z["seeds"]
     except Exception as e:  # zip, header and key errors all mean a damaged shard
         raise SAUError(f"pool shard {path} is unreadable ({e.__class__.__name__}): delete it and rerun generate.py")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(seeds) != len(images):
-        raise SAUError(f"pool shard {path} holds images {images.dtype}{list(images.shape)}, "
-                       f"expected uint8 [n, 32, 32, 3] with n seeds: regenerate it")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or seeds.shape != (len(images),):
+        raise SAUError(f"pool shard {path} holds images {images.dtype}{list(images.shape)} and seeds "
+                       f"{list(seeds.shape)}, expected uint8 [n, 32, 32, 3] with n seeds: regenerate it")
     return images
 
 
@@ -239,18 +337,11 @@ class MixedSet:
     def __len__(self):
         return len(self.labels)
 
-    def real(self):
-        return self.images[~self.is_syn], self.labels[~self.is_syn]
 
-
-def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0, pool=None, syn_noise=0.0):
-    if syn not in SYN_MODES:
-        raise SAUError(f"unknown --syn {syn!r}: choose one of {', '.join(SYN_MODES)}")
-    if syn_ratio < 0:
-        raise SAUError(f"--syn-ratio must be >= 0, got {syn_ratio:g}")
-    if not 0 <= syn_noise <= 1:
-        raise SAUError(f"--syn-noise must be in [0, 1] (the fraction of each class's fill taken from other classes), "
-                       f"got {syn_noise:g}")
+def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0, pool=None,
+                syn_noise=0.0):
+    """The mixed set of DATA_CONFIG's settings (checked by check_settings)."""
+    root = data_root
     classes = class_names(dataset, root)
     images, labels = load_cifar(dataset, root, train=True)
     keep = long_tail_indices(labels, imb, data_seed)
@@ -296,28 +387,12 @@ def build_mixed(dataset, root="./data", imb=100, data_seed=0, syn="pool", syn_ra
 
 # ---------------------------------------------------------------- views
 
-class Cutout(torch.nn.Module):
-    """One length x length square of zeros, centred uniformly in the image and clipped at the border."""
-
-    def __init__(self, length=16):
-        super().__init__()
-        self.length = length
-
-    def forward(self, x):  # [C, H, W]
-        h, w = x.shape[-2:]
-        cy, cx = torch.randint(h, ()), torch.randint(w, ())
-        return cutout(x[None], cy[None], cx[None], self.length)[0]
+def random_cutout(x, length=16):  # uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
+    return cutout(x[None], torch.randint(x.shape[-2], (1,)), torch.randint(x.shape[-1], (1,)), length)[0]
 
 
-class GaussianBlur(torch.nn.Module):
-    """PIL's ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(lo, hi), as the reference (MoCo's v2 blur)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        super().__init__()
-        self.sigma = sigma
-
-    def forward(self, x):  # uint8 [C, H, W]
-        return gaussian_blur(x[None], torch.empty(1).uniform_(*self.sigma))[0]
+def random_blur(x):  # uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
+    return gaussian_blur(x[None], torch.empty(1).uniform_(0.1, 2.0))[0]
 
 
 AA_FILL = 128  # the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
@@ -342,10 +417,10 @@ def view_transforms(dataset):
     v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     return {
         "v1": T.Compose(v1 + finish),
-        "v2": T.Compose(v1 + [AutoAugment(), Cutout(16)] + finish),
+        "v2": T.Compose(v1 + [AutoAugment(), random_cutout] + finish),
         "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                         T.RandomApply([GaussianBlur()], p=0.5)] + finish),
+                         T.RandomApply([random_blur], p=0.5)] + finish),
         "test": T.Compose(finish),
     }
 
@@ -424,11 +499,12 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
 
 
 def _sharpness(xf, f):
-    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness."""
-    k = torch.full((3, 3), 1 / 13, device=xf.device)
-    k[1, 1] = 5 / 13
-    blurred = F.conv2d(xf, k.expand(3, 1, 3, 3), groups=3).round()
+    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness. Its kernel
+    (1 1 1 / 1 5 1 / 1 1 1) / 13 is summed in whole numbers: no constant copied to the device, no TF32 convolution,
+    and the same rounding as torchvision's, since S / 13 never lies within 1/26 of a half."""
+    h, w = xf.shape[-2:]
     inner = xf[..., 1:-1, 1:-1]
+    blurred = (sum(xf[..., i:h - 2 + i, j:w - 2 + j] for i in range(3) for j in range(3)) + 4 * inner).div(13).round()
     out = xf.clone()
     out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred - inner, _col((1 - f).float()))
     return _u8(out)
@@ -528,15 +604,30 @@ def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tri
     return top, left, ch, cw
 
 
-def color_jitter(x, order, bf, cf, sf, hf):
+HSV_SELECT = [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]  # per hue sector: R, G, B from (v p q t)
+
+
+def _hsv_to_rgb(hsv, select):
+    """torchvision's _hsv_to_rgb, op for op, with its table (HSV_SELECT) already on the device: no host copy."""
+    h, s, v = hsv.unbind(-3)
+    h6 = h * 6
+    i = h6.floor()
+    sxf = s * (h6 - i)
+    q, t, p = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1), ((1.0 - s) * v).clamp(0, 1)
+    return torch.stack((v, p, q, t), -3).gather(-3, select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3))
+
+
+def color_jitter(x, order, bf, cf, sf, hf, select=None):
     """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0 brightness, 1 contrast,
-    2 saturation, 3 hue). x uint8 [B, 3, H, W]."""
+    2 saturation, 3 hue). x uint8 [B, 3, H, W]. Each of the four passes computes all four ops and keeps one per
+    sample: fixed shapes, no host sync."""
+    select = torch.tensor(HSV_SELECT, device=x.device) if select is None else select
     for k in range(4):
         xf = x.float()
         gray = _gray(xf).floor()
         hsv = _rgb_to_hsv(xf * (1 / 255))
         hsv = torch.stack([(hsv[:, 0] + hf[:, None, None]).remainder(1.0), hsv[:, 1], hsv[:, 2]], 1)
-        hue = T.functional.to_dtype(_hsv_to_rgb(hsv), torch.uint8, scale=True)
+        hue = T.functional.to_dtype(_hsv_to_rgb(hsv, select), torch.uint8, scale=True)
         ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
               _blend(xf, gray, sf.double()), hue]
         o = _col(order[:, k])
@@ -577,6 +668,7 @@ class DeviceViews:
         mean, std = MEAN_STD[dataset]
         self.mean, self.std = (torch.tensor(s, device=device)[:, None, None] for s in (mean, std))
         self.aa = [t.to(device) for t in _aa_tables(size, size)]
+        self.hsv_select = torch.tensor(HSV_SELECT, device=device)  # constants made once, not in every batch
 
     def finish(self, x):
         return (x.float() * (1 / 255) - self.mean) / self.std
@@ -607,7 +699,7 @@ class DeviceViews:
                 y = resized_crop(x, top, left, ch, cw, h)
                 y = torch.where(_col(rand(b) < 0.5), y.flip(-1), y)
                 jittered = color_jitter(y, rand(b, 4).argsort(1), rand(b) * 0.8 + 0.6, rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1)
+                                        rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1, self.hsv_select)
                 y = torch.where(_col(rand(b) < 0.8), jittered, y)
                 y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
                 y = torch.where(_col(rand(b) < 0.5), gaussian_blur(y, rand(b) * 1.9 + 0.1), y)
@@ -620,12 +712,12 @@ class DeviceViews:
 def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
     """(views, batch_size, seed, order) -> an iterable of (*views, labels, is_syn, index) batches of the mixed set
     in that order (index: of each sample in the mixed set). cpu: DataLoader workers with torchvision transforms, as
-    the paper; gpu: the set held on `device` as uint8
-    and each batch's views made there (DeviceViews). Augmentation follows the seed alone, whatever --workers is."""
+    the paper; gpu: the set held on `device` as uint8 and each batch's views made there (DeviceViews). Augmentation
+    follows the seed alone, whatever --workers is."""
     if loader == "cpu":
         return lambda views, batch_size, seed, order: torch.utils.data.DataLoader(
             Views(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views, seed), batch_size=batch_size,
-            sampler=order, num_workers=workers, pin_memory=torch.cuda.is_available())
+            sampler=order, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
     if loader != "gpu":
         raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
     images = torch.from_numpy(mixed.images).to(device).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32 uint8
@@ -641,6 +733,11 @@ def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
     return batches
 
 
+def rank_seed(seed, rank):
+    """The seed of one process's own stream of view draws: the seed itself for rank 0 (one process: as before)."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def share(order, rank=0, world=1):
     """This process's part of an epoch's order: every world-th index from rank, all parts of equal length."""
     return order[rank::world][:len(order) // world]
@@ -648,36 +745,30 @@ def share(order, rank=0, world=1):
 
 def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0, world=1, batches=None):
     """Per step (A, B): A = (*views_a, y, is_syn, index) and B = (v1, y, is_syn, index) from two independent
-    shuffles of the epoch with seed `seed`. With several processes each takes a disjoint share of both orders, batch_size / world
-    images a step."""
+    shuffles of the epoch with seed `seed`. With several processes each takes a disjoint share of both orders,
+    batch_size / world images a step, and draws its views from a stream of its own. The last batch may be short;
+    a batch of one cannot train BatchNorm, so a remainder of one image per process waits for the next epoch."""
     batches = batches or batch_maker(mixed)
-    streams = []
+    streams, per = [], batch_size // world
     for k, views in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
         g = torch.Generator().manual_seed(stream_seed(seed, "order_" + k))
-        order = torch.randperm(len(mixed), generator=g).tolist()
-        streams.append(batches(views, batch_size // world, stream_seed(seed, "views_" + k), share(order, rank, world)))
+        order = share(torch.randperm(len(mixed), generator=g).tolist(), rank, world)
+        order = order[:len(order) - (len(order) % per == 1)]
+        streams.append(batches(views, per, rank_seed(stream_seed(seed, "views_" + k), rank), order))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 
 def main():
-    p = Parser(description="Per-class counts of the mixed training set.")
-    p.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
-    p.add_argument("--imb", type=float, default=100)
-    p.add_argument("--syn", default="pool", choices=SYN_MODES)
-    p.add_argument("--syn-ratio", type=float, default=1.0)
-    p.add_argument("--data-root", default="./data")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--pool", default="")
-    p.add_argument("--syn-noise", type=float, default=0.0)
-    a = p.parse_args()
-    m = build_mixed(a.dataset, a.data_root, a.imb, a.data_seed, a.syn, a.syn_ratio, a.pool or None, a.syn_noise)
-    planted = lambda s: f" {s:>7}" if a.syn_noise else ""
+    cfg = check_settings(vars(settings_parser(DATA_CONFIG, "Per-class counts of the mixed training set.").parse_args()),
+                         DATA_CONFIG)
+    m = build_mixed(**cfg)
+    planted = lambda s: f" {s:>7}" if cfg["syn_noise"] else ""
     print(f"{'class':>5} {'name':<16} {'real':>6} {'synthetic':>9}{planted('planted')} {'group':>6}")
     for c, name in enumerate(m.classes):
         print(f"{c:>5} {name:<16} {m.n_real[c]:>6} {m.n_syn[c]:>9}{planted(m.n_noisy[c])} {shot_group(m.n_real[c]):>6}")
     groups = {g: sum(shot_group(n) == g for n in m.n_real) for g in ("many", "medium", "few")}
     print(f"total: {sum(m.n_real)} real + {sum(m.n_syn)} synthetic = {len(m)} images; classes per group: {groups}"
-          + (f"; planted wrong-class images among the synthetic: {sum(m.n_noisy)}" if a.syn_noise else ""))
+          + (f"; planted wrong-class images among the synthetic: {sum(m.n_noisy)}" if cfg["syn_noise"] else ""))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ images, and a killed, resumed or split run writes the same bytes as an uninterru
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
+import zipfile
 import warnings
 
 import numpy as np
@@ -34,57 +36,52 @@ TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of
 MAX_RETRIES = 10
 
 
+S, D, POSITIVE, NON_NEGATIVE = data.Setting, data.DATA_CONFIG, data.POSITIVE, data.NON_NEGATIVE
+AT_LEAST_1, UNDER_1 = data.AT_LEAST_1, (lambda v: 0 <= v < 1, "in [0, 1)")
+CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) are estimated for an hour on one GPU
+    "dataset": D["dataset"], "imb": D["imb"]._replace(help="pool of n_max - n_c images per class at this imbalance"),
+    "per_class": S(None, "N images for every class instead", NON_NEGATIVE, type=int),
+    "data_root": D["data_root"], "data_seed": D["data_seed"]._replace(help="the real subset the ddpm generator learns"),
+    "pool": D["pool"]._replace(help="output folder; empty: <data-root>/synthetic/<dataset>"),
+    "generator": S("text2image", "text2image: a downloaded text-to-image pipeline | ddpm: a class-conditional DDPM "
+                   "trained here on the real subset (ours)", choices=("text2image", "ddpm")),
+    "model": S("stabilityai/sd-turbo", "diffusers text-to-image pipeline: hub id or folder"),
+    "steps": S(None, "inference steps (default: the model's, else 30; ddpm: 50)", AT_LEAST_1, type=int),
+    "guidance": S(None, "guidance scale (default: the model's, else 7.5; ddpm: 1.5)", NON_NEGATIVE, type=float),
+    "resolution": S(None, "generation size in px, a multiple of 8 (default: the model's native)",
+                    (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"), type=int),
+    "prompts": S("", "file, one prompt per line beginning with the class name"),
+    "resize": S("lanczos", "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on the device",
+                choices=("lanczos", "gpu")),
+    "seed": S(0, "seed of every image's noise", data.SEED),
+    "batch_size": S(16, "images per pipeline call (shapes the bytes: recorded)", AT_LEAST_1),
+    "dtype": S("auto", "auto: bf16 on CUDA, else fp32", choices=("auto", "bf16", "fp16", "fp32")),
+    "device": data.DEVICE,
+    "compile": S(False, "torch.compile the UNet (pads the last batch)"),
+    "shard": S("", "i/N: make every N-th batch from the i-th (torchrun sets it)", (
+        lambda v: not v or re.fullmatch(r"\d+/\d+", v) and int(v.split("/")[0]) < int(v.split("/")[1]),
+        "i/N with 0 <= i < N")),
+    "ddpm_width": S(128, "ddpm: UNet base channels (stages w, 2w, 2w, 2w)", AT_LEAST_1),
+    "train_steps": S(30000, "ddpm: training steps", AT_LEAST_1),
+    "train_batch": S(128, "ddpm: training batch", AT_LEAST_1),
+    "train_lr": S(2e-4, "ddpm: AdamW learning rate", POSITIVE),
+    "warmup": S(1000, "ddpm: linear lr warm-up steps", NON_NEGATIVE),
+    "lr_schedule": S("cosine", "ddpm: lr after warm-up", choices=("cosine", "constant")),
+    "ema": S(0.9995, "ddpm: EMA decay of the weights that sample", UNDER_1),
+    "label_dropout": S(0.1, "ddpm: share of labels replaced by the null class", UNDER_1),
+    "sampling": S("balanced", "ddpm: class-balanced or plain training batches", choices=("balanced", "plain")),
+    "sampler": S("ddim", "ddpm: DDIM or DPM-Solver++", choices=("ddim", "dpm")),
+    "ckpt_every": S(1000, "ddpm: training steps between checkpoints", AT_LEAST_1),
+    "bench": S(False, "time the default architecture with random weights"),
+    "bench_batches": S(3, "timed batches after one warm-up, with --bench", AT_LEAST_1),
+}
+
+
 def parse_args(argv=None):
-    p = data.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS))
-    p.add_argument("--imb", type=float, default=100.0, help="pool of n_max - n_c images per class at this imbalance")
-    p.add_argument("--per-class", type=int, default=None, help="N images for every class instead")
-    p.add_argument("--data-root", default="./data")
-    p.add_argument("--data-seed", type=int, default=0, help="kept for symmetry with train.py; counts do not use it")
-    p.add_argument("--pool", default="", help="output folder; empty: <data-root>/synthetic/<dataset>")
-    p.add_argument("--generator", default="text2image", choices=["text2image", "ddpm"],
-                   help="a downloaded text-to-image pipeline | a class-conditional DDPM trained here on the real subset")
-    p.add_argument("--model", default="stabilityai/sd-turbo", help="diffusers text-to-image pipeline: hub id or folder")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's, else 30)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
-    p.add_argument("--resolution", type=int, default=None, help="generation size in px (default: the model's native)")
-    p.add_argument("--prompts", default="", help="file, one prompt per line beginning with the class name")
-    p.add_argument("--resize", default="lanczos", choices=["lanczos", "gpu"],
-                   help="to 32x32: PIL Lanczos as the paper | antialiased bicubic on the device")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (shapes the bytes: recorded)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on CUDA")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pads the last batch)")
-    p.add_argument("--shard", default="", help="i/N: make every N-th batch from the i-th (torchrun sets it)")
-    g = p.add_argument_group("--generator ddpm (ours; defaults estimated for about an hour on one GPU)")
-    g.add_argument("--ddpm-width", type=int, default=128, help="UNet base channels (stages w, 2w, 2w, 2w)")
-    g.add_argument("--train-steps", type=int, default=30000)
-    g.add_argument("--train-batch", type=int, default=128)
-    g.add_argument("--train-lr", type=float, default=2e-4)
-    g.add_argument("--warmup", type=int, default=1000, help="linear lr warm-up steps")
-    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
-    g.add_argument("--ema", type=float, default=0.9995, help="EMA decay of the weights that sample")
-    g.add_argument("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class")
-    g.add_argument("--sampling", default="balanced", choices=["balanced", "plain"], help="class-balanced or plain")
-    g.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"], help="DDIM or DPM-Solver++ (--steps: 50)")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="training steps between checkpoints")
-    p.add_argument("--bench", action="store_true", help="time the default architecture with random weights")
-    p.add_argument("--bench-batches", type=int, default=3, help="timed batches after one warm-up, with --bench")
-    a = p.parse_args(argv)
-    if a.per_class is not None and a.per_class < 0:
-        p.error(f"--per-class must be >= 0, got {a.per_class}")
-    for flag in ("batch_size", "ddpm_width", "train_steps", "train_batch", "ckpt_every"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if not 0 <= a.label_dropout < 1 or not 0 <= a.ema < 1:
-        p.error("--label-dropout and --ema must lie in [0, 1)")
+    a = data.settings_parser(CONFIG, __doc__.split("\n")[0]).parse_args(argv)
+    data.check_settings(vars(a), CONFIG)
     if a.shard:
-        try:
-            a.rank, a.world = map(int, a.shard.split("/"))
-            assert 0 <= a.rank < a.world
-        except (ValueError, AssertionError):
-            p.error(f"--shard takes i/N with 0 <= i < N, got {a.shard!r}")
+        a.rank, a.world = map(int, a.shard.split("/"))
     else:
         a.rank, a.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return a
@@ -106,14 +103,18 @@ def class_prompts(names, prompts_file):
         raise data.SAUError(f"--prompts {prompts_file}: no such file")
     out = {c: [] for c in range(len(names))}
     by_length = sorted(range(len(names)), key=lambda c: -len(spoken[c]))  # "maple tree" before "tree"
-    with open(prompts_file) as f:
-        for line in filter(None, map(str.strip, f)):
-            low = line.lower()
-            c = next((c for c in by_length if low.startswith(spoken[c].lower())
-                      and not low[len(spoken[c]):len(spoken[c]) + 1].isalnum()), None)
-            if c is None:
-                raise data.SAUError(f"--prompts {prompts_file}: line {line[:40]!r} begins with no class name")
-            out[c].append(line)
+    try:
+        with open(prompts_file, encoding="utf-8") as f:
+            lines = [line for line in map(str.strip, f) if line]
+    except (UnicodeDecodeError, OSError) as e:
+        raise data.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file ({e.__class__.__name__})") from None
+    for line in lines:
+        low = line.lower()
+        c = next((c for c in by_length if low.startswith(spoken[c].lower())
+                  and not low[len(spoken[c]):len(spoken[c]) + 1].isalnum()), None)
+        if c is None:
+            raise data.SAUError(f"--prompts {prompts_file}: line {line[:40]!r} begins with no class name")
+        out[c].append(line)
     return out
 
 
@@ -121,6 +122,22 @@ def plan_batches(targets, batch_size):
     """Every (label, index) to exist, in class then index order, cut into batches: the same plan on every run."""
     items = [(c, k) for c, n in enumerate(targets) for k in range(n)]
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
+    """One shard, written to a temporary name and renamed: never a half-written file."""
+    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64), **extra}
+    if prompts is not None:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
+
+    def save(tmp):  # np.savez's layout with a fixed date: same images, same bytes
+        with zipfile.ZipFile(tmp, "w") as z:
+            for name, arr in arrays.items():
+                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                    np.lib.format.write_array(f, arr, allow_pickle=False)
+    path = os.path.join(folder, data.shard_name(label, start))
+    data.write_atomic(path, save)
+    return path
 
 
 def present(folder):
@@ -216,9 +233,11 @@ def sd_turbo_architecture(dtype):
     return pipe.to(dtype=dtype)
 
 
-def broken(image):
-    """An image to make again: all black (as a safety checker leaves it) or not finite."""
-    return not torch.isfinite(image).all() or image.max() <= 1 / 255
+def broken(x):
+    """[n] bool on the host, one wait for the device: the images to make again, all black (as a safety checker
+    leaves them) or not finite."""
+    flat = x.flatten(1)
+    return (~flat.isfinite().all(1) | (flat.amax(1) <= 1 / 255)).tolist()
 
 
 class Maker:
@@ -239,7 +258,7 @@ class Maker:
         attempt = [0] * len(items)
         seeds = [image_seed(self.a.seed, c, k) for c, k in items]
         x = self.raw(items, prompts, seeds)
-        bad = [i for i in range(len(items)) if broken(x[i])]
+        bad = [i for i, b in enumerate(broken(x)) if b]
         while bad:
             self.retries += len(bad)
             for i in bad:
@@ -249,7 +268,7 @@ class Maker:
                                         f"black or non-finite image; check --model, --dtype and --steps")
                 seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
             x[bad] = self.raw([items[i] for i in bad], [prompts[i] for i in bad], [seeds[i] for i in bad])
-            bad = [i for i in bad if broken(x[i])]
+            bad = [i for i, b in zip(bad, broken(x[bad])) if b]
         return self.to_uint8(x), seeds
 
 
@@ -266,8 +285,6 @@ class TextToImage(Maker):
         self.steps = a.steps if a.steps is not None else steps
         self.guidance = a.guidance if a.guidance is not None else guidance
         self.resolution = a.resolution or native
-        if self.resolution % 8 or self.resolution < 8:
-            raise data.SAUError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if a.compile:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=True)
@@ -321,8 +338,8 @@ def train_ddpm(a, folder, device, log=print):
     names = data.class_names(a.dataset, a.data_root)
     images, labels = data.load_cifar(a.dataset, a.data_root, train=True)
     keep = data.long_tail_indices(labels, a.imb, a.data_seed)
-    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2)  # N x 3 x 32 x 32 uint8
-    y_all = torch.from_numpy(labels[keep])
+    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)  # N x 3 x 32 x 32 uint8, on the device
+    y_all = torch.from_numpy(labels[keep]).to(device)
     settings = {"imb": a.imb, "data_seed": a.data_seed, "real_images": len(keep), "width": a.ddpm_width,
                 "train_steps": a.train_steps, "train_batch": a.train_batch, "lr": a.train_lr, "warmup": a.warmup,
                 "lr_schedule": a.lr_schedule, "ema": a.ema, "ema_warmup": "min(ema, (1+s)/(10+s))", "label_dropout": a.label_dropout,
@@ -330,7 +347,7 @@ def train_ddpm(a, folder, device, log=print):
     torch.manual_seed(a.seed)  # the initial weights
     unet = ddpm_unet(len(names), a.ddpm_width).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
-    step, rng = 0, torch.Generator().manual_seed(a.seed)
+    step, rng = 0, torch.Generator(device).manual_seed(a.seed)  # every draw on the device
     if os.path.isfile(os.path.join(folder, "state.pt")):
         try:
             state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
@@ -357,8 +374,7 @@ def train_ddpm(a, folder, device, log=print):
     warm = lambda s: min(1.0, (s + 1) / max(a.warmup, 1))
     shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / a.train_steps))) if a.lr_schedule == "cosine" else (lambda s: 1.0)
     counts = torch.bincount(y_all, minlength=len(names)).float()
-    weights = (1 / counts[y_all]) if a.sampling == "balanced" else torch.ones(len(y_all))
-    amp = device.type == "cuda"
+    weights = (1 / counts[y_all]) if a.sampling == "balanced" else torch.ones(len(y_all), device=device)
     if step < a.train_steps:
         log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} parameters) on "
             f"{len(keep)} real images, steps {step + 1}-{a.train_steps}")
@@ -367,30 +383,12 @@ def train_ddpm(a, folder, device, log=print):
                disable=step >= a.train_steps)
     unet.train()
     while step < a.train_steps:
-        idx = torch.multinomial(weights, a.train_batch, replacement=True, generator=rng)
-        x0 = x_all[idx].float() / 127.5 - 1
-        flip = torch.rand(len(idx), generator=rng) < 0.5
-        x0[flip] = x0[flip].flip(-1)
-        y = torch.where(torch.rand(len(idx), generator=rng) < a.label_dropout, len(names), y_all[idx])
-        noise = torch.randn(x0.shape, generator=rng)
-        t = torch.randint(0, 1000, (len(idx),), generator=rng)
-        xt = scheduler.add_noise(x0, noise, t)
-        for g in opt.param_groups:
-            g["lr"] = float(a.train_lr * warm(step) * shape(step))  # a plain float: state.pt loads weights_only
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            pred = unet(xt.to(device), t.to(device), class_labels=y.to(device)).sample
-        loss = F.mse_loss(pred.float(), noise.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        batch = ddpm_batch(x_all, y_all, weights, a.train_batch, a.label_dropout, len(names), rng)
         decay = min(a.ema, (1 + step) / (10 + step))  # warm-up: early EMA weights are not mostly the random init
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        losses.append(ddpm_step(unet, ema, opt, scheduler, batch, float(a.train_lr * warm(step) * shape(step)), decay))
         step += 1
-        losses.append(loss.detach())
         bar.update(1)
-        if step % 50 == 0 or step == a.train_steps:
+        if step % 50 == 0 or step == a.train_steps:  # .item() waits for the device: only now and then
             bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
         if step % a.ckpt_every == 0 or step == a.train_steps:
             save_ddpm(folder, unet, ema, {"step": step, "settings": settings, "optimizer": opt.state_dict(),
@@ -405,6 +403,34 @@ def train_ddpm(a, folder, device, log=print):
     with open(os.path.join(folder, "ema", weights_file), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return ema.eval(), settings, sha, [v.item() for v in losses]
+
+
+def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):
+    """(x_t, t, labels, noise) of one training batch, drawn on the device of the generator g."""
+    dev = g.device
+    idx = torch.multinomial(weights, n, replacement=True, generator=g)
+    x0 = x_all[idx].float() / 127.5 - 1
+    x0 = torch.where((torch.rand(n, generator=g, device=dev) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+    y = torch.where(torch.rand(n, generator=g, device=dev) < label_dropout, null, y_all[idx])
+    noise = torch.randn(x0.shape, generator=g, device=dev)
+    return x0, y, noise, torch.randint(0, 1000, (n,), generator=g, device=dev)
+
+
+def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
+    """One AdamW step on the noise-prediction loss and the EMA update, without waiting for the device; the loss."""
+    x0, y, noise, t = batch
+    xt = scheduler.add_noise(x0, noise, t)  # the scheduler keeps its table on the device after the first call
+    for group in opt.param_groups:
+        group["lr"] = lr  # a plain float: state.pt loads weights_only
+    with torch.autocast(x0.device.type, torch.bfloat16, enabled=x0.device.type == "cuda"):
+        pred = unet(xt, t, class_labels=y).sample
+    loss = F.mse_loss(pred.float(), noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+    return loss.detach()
 
 
 class ClassConditional(Maker):
@@ -428,11 +454,11 @@ class ClassConditional(Maker):
         y = torch.tensor([c for c, _ in items], device=self.device)
         labels = torch.cat([y, torch.full_like(y, self.null)])
         x = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        x = x.to(self.device)
-        self.sampler.set_timesteps(self.steps)
+        x = x.to(self.device)  # the noise is drawn on the CPU: the same images on every device
+        self.sampler.set_timesteps(self.steps, device=self.device)
         for t in self.sampler.timesteps:
             with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-                eps = self.unet(torch.cat([x, x]), t.to(self.device), class_labels=labels).sample.float()
+                eps = self.unet(torch.cat([x, x]), t, class_labels=labels).sample.float()
             cond, uncond = eps.chunk(2)
             x = self.sampler.step(uncond + self.guidance * (cond - uncond), t, x).prev_sample
         return ((x + 1) / 2).clamp(0, 1)
@@ -541,7 +567,7 @@ def main(argv=None):
     if empty:
         raise data.SAUError(f"--prompts {a.prompts} has no line for {', '.join(empty[:5])}: add lines beginning "
                             f"with each class name")
-    check_dataset(folder, a.dataset, names)
+    check_dataset(data.writable_folder(folder, "--pool"), a.dataset, names)
     device, dtype = pick(a)
     if a.generator == "ddpm":
         os.makedirs(folder, exist_ok=True)
@@ -572,7 +598,7 @@ def main(argv=None):
             for run in runs(rows):
                 ks = [batch[i][1] for i in run]
                 redone = np.array([seeds[i] != image_seed(a.seed, c, batch[i][1]) for i in run])
-                data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
+                write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
                                  None if a.generator == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
                                  rejected=redone)
                 made += len(run)
