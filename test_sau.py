@@ -907,13 +907,29 @@ def test_shares_are_disjoint_and_cover_the_epoch():
     assert data.share(order) == order
 
 
+RECORD_VIEW_SEEDS = """import json, os, sys
+sys.path.insert(0, {here!r})
+import data, train
+made = data.DeviceViews.__call__
+def record(self, x, views, g):  # the seed of the stream each batch of views is drawn from, per process
+    with open(os.path.join({folder!r}, "seeds" + os.environ.get("RANK", "0")), "a") as f:
+        f.write(json.dumps([list(views), g.initial_seed()]) + "\\n")
+    return made(self, x, views, g)
+data.DeviceViews.__call__ = record
+sys.argv[0] = "train.py"
+data.run_cli(train.main)
+"""
+
+
 @pytest.mark.parametrize("loader,port", [("cpu", 29517), ("gpu", 29518)])
 def test_two_process_gloo_run(root, tmp_path, loader, port):
-    out = tmp_path / "ddp"
+    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each process draws its
+    views from its own streams, rank 0 from the seeds of a one-process run."""
+    out, wrapper = tmp_path / "ddp", tmp_path / "record_view_seeds.py"
+    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        os.path.join(HERE, "train.py"), *map(str, ["--data-root", root, "--epochs", 2, "--out", out,
-                                                                   "--device", "cpu", *TINY, "--loader", loader])],
-                       capture_output=True, text=True, timeout=600, cwd=HERE)
+                        wrapper, *map(str, ["--data-root", root, "--epochs", 2, "--out", out, "--device", "cpu", *TINY,
+                                            "--loader", loader])], capture_output=True, text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone reports
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -921,6 +937,11 @@ def test_two_process_gloo_run(root, tmp_path, loader, port):
     # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images a class)
     final = json.loads((out / "final.json").read_text())["final_epoch"]
     assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
+    if loader == "gpu":
+        seeds = [{s for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())} for rank in (0, 1)]
+        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]  # no stream of draws shared between the processes
+        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b", "prototypes")}
+        assert seeds[0] == one  # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
 
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path):

@@ -503,7 +503,8 @@ def run_epochs(cfg, out, main_proc):
                     if s.scope == "runtime" and k != "data_root" and cfg[k] != s.default) or "the defaults"
     say(f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, {sum(mixed.n_syn)} synthetic), "
         f"{len(mixed.classes)} classes, {device}{' bf16' if run.amp else ''}, loader {run.loader}"
-        f"{f' x {world} processes' if world > 1 else ''}, epochs {start + 1}-{cfg['epochs']}"
+        f"{f' x {world} processes' if world > 1 else ''}, " + (f"epochs {start + 1}-{cfg['epochs']}" if start < cfg[
+            "epochs"] else f"all {start} epochs done: its files are rebuilt from the checkpoint")
         + (f"; resumed, runtime settings (the run's unless given now): {kept}" if cfg["resume"] else ""), flush=True)
 
     for epoch in range(start, cfg["epochs"]):
