@@ -75,6 +75,8 @@ IGNORED = [("strategy", lambda c: c["relabel"] == "off", "--relabel off"),
            ("pool", lambda c: c["syn"] == "heldout", "--syn heldout"),
            ("workers", lambda c: c["loader"] == "gpu", "--loader gpu"),
            ("sync_bn", lambda c: int(os.environ.get("WORLD_SIZE", 1)) == 1, "one process (it acts under torchrun)")]
+
+
 def make_parser(with_defaults=True):
     p = data.settings_parser(CONFIG, __doc__, with_defaults, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summarize", nargs="+", metavar="RUN", help="mean and std of finished runs' final metrics over "
@@ -113,7 +115,10 @@ def run_name(cfg, seed=True):
 
 
 def read_json(path):
-    return json.loads(open(path).read())
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise data.SAUError(f"{path} is unreadable or not JSON ({e.__class__.__name__}): restore or delete it") from None
 
 
 # ---------------------------------------------------------------- losses
