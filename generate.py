@@ -486,7 +486,6 @@ def check_manifest(folder, manifest):
                           if settings.get(k) != manifest["generator"].get(k))
             raise data.SAUError(f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
                                 f"use the same flags, or pass a new --pool folder to start another pool")
-    os.makedirs(folder, exist_ok=True)
     data.write_atomic(path, json.dumps(manifest, indent=1))
 
 
@@ -570,7 +569,6 @@ def main(argv=None):
     check_dataset(data.writable_folder(folder, "--pool"), a.dataset, names)
     device, dtype = pick(a)
     if a.generator == "ddpm":
-        os.makedirs(folder, exist_ok=True)
         gen = ClassConditional(*train_ddpm(a, os.path.join(folder, "ddpm"), device)[:3], a, device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:

@@ -661,13 +661,14 @@ def summarize(dirs, out=""):
             raise data.SAUError(f"{d} is not a run folder (no config.json)")
         if not os.path.isfile(os.path.join(d, "final.json")):
             raise data.SAUError(f"{d} has no final.json: the run did not finish (continue it with --resume {d})")
+        cfg, final = read_json(os.path.join(d, "config.json")), read_json(os.path.join(d, "final.json"))
         try:
-            cfg, final = read_json(os.path.join(d, "config.json")), read_json(os.path.join(d, "final.json"))
             values = {k: final["final_epoch"][k] for k in keys}
-            assert all(v is None or math.isfinite(v) for v in values.values())
-        except (ValueError, KeyError, TypeError, AssertionError) as e:
-            raise data.SAUError(f"{d}: final.json is malformed or its metrics are not finite ({e.__class__.__name__}):"
-                                f" leave it out") from None
+            finite = all(v is None or math.isfinite(v) for v in values.values())
+        except (KeyError, TypeError) as e:
+            raise data.SAUError(f"{d}: final.json is malformed ({e.__class__.__name__}): leave it out") from None
+        if not finite:  # an explicit check, not an assert: python -O would drop it
+            raise data.SAUError(f"{d}: its final metrics are not finite: leave it out")
         runs.append((d, cfg, values))
     ref = runs[0][1]
     for d, c, _ in runs[1:]:
