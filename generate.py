@@ -9,6 +9,7 @@ Image k of class c is a function of (generator settings, seed, c, k): a rerun ma
 images, and a killed, resumed or split run writes the same bytes as an uninterrupted one.
 """
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,8 @@ TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of
              "a cropped photo of a {}.", "a photo of the small {}.", "a low resolution photo of a {}.",
              "a good photo of a {}."]
 MAX_RETRIES = 10
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")  # <dataset>.json, variation.json
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
 
 
 S, D, POSITIVE, NON_NEGATIVE = data.Setting, data.DATA_CONFIG, data.POSITIVE, data.NON_NEGATIVE
@@ -50,7 +53,15 @@ CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) ar
     "guidance": S(None, "guidance scale (default: the model's, else 7.5; ddpm: 1.5)", NON_NEGATIVE, type=float),
     "resolution": S(None, "generation size in px, a multiple of 8 (default: the model's native)",
                     (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"), type=int),
-    "prompts": S("", "file, one prompt per line beginning with the class name"),
+    "prompts": S("", "file, one prompt per line beginning with the class name (your own; else --prompt-style)"),
+    "prompt_style": S("built", "built: each class's content in prompts/<dataset>.json crossed with "
+                      "prompts/variation.json, >= 500 per class | templates: eight 'a photo of a {}.' forms (the "
+                      "old behaviour)", choices=("built", "templates")),
+    "filter": S("none", "clip: keep an image only if CLIP puts its class among the top --clip-top-k of all classes "
+                "(and p >= --clip-min-p), else make it again with the next seed (ours)", choices=("none", "clip")),
+    "clip_model": S("openai/clip-vit-base-patch32", "CLIP for --filter clip: hub id or folder"),
+    "clip_top_k": S(1, "--filter clip: the class must be among CLIP's top k (1: He et al. 2023)", AT_LEAST_1),
+    "clip_min_p": S(0.0, "--filter clip: and CLIP's probability of the class at least this", UNDER_1),
     "resize": S("lanczos", "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on the device",
                 choices=("lanczos", "gpu")),
     "seed": S(0, "seed of every image's noise", data.SEED),
@@ -80,6 +91,12 @@ CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) ar
 def parse_args(argv=None):
     a = data.settings_parser(CONFIG, __doc__.split("\n")[0]).parse_args(argv)
     data.check_settings(vars(a), CONFIG)
+    if a.prompts and a.prompt_style != "built":
+        raise data.SAUError("--prompts FILE and --prompt-style templates: choose one")
+    for k in ("clip_model", "clip_top_k", "clip_min_p"):
+        if a.filter == "none" and getattr(a, k) != CONFIG[k].default:
+            raise data.SAUError(f"--{k.replace('_', '-')} {getattr(a, k)} has no effect without --filter clip: leave "
+                                f"it out")
     if a.shard:
         a.rank, a.world = map(int, a.shard.split("/"))
     else:
@@ -94,9 +111,42 @@ def image_seed(seed, label, index, attempt=0):
     return int(np.random.SeedSequence([seed, label, index, attempt]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def class_prompts(names, prompts_file):
-    """{label: [prompt, ...]}: the templates, or the file's lines grouped by the class name they begin with."""
+def read_tables(dataset):
+    """(class content, variation) from prompts/: the data that builds the default prompts."""
+    tables = []
+    for name in (f"{dataset}.json", "variation.json"):
+        try:
+            with open(os.path.join(PROMPTS, name), encoding="utf-8") as f:
+                tables.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise data.SAUError(f"{os.path.join(PROMPTS, name)} is unreadable ({e.__class__.__name__}): restore it "
+                                f"from the repository, or pass --prompts FILE") from None
+    return tables[0]["classes"], tables[1]
+
+
+def built_prompts(dataset, names, seed):
+    """{label: [prompt, ...]}: every class's content crossed with the variation tables, "<class>, <content>,
+    <viewpoint>, <light>, <style>", in an order shuffled by (seed, label): image k takes prompt k mod the count, the
+    same in every run, shard and resume."""
+    content, var = read_tables(dataset)
+    missing = [n for n in names if not content.get(n)]
+    if missing:
+        raise data.SAUError(f"prompts/{dataset}.json has no content for {', '.join(missing[:5])}: add it, or pass "
+                            f"--prompts FILE or --prompt-style templates")
+    out = {}
+    for c, n in enumerate(names):
+        combos = [", ".join(p) for p in itertools.product([n.replace("_", " ")], content[n], var["viewpoint"],
+                                                           var["light"], var["style"])]
+        out[c] = [combos[i] for i in np.random.default_rng([seed, c]).permutation(len(combos))]
+    return out
+
+
+def class_prompts(names, prompts_file, style="templates", dataset=None, seed=0):
+    """{label: [prompt, ...]}: built from prompts/, the templates, or the file's lines grouped by the class name
+    they begin with."""
     spoken = [n.replace("_", " ") for n in names]
+    if not prompts_file and style == "built":
+        return built_prompts(dataset, names, seed)
     if not prompts_file:
         return {c: [t.format(n) for t in TEMPLATES] for c, n in enumerate(spoken)}
     if not os.path.isfile(prompts_file):
@@ -242,7 +292,7 @@ def broken(x):
 
 class Maker:
     """Items, prompts and seeds in, checked 32x32 uint8 images out; subclasses say how (raw)."""
-    retries = 0
+    retries, clip, names = 0, None, None
 
     def to_uint8(self, x):
         """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to 32."""
@@ -253,23 +303,72 @@ class Maker:
         return np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
 
     def make(self, items, prompts):
-        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n]); a black or non-finite image is
-        made again with the next seed of its (label, index)."""
-        attempt = [0] * len(items)
+        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n], CLIP refusals [n], CLIP p [n] or None):
+        an image that is black, not finite, or refused by the filter is made again with the next seed of its (label,
+        index), at most MAX_RETRIES times."""
+        n, filtered = len(items), self.clip is not None
+        attempt, refused, p = [0] * n, [0] * n, [None] * n
         seeds = [image_seed(self.a.seed, c, k) for c, k in items]
-        x = self.raw(items, prompts, seeds)
-        bad = [i for i, b in enumerate(broken(x)) if b]
-        while bad:
-            self.retries += len(bad)
-            for i in bad:
-                attempt[i] += 1
-                if attempt[i] > MAX_RETRIES:
-                    raise data.SAUError(f"class {items[i][0]} image {items[i][1]}: {MAX_RETRIES} seeds in a row gave a "
-                                        f"black or non-finite image; check --model, --dtype and --steps")
-                seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
-            x[bad] = self.raw([items[i] for i in bad], [prompts[i] for i in bad], [seeds[i] for i in bad])
-            bad = [i for i, b in zip(bad, broken(x[bad])) if b]
-        return self.to_uint8(x), seeds
+        x, todo = self.raw(items, prompts, seeds), list(range(n))
+        while todo:
+            black = broken(x[todo])
+            kept, p_todo = self.clip(x[todo], [items[i][0] for i in todo]) if filtered else ([True] * len(todo),
+                                                                                                [None] * len(todo))
+            again = []
+            for i, b, k, pi in zip(todo, black, kept, p_todo):
+                p[i], refused[i] = pi, refused[i] + (not b and not k)
+                if b or not k:
+                    attempt[i] += 1
+                    if attempt[i] > MAX_RETRIES:
+                        c = items[i][0]
+                        raise data.SAUError(
+                            f"class {c} ({self.names[c]}) image {items[i][1]}: {MAX_RETRIES} seeds in a row gave black "
+                            f"or non-finite images ({attempt[i] - refused[i]}) or images CLIP refused "
+                            f"({refused[i]}); check --model, --dtype and --steps"
+                            + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
+                    seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
+                    again.append(i)
+            if again:
+                self.retries += len(again)
+                x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again], [seeds[i] for i in again])
+            todo = again
+        return self.to_uint8(x), seeds, refused, p if filtered else None
+
+
+class ClipFilter:
+    """CLIP zero-shot over every class ("a photo of a <class>."), after He et al. (ICLR 2023): an image is kept if
+    its class is among CLIP's top k and CLIP gives it at least min_p. Scores the full-resolution image."""
+
+    def __init__(self, a, names, device):
+        from transformers import CLIPModel, CLIPTokenizer
+        try:
+            self.model = CLIPModel.from_pretrained(a.clip_model).to(device).eval()
+            tok = CLIPTokenizer.from_pretrained(a.clip_model)
+        except Exception as e:  # no such hub id, no network, not a CLIP folder: the same message
+            raise data.SAUError(f"--clip-model {a.clip_model}: no CLIP model and tokenizer there "
+                                f"({e.__class__.__name__}): pass a hub id or a folder saved with save_pretrained") from None
+        self.a, self.device, self.size = a, device, self.model.config.vision_config.image_size
+        self.mean, self.std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+        text = tok([f"a photo of a {n.replace('_', ' ')}." for n in names], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            self.text = F.normalize(pooled(self.model.get_text_features(**text.to(device))), dim=-1)  # C x D
+        self.settings = {"type": "clip", "model": a.clip_model, "top_k": a.clip_top_k, "min_p": a.clip_min_p}
+
+    @torch.no_grad()
+    def __call__(self, x, labels):
+        """x float [n, 3, R, R] in [0, 1], labels [n] -> (kept [n] bool, CLIP's p of the label [n]), host lists."""
+        x = F.interpolate(x.float().nan_to_num().to(self.device), size=(self.size, self.size), mode="bicubic",
+                          antialias=True).clamp(0, 1)
+        image = F.normalize(pooled(self.model.get_image_features(pixel_values=(x - self.mean) / self.std)), dim=-1)
+        logits = self.model.logit_scale.exp() * image @ self.text.T  # n x C
+        y = torch.tensor(labels, device=self.device)[:, None]
+        p = logits.softmax(1).gather(1, y)[:, 0]
+        return (((logits > logits.gather(1, y)).sum(1) < self.a.clip_top_k) & (p >= self.a.clip_min_p)).tolist(), \
+            p.tolist()
+
+
+def pooled(out):  # transformers 4 returns the features, 5 an output whose pooler_output they are
+    return out if torch.is_tensor(out) else out.pooler_output
 
 
 class TextToImage(Maker):
@@ -480,7 +579,7 @@ def check_manifest(folder, manifest):
     path = os.path.join(folder, "manifest.json")
     if os.path.isfile(path):
         old = data.read_manifest(folder)
-        settings = {k: v for k, v in old.get("generator", {}).items() if k != "rejected_images"}
+        settings = {k: v for k, v in old.get("generator", {}).items() if k not in COUNTS}
         if settings != manifest["generator"]:
             diff = sorted(k for k in set(settings) | set(manifest["generator"])
                           if settings.get(k) != manifest["generator"].get(k))
@@ -489,42 +588,62 @@ def check_manifest(folder, manifest):
     data.write_atomic(path, json.dumps(manifest, indent=1))
 
 
+COUNTS = ("rejected_images", "clip_refused_per_class")  # in the manifest's generator entry, but not settings
+
+
 def count_rejected(folder, manifest):
-    """Record in the manifest how many images were made again, summed over every shard on disk;
-    return (images on disk, images made again)."""
+    """Record in the manifest how many images were made again and, filtered, how many CLIP refused per class,
+    summed over every shard on disk; return (images on disk, images made again)."""
     total = rejected = 0
-    for shards in data.pool_shards(folder).values():
+    refused = {}
+    for c, shards in data.pool_shards(folder).items():
         for _, path in shards:
             with np.load(path) as z:
                 total += len(z["seeds"])
                 rejected += int(z["rejected"].sum()) if "rejected" in z else 0
+                if "clip_refused" in z:
+                    refused[manifest["classes"][c]] = refused.get(manifest["classes"][c], 0) + int(z["clip_refused"].sum())
     manifest["generator"]["rejected_images"] = rejected
+    if manifest["generator"].get("filter", "none") != "none":
+        manifest["generator"]["clip_refused_per_class"] = {n: refused.get(n, 0) for n in manifest["classes"]}
     data.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
     return total, rejected
 
 
 def write_samples(folder, names, per_row=8):
-    """samples.png: one row per class (every tenth class for CIFAR-100), its first images."""
+    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with its prompt
+    (the class name left out, shortened) and, filtered, CLIP's probability of its class."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import textwrap
     shards = data.pool_shards(folder)
     rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
     if not rows:
         return
-    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.9, len(rows) * 0.95 + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3), squeeze=False)
     for ax, c in zip(axes[:, 0], rows):
-        images = []
+        images, notes = [], []
         for _, path in shards[c]:
-            images += list(data.read_shard(path)[:per_row - len(images)])
+            with np.load(path) as z:
+                take = per_row - len(images)
+                images += list(data.read_shard(path)[:take])
+                prompts = z["prompts"][:take] if "prompts" in z else [""] * take
+                p = z["clip_p"][:take] if "clip_p" in z else [None] * take
+            notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
+                      + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
         images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))  # short classes: blank tiles
         strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
         ax.imshow(strip, interpolation="nearest")
+        for i, note in enumerate(notes):
+            ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
-    fig.subplots_adjust(left=0.17, right=0.99, top=0.99, bottom=0.01, hspace=0.15)  # room for the class names
-    data.write_atomic(os.path.join(folder, "samples.png"), lambda p: fig.savefig(p, format="png", dpi=100))
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(), hspace=0.9)  # prompts
+    data.write_atomic(os.path.join(folder, "samples.png"), lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -561,7 +680,7 @@ def main(argv=None):
     targets = ([a.per_class] * len(names) if a.per_class is not None
                else [n_max - n for n in data.lt_counts(n_max, len(names), a.imb)])
     folder = a.pool or os.path.join(a.data_root, "synthetic", a.dataset)
-    prompts = class_prompts(names, a.prompts)
+    prompts = class_prompts(names, a.prompts, a.prompt_style, a.dataset, a.seed)
     empty = [names[c] for c, n in enumerate(targets) if n and not prompts[c]]
     if empty:
         raise data.SAUError(f"--prompts {a.prompts} has no line for {', '.join(empty[:5])}: add lines beginning "
@@ -573,9 +692,13 @@ def main(argv=None):
         prompts = {c: [None] for c in range(len(names))}
     else:
         gen = TextToImage(load_pipeline(a.model, dtype), a, device, dtype)
-        gen.settings["prompts"] = ({"file": os.path.basename(a.prompts),
-                                    "sha256": hashlib.sha256(open(a.prompts, "rb").read()).hexdigest()}
-                                   if a.prompts else {"templates": TEMPLATES})
+        sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
+        gen.settings["prompts"] = ({"file": os.path.basename(a.prompts), "sha256": sha(a.prompts)} if a.prompts else
+                                   {"templates": TEMPLATES} if a.prompt_style == "templates" else {"built": sha(
+                                       *(os.path.join(PROMPTS, f) for f in (f"{a.dataset}.json", "variation.json")))})
+    gen.names = names
+    gen.clip = ClipFilter(a, names, device) if a.filter == "clip" else None
+    gen.settings["filter"] = gen.clip.settings if gen.clip else "none"
     manifest = {"dataset": a.dataset, "classes": names, "image_size": 32, "generator": gen.settings}
     check_manifest(folder, manifest)
     have = present(folder)
@@ -590,15 +713,17 @@ def main(argv=None):
                dynamic_ncols=True)
     for batch in todo:
         retries0 = gen.retries
-        images, seeds = gen.make(batch, [prompts[c][k % len(prompts[c])] for c, k in batch])
+        images, seeds, refused, clip_p = gen.make(batch, [prompts[c][k % len(prompts[c])] for c, k in batch])
         for c in sorted({c for c, _ in batch}):
             rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
             for run in runs(rows):
                 ks = [batch[i][1] for i in run]
                 redone = np.array([seeds[i] != image_seed(a.seed, c, batch[i][1]) for i in run])
+                clip = {} if clip_p is None else {"clip_refused": np.array([refused[i] for i in run]),
+                                                  "clip_p": np.array([clip_p[i] for i in run], np.float32)}
                 write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
-                                 None if a.generator == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
-                                 rejected=redone)
+                            None if a.generator == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
+                            rejected=redone, **clip)
                 made += len(run)
         bar.update(len(batch))
         bar.set_postfix(retried=gen.retries - retries0)
@@ -607,8 +732,8 @@ def main(argv=None):
     total, rejected = count_rejected(folder, manifest)
     write_samples(folder, names)
     print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
-          f"{total} images, {rejected} made again after a black or "
-          f"non-finite first try; samples.png written")
+          f"{total} images, {rejected} made again after a black, non-finite or (--filter clip) refused first try; "
+          f"samples.png written")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Offline CPU tests: tiny CIFAR files and pools written here, tiny widths, the real scripts as subprocesses."""
+import argparse
 import json
 import os
 import pickle
@@ -509,24 +510,89 @@ def test_no_suspects_means_every_strategy_agrees():
     assert all(torch.allclose(losses[0], v) for v in losses[1:])
 
 
-def test_detector_figures_on_a_batch_with_a_known_answer():
-    """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; the rule flags 2 planted, 1 clean and a real
-    sample (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per class from the labels."""
-    y = torch.tensor([0, 1, 0, 0, 1, 1, 1, 0])
-    is_syn = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1]).bool()
-    is_noisy = torch.tensor([0, 0, 1, 0, 1, 0, 1, 0]).bool()
-    suspect = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0]).bool()
-    index = torch.tensor([5, 3, 0, 1, 2, 4, 6, 7])
-    det, flagged = torch.zeros(2, 4), torch.zeros(8, dtype=torch.int32)
-    for _ in range(2):  # two epochs of the same batch
-        train.count_suspects(det, flagged, y, is_syn, is_noisy, suspect, index)
-    fig = train.detector_figures((det / 2).tolist(), planted=True)
+def test_detector_figures_on_flags_with_a_known_answer():
+    """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; flagged: 2 planted, 1 clean and a real sample
+    (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per class from the labels. The step
+    adds its suspects to the per-sample counts, real ones never."""
+    mixed = argparse.Namespace(labels=np.array([0, 1, 0, 0, 1, 1, 1, 0]), classes=["a", "b"],
+                               is_syn=np.array([0, 0, 1, 1, 1, 1, 1, 1], bool),
+                               is_noisy=np.array([0, 0, 1, 0, 1, 0, 1, 0], bool))
+    flag = np.array([1, 0, 1, 0, 1, 1, 0, 0], bool)
+    fig = train.detector(flag, mixed)
     assert fig["suspect_frac"] == 3 / 6 and fig["suspect_frac_per_class"] == [1 / 3, 2 / 3]
     assert (fig["recall"], fig["false_flag_rate"], fig["precision"]) == (2 / 3, 1 / 3, 2 / 3)
-    assert flagged.tolist() == [2, 0, 2, 0, 2, 0, 0, 0]  # per sample of the mixed set, by index; the real one not
-    assert "recall" not in train.detector_figures(det.tolist(), planted=False)
-    none = train.detector_figures(torch.zeros(2, 4).tolist(), planted=True)
-    assert none["suspect_frac"] is None and none["precision"] is None
+    assert train.detector(np.zeros(8, bool), mixed)["precision"] is None
+    mixed.is_noisy[:] = False
+    assert "recall" not in train.detector(flag, mixed)
+
+
+# ---------------------------------------------------------------- the epoch audit (ours)
+
+@pytest.mark.quick
+def test_audit_scores_on_a_hand_built_batch():
+    """log p(label) and the prototype margin (own cosine minus the best other, the lower over the two views), checked
+    against numbers worked by hand."""
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    s = 2 ** -0.5
+    protos = torch.tensor([[[1.0, 0.0], [s, s]], [[0.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]])  # C x V x D
+    scores = train.audit_scores(logits, z, torch.tensor([0, 2]), protos)
+    e2 = np.exp(2.0)
+    assert torch.allclose(scores[:, 0], torch.tensor([np.log(e2 / (e2 + 2)), np.log(1 / 3)], dtype=torch.float))
+    # sample 0, label 0: view 0 own 1, best other 0 -> 1; view 1 own s, best other 0 -> s; the lower: s
+    # sample 1, label 2: view 0 own 0, best other 1 -> -1; view 1 own 0, best other 1 -> -1
+    assert torch.allclose(scores[:, 1], torch.tensor([s, -1.0]))
+
+
+def test_auc_is_the_share_of_pairs_ranked_right():
+    rng = np.random.default_rng(0)
+    score, pos = rng.integers(0, 6, 300).astype(float), rng.random(300) < 0.3  # many ties
+    pairs = [(a > b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
+    assert abs(train.auc(score, pos) - np.mean(pairs)) < 1e-12
+    assert train.auc(score, np.zeros(300, bool)) is None and train.auc([1.0, 2.0], [False, True]) == 1.0
+
+
+@pytest.mark.quick
+def test_the_real_reference_flags_about_q_and_a_low_mode():
+    """Synthetic scores drawn like the class's real ones: about q of them rank below q. A low mode added (a fifth of
+    the synthetic samples, scoring far below): that mode flagged, the rest still at about q."""
+    g, q = torch.Generator().manual_seed(0), 0.1
+    labels = torch.arange(5).repeat_interleave(2000)
+    real = (torch.arange(10000) % 2 == 0)
+    score = torch.randn(10000, generator=g) + labels  # each class its own scale: ranks are per class
+    low = ~real & (torch.arange(10000) % 10 == 1)
+    for bad, expect in [(torch.zeros_like(real), q), (low, None)]:
+        s = torch.where(bad, score - 8, score)
+        flag = train.reference_rank(s, labels, real) < q
+        clean = ~real & ~bad
+        assert abs(flag[clean].float().mean().item() - q) < 0.02
+        assert flag[bad].all() if bad.any() else True
+        ranks = train.audit_ranks(torch.stack([s, s], 1), labels, real)
+        assert torch.equal(ranks[:, 0], train.reference_rank(s, labels, real)) and ranks.shape == (10000, 3)
+
+
+def test_the_audit_resumes_bit_exact_and_relabels_its_suspects(root, tmp_path):
+    """--relabel audit --audit-cls on: stopped after epoch 1 and resumed, the audit's scores, its suspects, the
+    weights and the metrics of an uninterrupted run. Epoch 1 has no suspects (no audit yet); epoch 2's step flags
+    exactly the samples the audit after epoch 1 flagged."""
+    flags = ["--epochs", 2, "--width", 4, "--syn-noise", 0.4, "--relabel", "audit", "--audit-cls", "on",
+             "--audit-score", "both", "--audit-q", 0.3]
+    train.train(tiny_cfg(root, tmp_path / "full", *flags))
+    train.train(tiny_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
+    first = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    train.train(train.get_config(["--resume", str(tmp_path / "part")]))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "part"))
+    assert torch.equal(a["audit"], b["audit"]) and torch.equal(a["suspects"], b["suspects"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
+    assert [drop(m) for m in a["metrics"]] == [drop(m) for m in b["metrics"]]
+    m1, m2 = a["metrics"]
+    n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_noise=0.4).is_syn.sum()
+    assert m1["suspect_frac"] == 0 and first["suspects"].any()  # no audit before the first epoch
+    assert torch.equal(b["flagged"] > 0, first["suspects"])  # epoch 2's step took exactly those as suspects
+    assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
+    assert abs(m2["audit"]["both"]["suspect_frac"] - b["suspects"].sum().item() / n_syn) < 1e-12  # the chosen score
+    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2) and (tmp_path / "full" / "audit.png").exists()
 
 
 def test_contrastive_loss_backpropagates_to_z_only():
@@ -564,15 +630,17 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path):
     r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn-noise", 0.5)
     assert r.returncode == 0, r.stderr
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png", "per_class.png",
-              "confusion.png", "suspects.png"):
+              "confusion.png", "suspects.png", "audit.png"):
         assert (out / f).stat().st_size > 0, f
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["syn"] == "pool" and cfg["lr"] == 0.01 and cfg["temperature"] == 0.1
     (line,) = (out / "metrics.jsonl").read_text().splitlines()
     m = json.loads(line)
     for k in ("loss", "loss_cls", "loss_con", "lr", "top1", "top5", "many", "medium", "few", "seconds", "images_per_s",
-              "suspect_frac", "suspect_frac_per_class", "recall", "false_flag_rate", "precision"):
+              "suspect_frac", "suspect_frac_per_class", "recall", "false_flag_rate", "precision", "auc_p", "auc_margin",
+              "auc_both", "auc_flags", "audit", "audit_s"):
         assert k in m
+    assert set(m["audit"]["per_class"]["p"]) == {"real", "clean", "planted"} and "audit" in r.stdout
     assert 0 <= m["suspect_frac"] <= 1 and len(m["suspect_frac_per_class"]) == 10 and 0 <= m["recall"] <= 1
     assert "recall" in r.stdout and "suspects" in r.stdout
     assert m["loss_con"] > 0 and m["loss_cls"] > 0 and 0 <= m["top1"] <= 100
@@ -725,17 +793,19 @@ def gen_pool(root, pipe_dir, tmp_path_factory):
 
 
 def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
+    import generate
     manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
     assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest["image_size"] == 32
     g = manifest["generator"]
     assert (g["model"], g["steps"], g["guidance"], g["resolution"], g["resize"]) == (pipe_dir, 2, 0.0, 32, "lanczos")
-    assert g["rejected_images"] == 0 and g["prompts"]["templates"][0] == "a photo of a {}."
+    assert g["rejected_images"] == 0 and len(g["prompts"]["built"]) == 64 and g["filter"] == "none"
     pool = data.read_pool(gen_pool, "cifar10", CIFAR10_NAMES)
     counts = data.lt_counts(20, 10, 10)
     assert {c: len(v) for c, v in pool.items()} == {c: 20 - n for c, n in enumerate(counts) if 20 - n}
     with np.load(os.path.join(gen_pool, data.shard_name(9, 0))) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (32, 32, 3)
-        assert z["seeds"].dtype == np.int64 and str(z["prompts"][0]).startswith("a photo of a truck")
+        assert z["seeds"].dtype == np.int64 and z["prompts"].tolist() == [
+            generate.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k] for k in range(len(z["seeds"]))]
     assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
     assert not [f for f in os.listdir(gen_pool) if ".tmp" in f]
 
@@ -768,6 +838,94 @@ def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
         assert z["prompts"].tolist() == ["cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
                                          "cat. a cat seen from afar, number 0"]
     assert json.load(open(os.path.join(pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
+
+
+CIFAR100_SOME = ["apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman", "worm"]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
+    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of class c takes
+    prompt k mod the count, the same on every call with the seed (a rerun, a resume and a shard split call it
+    alike: the pool bytes tests check the prompts stored with the images), another order with another seed."""
+    import generate
+    names = CIFAR10_NAMES if dataset == "cifar10" else list(generate.read_tables("cifar100")[0])
+    if dataset == "cifar100":
+        assert len(names) == 100 and names == sorted(names) and set(CIFAR100_SOME) <= set(names)
+    prompts = generate.built_prompts(dataset, names, 0)
+    for c, name in enumerate(names):
+        assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
+        assert all(p.startswith(name.replace("_", " ") + ", ") for p in prompts[c])
+    assert prompts == generate.built_prompts(dataset, names, 0)
+    other = generate.built_prompts(dataset, names, 1)
+    assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
+    assert generate.class_prompts(names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
+
+
+def write_tiny_clip(folder, blind=False):
+    """A CLIP small enough for tests, saved as a user's would be. Its image token carries no constant (class and
+    position embeddings zero, patch weights scaled up), so its classes rank differently from image to image rather
+    than in one order for all; blind: its image features are zero, so every class gets p = 1/C."""
+    from transformers import CLIPConfig, CLIPModel
+    import generate
+    torch.manual_seed(0)
+    tokenizer = generate.write_tokenizer(folder)
+    tokenizer.save_pretrained(folder)
+    block = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                                  bos_token_id=0, eos_token_id=1, pad_token_id=1, **block),
+                                 vision_config=dict(image_size=32, patch_size=8, **block), projection_dim=8))
+    with torch.no_grad():
+        embeddings = model.vision_model.embeddings
+        embeddings.class_embedding.zero_()
+        embeddings.position_embedding.weight.zero_()
+        embeddings.patch_embedding.weight.mul_(30)
+        model.visual_projection.weight.mul_(0 if blind else 1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_dir, tmp_path):
+    clip = write_tiny_clip(str(tmp_path / "clip"))
+    pool = str(tmp_path / "pool")
+    flags = ["--per-class", 3, "--filter", "clip", "--clip-model", clip, "--clip-top-k", 7]
+    r = gen_run(root, pipe_dir, pool, *flags)
+    assert r.returncode == 0, r.stderr
+    g = json.load(open(os.path.join(pool, "manifest.json")))["generator"]
+    assert g["filter"] == {"type": "clip", "model": clip, "top_k": 7, "min_p": 0.0}
+    refused = g["clip_refused_per_class"]
+    assert set(refused) == set(CIFAR10_NAMES) and sum(refused.values()) > 0
+    assert 0 < g["rejected_images"] <= sum(refused.values())  # images made again; refusals, counted per try
+    counted, shards = {}, data.pool_shards(pool)
+    for c, name in enumerate(CIFAR10_NAMES):
+        for _, path in shards[c]:
+            with np.load(path) as z:
+                assert z["clip_p"].shape == z["seeds"].shape and ((0 < z["clip_p"]) & (z["clip_p"] < 1)).all()
+                assert (z["rejected"] == (z["clip_refused"] > 0)).all()  # the tiny pipeline makes no black image
+                counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
+    assert counted == refused
+    assert pool_bytes(pool) == (gen_run(root, pipe_dir, pool, *flags), pool_bytes(pool))[1]  # a rerun: nothing new
+    r = gen_run(root, pipe_dir, pool, "--per-class", 3)  # the same folder without the filter: other settings
+    assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--clip-top-k", 3], "--clip-top-k 3 has no effect without --filter clip"),
+    (["--prompts", "x.txt", "--prompt-style", "templates"], "--prompts FILE and --prompt-style templates: choose one")])
+def test_generate_refuses_settings_without_effect(flags, message, capsys):
+    import generate
+    code, err = in_process(lambda: generate.parse_args(list(map(str, flags))), capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
+    clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)  # p = 0.1 for every class: never >= 0.5
+    r = gen_run(root, pipe_dir, str(tmp_path / "pool"), "--per-class", 1, "--filter", "clip", "--clip-model", clip,
+                "--clip-min-p", 0.5)
+    errors = [line for line in r.stderr.splitlines() if "error" in line]  # after the progress bar's line
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "class 0 (airplane) image 0: 10 seeds in a row gave black or non-finite images (0) or images CLIP " \
+           "refused (11)" in errors[0]
 
 
 def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path):
@@ -1060,6 +1218,7 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
     (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
     (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
+    (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
 @pytest.mark.quick
 def test_a_setting_without_effect_is_refused(flags, message, capsys):
@@ -1091,6 +1250,8 @@ def flag_cases():
 
 
 NEGATIVE_OK = {"workers"}  # -1: the automatic choice
+ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},  # else refused
+             **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
 
 
 @pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
@@ -1111,7 +1272,7 @@ def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, ca
         pytest.skip("a path or a name: tested with the runs")
 
     for value, ok in cases.items():
-        code, err = in_process(lambda: parse([flag, value]), capsys)
+        code, err = in_process(lambda: parse(ACTS_WITH.get(key, []) + [flag, value]), capsys)
         assert (code == 0) == ok, (flag, value, err)
         if not ok:
             assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (flag, value, err)
@@ -1411,13 +1572,16 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     run_ = train.setup(cfg)
     protos = train.prototypes(run_, 0)
     run_.model.train()
-    det, flagged = torch.zeros(10, 4), torch.zeros(len(run_.mixed), dtype=torch.int32)
+    flagged = torch.zeros(len(run_.mixed), dtype=torch.int32)
     batches, rng = iter(train.streams(run_, cfg, 0)), np.random.default_rng(0)
-    step = lambda a, b: train.train_step(run_, train.step_inputs(run_, cfg, a, b, rng, protos, 0), det, flagged)
+    suspects = torch.arange(len(run_.mixed)) % 3 == 0  # as --relabel audit --audit-cls on hands them to the step
+    step = lambda a, b, s=None: train.train_step(run_, train.step_inputs(run_, cfg, a, b, rng, protos, 0, s), flagged)
     step(*next(batches))
+    step(*next(batches), suspects)
+    cfg["audit_cls"] = "on"
     with HostSyncs() as syncs:
-        for _ in range(2):
-            step(*next(batches))
+        for s in (None, suspects):
+            step(*next(batches), s)
         train.prototypes(run_, 1)
     assert not syncs.found, "\n".join(sorted(set(syncs.found)))
     unet, ema = generate.ddpm_unet(10, 8), generate.ddpm_unet(10, 8).requires_grad_(False)
@@ -1548,9 +1712,8 @@ def cuda_run(root, *flags):
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     run.model.train()
-    det = torch.zeros(10, 4, device="cuda")
     flagged = torch.zeros(len(run.mixed), dtype=torch.int32, device="cuda")
-    step = lambda a, b, rng: train.train_step(run, train.step_inputs(run, cfg, a, b, rng, protos), det, flagged)
+    step = lambda a, b, rng: train.train_step(run, train.step_inputs(run, cfg, a, b, rng, protos), flagged)
     return run, iter(train.streams(run, cfg, 0)), step
 
 

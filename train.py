@@ -27,14 +27,21 @@ from model import resnet32
 
 S, POSITIVE, NON_NEGATIVE, AT_LEAST_1 = data.Setting, data.POSITIVE, data.NON_NEGATIVE, data.AT_LEAST_1
 ON_OFF = ("on", "off")
+AUDIT_SCORES = ("p", "margin", "both")
 # Every setting, one entry each: default (the paper's value unless marked ours), help, check, choices, run-name tag,
 # scope (data.Setting). The parser, the checks, the run name, --resume and --summarize all follow from this table.
 CONFIG = {
     **data.DATA_CONFIG,  # dataset, imb, syn, syn_ratio, syn_noise, pool, data_root, data_seed
     "w_cls": S(1.0, "weight of the classification branch (mixup + cutmix); 0 skips it", NON_NEGATIVE, tag="wcls"),
     "w_con": S(1.0, "weight of the contrastive branch; 0 skips it and its prototypes", NON_NEGATIVE, tag="wcon"),
-    "relabel": S("on", "on: doubtful synthetic samples are relabelled by --strategy | off: all keep their label",
-                 choices=ON_OFF),
+    "relabel": S("on", "who is a suspect, relabelled by --strategy: on: the paper's rule | audit: the epoch audit's "
+                 "flags (ours) | off: nobody", choices=("on", "audit", "off")),
+    "audit_score": S("p", "--relabel audit's score: p: the classifier's log p(label) | margin: the prototype margin | "
+                     "both: their ranks summed (ours)", choices=AUDIT_SCORES, tag="as"),
+    "audit_q": S(0.1, "--relabel audit flags a synthetic sample scoring below this quantile of its class's real "
+                 "images: the false-flag rate accepted (ours)", (lambda v: 0 < v < 1, "in (0, 1)"), tag="q"),
+    "audit_cls": S("off", "on: a mixup or cutmix pair holding a suspect of --relabel audit leaves the classification "
+                   "branch too (ours)", choices=ON_OFF, tag="acls"),
     "strategy": S("pos_neg", "what suspects become", choices=("pos_neg", "neg_only", "drop"), tag=""),
     "temperature": S(0.1, "contrastive temperature", POSITIVE, tag="t"),
     "mix_alpha": S(1.0, "mixup and cutmix lam ~ Beta(alpha, alpha)", POSITIVE, tag="alpha"),
@@ -69,8 +76,9 @@ CONFIG = {
 }
 # A setting that cannot act under another one is refused rather than silently named: (setting, when, because).
 IGNORED = [("strategy", lambda c: c["relabel"] == "off", "--relabel off"),
+           *[(k, lambda c: c["relabel"] != "audit", "--relabel other than audit") for k in ("audit_score", "audit_q", "audit_cls")],
            *[(k, lambda c: c["w_con"] == 0, "--w-con 0") for k in ("relabel", "strategy", "temperature")],
-           ("mix_alpha", lambda c: c["w_cls"] == 0, "--w-cls 0"),
+           *[(k, lambda c: c["w_cls"] == 0, "--w-cls 0") for k in ("mix_alpha", "audit_cls")],
            *[(k, lambda c: c["syn"] == "none", "--syn none") for k in ("syn_ratio", "syn_noise", "pool")],
            ("pool", lambda c: c["syn"] == "heldout", "--syn heldout"),
            ("workers", lambda c: c["loader"] == "gpu", "--loader gpu"),
@@ -123,9 +131,10 @@ def read_json(path):
 
 # ---------------------------------------------------------------- losses
 
-def soft_ce(logits, targets):
-    """Cross-entropy with soft targets: mean_i(-sum_k t_ik log_softmax(o)_ik)."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+def soft_ce(logits, targets, weight=None):
+    """Cross-entropy with soft targets: mean_i(-sum_k t_ik log_softmax(o)_ik); weight [B]: a weighted mean."""
+    ce = -(targets * F.log_softmax(logits.float(), dim=1)).sum(1)
+    return ce.mean() if weight is None else (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 def supcon(feats, labels, is_anchor, temperature, member=None):
@@ -157,16 +166,20 @@ def find_suspects(feats, labels, in_anchor_set):
 
 
 def sau_contrastive_loss(z, labels, is_syn, prototypes, strategy="pos_neg", temperature=0.1, relabel=True,
-                         return_suspects=False):
+                         return_suspects=False, given=None):
     """SAU.md section 5. z [B, 2, D] unit, labels [B], is_syn [B], prototypes [C, 2, D] -> scalar loss (and the
-    suspects, [B] bool). Who takes part is a mask, not a subset, so the step never waits for the host."""
+    suspects, [B] bool). given [B] bool: the suspects (the audit's) in place of the paper's rule. Who takes part is
+    a mask, not a subset, so the step never waits for the host."""
     if strategy not in CONFIG["strategy"].choices:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {CONFIG['strategy'].choices}")
     b, c = len(labels), len(prototypes)
     feats = torch.cat([z, prototypes.to(z.dtype)])  # (B + C) x 2 x D
     y = torch.cat([labels, torch.arange(c, device=z.device)])  # B + C
     syn = torch.cat([is_syn.bool(), torch.zeros(c, dtype=torch.bool, device=z.device)])
-    suspect = find_suspects(feats, y, ~syn) & syn if relabel else torch.zeros_like(syn)  # anchor set: real + prototypes
+    if given is not None:
+        suspect = torch.cat([given.bool(), torch.zeros(c, dtype=torch.bool, device=z.device)]) & syn
+    else:  # the paper's rule; anchor set: real + prototypes
+        suspect = find_suspects(feats, y, ~syn) & syn if relabel else torch.zeros_like(syn)
     member, anchor = torch.ones_like(syn), torch.ones_like(syn)
     if strategy == "pos_neg":  # a fresh label each: positive only with its own other view
         y = torch.where(suspect, -1 - torch.arange(b + c, device=z.device), y)
@@ -205,6 +218,8 @@ class Batch(NamedTuple):
     index: torch.Tensor  # B: each sample's position in the mixed set
     protos: torch.Tensor  # C x 2 x D: this epoch's real-data prototypes
     epoch: int  # 0-based
+    suspect: torch.Tensor = None  # B bool: the epoch audit's suspects (--relabel audit), else None
+    keep: torch.Tensor = None  # B: 1 for a mixed pair without a suspect, else 0 (--audit-cls on), else None
 
 
 class Step(torch.nn.Module):
@@ -220,12 +235,12 @@ class Step(torch.nn.Module):
         m, cfg = self.model, self.cfg
         zero = torch.zeros((), device=b.y.device)
         loss_cls, loss_con, suspect = zero, zero, torch.zeros_like(b.is_syn)
-        if b.x_mix is not None:  # the whole model, as the reference: the projection head's BatchNorm statistics see
-            loss_cls = soft_ce(m(b.x_mix)[0], b.t_mix) + soft_ce(m(b.x_cut)[0], b.t_cut)  # the mixed images too
+        if b.x_mix is not None:  # the whole model, as the reference: the projection head's BatchNorm sees these too
+            loss_cls = soft_ce(m(b.x_mix)[0], b.t_mix, b.keep) + soft_ce(m(b.x_cut)[0], b.t_cut, b.keep)
         if b.v2 is not None:
             z = torch.stack([m.project(m.features(b.v2)), m.project(m.features(b.v3))], 1)  # B x 2 x 128
             loss_con, suspect = sau_contrastive_loss(z, b.y, b.is_syn, b.protos, cfg["strategy"], cfg["temperature"],
-                                                     cfg["relabel"] == "on", return_suspects=True)
+                                                     cfg["relabel"] == "on", return_suspects=True, given=b.suspect)
         return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, suspect
 
 
@@ -259,17 +274,22 @@ def prototypes(run, seed):
     return all_sum(sums, run.world) / all_sum(counts, run.world).clamp(min=1)[:, None, None]
 
 
+def plain_batches(run, images, batch_size=1000):
+    """(start, x): this process's share of uint8 [N, 3, 32, 32] host images, unaugmented, normalised on the device."""
+    for i in range(run.rank * batch_size, len(images), run.world * batch_size):
+        yield i, run.prep((images[i:i + batch_size].to(run.device).float() / 255 - run.mean) / run.std)
+
+
 @torch.no_grad()
-def evaluate(run, batch_size=1000):
+def evaluate(run):
     """Top-1, top-5, per-class accuracy, many/medium/few and the confusion matrix on the test set."""
     model, device, n_real = run.model, run.device, run.mixed.n_real
     model.eval()
     num_classes = len(n_real)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
-    for i in range(run.rank * batch_size, len(run.y_test), run.world * batch_size):
-        x = run.prep((run.x_test[i:i + batch_size].to(device).float() / 255 - run.mean) / run.std)
-        y = run.y_test[i:i + batch_size].to(device)
+    for i, x in plain_batches(run, run.x_test):
+        y = run.y_test[i:i + len(x)].to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
             top5 = model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices
         confusion.index_add_(0, y * num_classes + top5[:, 0], torch.ones_like(y))
@@ -281,6 +301,78 @@ def evaluate(run, batch_size=1000):
     return {"top1": 100 * confusion.diag().sum().item() / len(run.y_test), "top5": 100 * top5_hits / len(run.y_test),
             **{g: 100 * sum(v) / len(v) if v else None for g, v in groups.items()},
             "per_class": [100 * a for a in per_class], "confusion": confusion.tolist()}
+
+
+# ---------------------------------------------------------------- the epoch audit (ours)
+
+@torch.no_grad()
+def audit(run, protos):
+    """[N, 2] scores of every sample of the mixed set on its plain image, in eval mode (audit_scores)."""
+    run.model.eval()
+    scores = torch.zeros(len(run.mixed), 2, device=run.device)
+    unit = F.normalize(protos.float(), dim=-1)
+    for i, x in plain_batches(run, run.x_train):
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+            f = run.model.features(x)
+            logits, z = run.model.fc(f), run.model.project(f)
+        scores[i:i + len(x)] = audit_scores(logits.float(), z.float(), run.y_train[i:i + len(x)], unit)
+    return all_sum(scores, run.world)
+
+
+def audit_scores(logits, z, y, protos):
+    """[B, 2], higher = more like its class: the classifier's log p(y | x), and the prototype margin (cosine to its
+    class's prototype minus the nearest other class's, the lower over the prototypes' views). logits [B, C], unit
+    z [B, D], labels y [B], unit prototypes [C, V, D]."""
+    with torch.autocast(z.device.type, enabled=False):
+        cos = torch.einsum("bd,cvd->bvc", z.float(), protos.float())  # B x V x C
+    own = y[:, None, None].expand(-1, cos.shape[1], 1)
+    margin = cos.gather(2, own)[..., 0] - cos.scatter(2, own, -torch.inf).amax(2)  # B x V
+    return torch.stack([F.log_softmax(logits.float(), 1).gather(1, y[:, None])[:, 0], margin.amin(1)], 1)
+
+
+def reference_rank(score, labels, real):
+    """[N]: per sample, the share of its class's real samples that score lower. The real images are the reference:
+    flagging ranks below q flags about q of anything drawn like them, whatever the model."""
+    rank = torch.zeros_like(score)
+    for c in labels.unique():
+        of_c = labels == c
+        ref = score[of_c & real].sort().values
+        rank[of_c] = torch.searchsorted(ref, score[of_c]).float() / max(len(ref), 1)
+    return rank
+
+
+def audit_ranks(scores, labels, real):
+    """[N, 3] reference ranks of the scores p, margin and both (the sum of the first two ranks), host tensors."""
+    r = [reference_rank(s.contiguous(), labels, real) for s in scores.T]
+    return torch.stack(r + [reference_rank(r[0] + r[1], labels, real)], 1)
+
+
+def auc(score, positive):
+    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None without both."""
+    s, pos = np.asarray(score, float), np.asarray(positive, bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0:
+        return None
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def audit_figures(scores, ranks, mixed, q, flags):
+    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample ranked below q
+    and the AUC (planted vs clean; of the rank sum for both), and the AUC of the flags the step used this epoch
+    (flags [N]: the paper's rule's, or the audit's with --relabel audit); per class, the 10/50/90% points of log p
+    and margin for real, clean and planted samples."""
+    syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
+    raw = torch.cat([scores, (ranks[:, 0] + ranks[:, 1])[:, None]], 1).numpy()
+    fig = {name: {**detector(syn & (ranks[:, k] < q).numpy(), mixed), "auc": auc(-raw[syn, k], noisy[syn])}
+           for k, name in enumerate(AUDIT_SCORES)}
+    fig["flags"] = {"auc": auc(flags[syn], noisy[syn])}
+    groups = {"real": ~syn, "clean": syn & ~noisy, "planted": noisy}
+    fig["per_class"] = {name: {g: [np.quantile(raw[m & (y == c), k], [0.1, 0.5, 0.9]).round(4).tolist()
+                                   if (m & (y == c)).any() else None for c in range(len(mixed.classes))]
+                               for g, m in groups.items() if m.any()} for k, name in enumerate(("p", "margin"))}
+    return fig
 
 
 # ---------------------------------------------------------------- the run
@@ -379,12 +471,13 @@ def setup(cfg):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     run.mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    run.is_noisy = torch.from_numpy(run.mixed.is_noisy).to(device)
     real = torch.from_numpy(np.flatnonzero(~run.mixed.is_syn))[run.rank::run.world]  # this process's real images
     run.real_share = real.to(device) if run.loader == "gpu" else real.tolist()  # copied once, not every epoch
     run.batches = data.batch_maker(run.mixed, run.loader, device, workers)
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
     run.x_test, run.y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
+    run.x_train, run.y_train = torch.from_numpy(run.mixed.images).permute(0, 3, 1, 2), torch.from_numpy(
+        run.mixed.labels).to(device)  # for the audit
     run.mean, run.std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
 
     torch.manual_seed(cfg["seed"])
@@ -410,8 +503,9 @@ def streams(run, cfg, epoch_seed):
                               run.batches)
 
 
-def step_inputs(run, cfg, a, b, rng, protos, epoch=0):
-    """The step's Batch from one (A, B) pair of batches: mixup and cutmix of A's v1 with B's, on the device."""
+def step_inputs(run, cfg, a, b, rng, protos, epoch=0, suspects=None):
+    """The step's Batch from one (A, B) pair of batches: mixup and cutmix of A's v1 with B's, on the device.
+    suspects [N] bool: the epoch audit's flags over the mixed set (--relabel audit)."""
     *va, ya, syn, index = a
     ya, syn, index = (t.to(run.device, non_blocking=True) for t in (ya, syn, index))
     va = [run.prep(v) for v in va]
@@ -426,40 +520,37 @@ def step_inputs(run, cfg, a, b, rng, protos, epoch=0):
         x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
         t_cut = w * ta + (1 - w) * tb
     v2, v3 = va[-2:] if run.use_con else (None, None)
-    return Batch(x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn.bool(), index, protos, epoch)
+    suspect = suspects[index] if suspects is not None and run.use_con else None
+    keep = None
+    if suspects is not None and run.use_cls and cfg["audit_cls"] == "on":
+        keep = (~(suspects[index] | suspects[b[-1].to(run.device, non_blocking=True)])).float()
+    return Batch(x_mix, t_mix, x_cut, t_cut, v2, v3, ya, syn.bool(), index, protos, epoch, suspect, keep)
 
 
-def train_step(run, batch, det, flagged):
-    """Forward, backward, SGD step (the model in train mode), and the relabel rule's counts for the batch; returns
-    [loss, cls, con] on the device, without a sync."""
+def train_step(run, batch, flagged):
+    """Forward, backward, SGD step (the model in train mode); adds the batch's suspects to flagged [N] (epochs each
+    sample was a suspect); returns [loss, cls, con] on the device, without a sync."""
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
         loss, loss_cls, loss_con, suspect = run.step_fn(batch)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
-    count_suspects(det, flagged, batch.y, batch.is_syn, run.is_noisy[batch.index], suspect, batch.index)
+    flagged.index_add_(0, batch.index, (suspect & batch.is_syn).int())
     return torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach()]).float()
 
 
-# ---------------------------------------------------------------- the relabel rule as a detector (ours)
+# ---------------------------------------------------------------- detectors: the relabel rule, the audit (ours)
 
-def count_suspects(det, flagged, y, is_syn, is_noisy, suspect, index):
-    """Add one batch to the device counts, without a sync. det [C, 4] per class: synthetic seen, flagged, planted
-    seen, planted flagged; flagged [N]: in how many epochs each sample of the mixed set was taken as a suspect."""
-    s = suspect & is_syn
-    det.index_add_(0, y, torch.stack([is_syn, s, is_noisy, is_noisy & s], 1).float())
-    flagged.index_add_(0, index, s.int())
-
-
-def detector_figures(det, planted):
-    """metrics.jsonl's detector fields from an epoch's det [C, 4] (host lists): the suspect fraction of synthetic
-    samples overall and per class and, with planted images, recall, false-flag rate and precision."""
-    seen, flagged, p_seen, p_flagged = (sum(col) for col in zip(*det))
-    ratio = lambda a, b: a / b if b else None
-    fig = {"suspect_frac": ratio(flagged, seen), "suspect_frac_per_class": [ratio(r[1], r[0]) for r in det]}
-    if planted:
-        fig.update(recall=ratio(p_flagged, p_seen), false_flag_rate=ratio(flagged - p_flagged, seen - p_seen),
-                   precision=ratio(p_flagged, flagged))
+def detector(flag, mixed):
+    """Per-sample flags [N] bool (host) as a detector of bad synthetic images: the share of synthetic samples flagged,
+    overall and per class, and with planted images recall, false-flag rate and precision."""
+    syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
+    share = lambda of, m: float(of[m].mean()) if m.any() else None
+    fig = {"suspect_frac": share(flag, syn),
+           "suspect_frac_per_class": [share(flag, syn & (y == c)) for c in range(len(mixed.classes))]}
+    if noisy.any():
+        fig.update(recall=share(flag, noisy), false_flag_rate=share(flag, syn & ~noisy),
+                   precision=share(noisy, syn & flag))
     return fig
 
 
@@ -489,7 +580,9 @@ def run_epochs(cfg, out, main_proc):
     say = print if main_proc else (lambda *a, **k: None)
     metrics, start, ev = [], 0, None
     flagged = torch.zeros(len(mixed), dtype=torch.int32, device=device)  # epochs each sample was a suspect
-    flagged_all = flagged.cpu()
+    flagged_all = flagged.cpu().clone()  # summed over processes, on the host
+    protos, scores, audit_on = None, None, run.use_con and mixed.is_syn.any()
+    suspects = torch.zeros(len(mixed), dtype=torch.bool)  # the audit's flags for the next epoch (none in the first)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -497,8 +590,8 @@ def run_epochs(cfg, out, main_proc):
         start, flagged_all = ckpt["epoch"], ckpt["flagged"]
         if main_proc:  # the saved counts are summed over processes: keep them once
             flagged += flagged_all.to(device)
-        metrics = ckpt.get("metrics") or [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))][:start]
-        ev = ckpt.get("eval") or read_json(os.path.join(out, "last_eval.json"))  # older runs kept these apart
+        metrics, ev, scores, suspects = ckpt["metrics"], ckpt["eval"], ckpt.get("audit"), ckpt.get("suspects", suspects)
+    given = suspects.to(device) if cfg["relabel"] == "audit" else None
     if main_proc:
         data.write_atomic(os.path.join(out, "config.json"), json.dumps(
             {k: v for k, v in cfg.items() if k != "resume"}, indent=1))
@@ -520,17 +613,17 @@ def run_epochs(cfg, out, main_proc):
         epoch_seed = cfg["seed"] * 1_000_003 + epoch
         rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix draws
         t0 = time.time()
-        protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes")) if run.use_con else None
+        if run.use_con and protos is None:  # after the first epoch: made by the previous epoch's audit
+            protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes"))
         model.train()
         lr = run.opt.param_groups[0]["lr"]
         sums = torch.zeros(3, device=device)  # loss, cls, con
-        det = torch.zeros(len(mixed.classes), 4, device=device)  # per class: synthetic, flagged, planted, both
         bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss, found without a sync
         n_seen = 0
         bar = tqdm(total=len(mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, disable=not main_proc)
         for step, (a, b) in enumerate(streams(run, cfg, epoch_seed)):
-            parts = train_step(run, step_inputs(run, cfg, a, b, rng, protos, epoch), det, flagged)
+            parts = train_step(run, step_inputs(run, cfg, a, b, rng, protos, epoch, given), flagged)
             sums += parts
             bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(parts[0]), step + 1)
             n_seen += len(a[-1]) * world
@@ -545,22 +638,34 @@ def run_epochs(cfg, out, main_proc):
         ev = {**evaluate(run), **counts}
         steps = step + 1
         loss_sum, cls_sum, con_sum = all_sum(sums, world).tolist()
-        detector = detector_figures(all_sum(det, world).tolist(), cfg["syn_noise"] > 0) if run.use_con else {}
-        flagged_all = all_sum(flagged.clone(), world).cpu()
+        flagged_all, before = all_sum(flagged.clone(), world).cpu(), flagged_all
+        epoch_flags = (flagged_all - before).numpy() > 0
+        audited, t1 = {}, time.time()
+        protos = prototypes(run, data.stream_seed(epoch_seed + 1, "prototypes")) if run.use_con else None  # the next
+        if audit_on:  # epoch's, the same as it would make itself (same weights, same seed), and the audit's
+            scores = audit(run, protos).cpu()
+            ranks = audit_ranks(scores, torch.from_numpy(mixed.labels), torch.from_numpy(~mixed.is_syn))
+            suspects = (ranks[:, AUDIT_SCORES.index(cfg["audit_score"])] < cfg["audit_q"]) & torch.from_numpy(
+                mixed.is_syn)
+            given = suspects.to(device) if cfg["relabel"] == "audit" else None
+            fig = audit_figures(scores, ranks, mixed, cfg["audit_q"], epoch_flags)
+            audited = {**{f"auc_{k}": fig[k]["auc"] for k in (*AUDIT_SCORES, "flags")}, "audit": fig,
+                       "audit_s": time.time() - t1}
         metrics.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / world / steps,
                         "loss_cls": cls_sum / world / steps, "loss_con": con_sum / world / steps,
-                        "suspect_frac": None, **detector,
+                        "suspect_frac": None, **(detector(epoch_flags, mixed) if run.use_con else {}),
                         **{k: ev[k] for k in ("top1", "top5", "many", "medium", "few")},
-                        "seconds": time.time() - t0, "images_per_s": n_seen / train_s})
+                        "seconds": time.time() - t0, "images_per_s": n_seen / train_s, **audited})
         if not main_proc:
             continue
         print_epoch(metrics[-1], cfg["epochs"])
         state = {"model": model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                 "epoch": epoch + 1, "config": cfg, "flagged": flagged_all, "metrics": metrics, "eval": ev}
+                 "epoch": epoch + 1, "config": cfg, "flagged": flagged_all, "metrics": metrics, "eval": ev,
+                 "audit": scores, "suspects": suspects}
         data.write_atomic(os.path.join(out, "checkpoint.pt"), lambda p: torch.save(state, p))  # the one step
         data.write_atomic(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in metrics))
     if main_proc:
-        report(out, cfg, metrics, ev, mixed, flagged_all.numpy())
+        report(out, cfg, metrics, ev, mixed, flagged_all.numpy(), scores)
     return out
 
 
@@ -569,12 +674,20 @@ def print_epoch(m, epochs):
     found = "" if m["suspect_frac"] is None else f"  suspects {fmt(m['suspect_frac'], 3)}" + (
         f" (planted: recall {fmt(m['recall'], 3)}, false flags {fmt(m['false_flag_rate'], 3)}, precision "
         f"{fmt(m['precision'], 3)})" if "recall" in m else "")
+    audit = ""
+    if "audit" in m:  # ours
+        a = m["audit"]
+        audit = "\n  audit" + "".join(f"  {k}: flags {fmt(a[k]['suspect_frac'], 3)}" + (
+            f" (recall {fmt(a[k]['recall'], 3)}, precision {fmt(a[k]['precision'], 3)}, AUC {fmt(a[k]['auc'], 3)})"
+            if "recall" in a[k] else "") for k in AUDIT_SCORES) + (f"  step's flags AUC {fmt(a['flags']['auc'], 3)}"
+                                                                   if a["flags"]["auc"] is not None else "") + (
+            f"  {m['audit_s']:.0f}s")
     tqdm.write(f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
                f"{m['loss_con']:.3f})  lr {m['lr']:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
-               f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s")
+               f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s{audit}")
 
 
-def report(out, cfg, metrics, ev, mixed, flagged):
+def report(out, cfg, metrics, ev, mixed, flagged, scores):
     """final.json and the pictures of a finished run, from what its checkpoint holds."""
     best = max(metrics, key=lambda r: r["top1"])
     final = {"final_epoch": {k: ev[k] for k in ("top1", "top5", "many", "medium", "few", "per_class")},
@@ -583,10 +696,13 @@ def report(out, cfg, metrics, ev, mixed, flagged):
              "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
              "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics),
              "detector_last_epoch": {k: metrics[-1].get(k) for k in ("suspect_frac", "recall", "false_flag_rate",
-                                                                     "precision") if k in metrics[-1]}}
+                                                                     "precision") if k in metrics[-1]},
+             "audit_last_epoch": {k: v for k, v in metrics[-1].get("audit", {}).items() if k != "per_class"}}
     plot_run(out, metrics, ev)
     if cfg["w_con"] > 0 and mixed.is_syn.any():
         plot_suspects(out, mixed, flagged, cfg["epochs"])
+    if scores is not None:
+        plot_audit(out, mixed, scores.numpy(), cfg["epochs"])
     data.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))  # last: the run's end mark
     f = final["final_epoch"]
     print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  many/medium/few "
@@ -604,7 +720,7 @@ def bench(cfg, warmup=3):
     warmup += 7 * (cfg["compile"] == "on")  # compilation, and a recompilation for the eval graph
     rng, sync = np.random.default_rng(0), (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     protos = F.normalize(torch.randn(len(mixed.classes), 2, run.model.proj[-1].out_features, device=device), dim=-1)
-    det, flagged = torch.zeros(len(mixed.classes), 4, device=device), torch.zeros(len(mixed), device=device).int()
+    flagged = torch.zeros(len(mixed), dtype=torch.int32, device=device)
 
     def timed(batches, work):  # seconds per batch over n batches after warm-up
         it = iter(batches)
@@ -620,7 +736,7 @@ def bench(cfg, warmup=3):
     with warnings.catch_warnings(record=True) as syncs:  # CUDA: every host sync inside a step warns once
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn") if cuda else None
-        step_s = timed(epochs(), lambda ab: train_step(run, step_inputs(run, cfg, *ab, rng, protos), det, flagged))
+        step_s = timed(epochs(), lambda ab: train_step(run, step_inputs(run, cfg, *ab, rng, protos), flagged))
         torch.cuda.set_sync_debug_mode("default") if cuda else None
     syncs = sum("synchroniz" in str(w.message) for w in syncs) if cuda else None
     data_s = timed(epochs(), lambda ab: step_inputs(run, cfg, *ab, rng, protos))
@@ -709,12 +825,15 @@ def save_figure(fig, path):
 
 def plot_run(out, metrics, ev):
     """curves.png, per_class.png and confusion.png in the run folder."""
-    plt, ep, detector = pyplot(), [r["epoch"] for r in metrics], metrics[-1]["suspect_frac"] is not None
-    fig, ax = plt.subplots(1, 3 + detector, figsize=(5 * (3 + detector), 4))
+    plt, ep = pyplot(), [r["epoch"] for r in metrics]
     panels = [("loss", "loss_cls", "loss_con"), ("lr",), ("top1", "many", "medium", "few"),
-              ("suspect_frac", "recall", "false_flag_rate", "precision")][:3 + detector]
-    titles = ("training loss", "learning rate", "test accuracy (%)", "relabel rule on synthetic samples")
-    for a, keys, title in zip(ax, panels, titles):
+              ("suspect_frac", "recall", "false_flag_rate", "precision"), ("auc_p", "auc_margin", "auc_both",
+                                                                           "auc_flags")]
+    titles = ["training loss", "learning rate", "test accuracy (%)", "the step's suspects among synthetic samples",
+              "audit AUC, planted vs clean (auc_flags: the step's flags)"]
+    shown = [i for i, keys in enumerate(panels) if any(r.get(keys[0]) is not None for r in metrics)]
+    fig, ax = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
+    for a, keys, title in zip(ax, [panels[i] for i in shown], [titles[i] for i in shown]):
         for k in keys:
             if any(r.get(k) is not None for r in metrics):  # many/medium/few: only the groups that have classes
                 a.plot(ep, [np.nan if r.get(k) is None else r[k] for r in metrics], ".-", label=k)
@@ -744,6 +863,21 @@ def plot_run(out, metrics, ev):
         ax.set_xticks(c, ev["classes"], rotation=45, ha="right")
         ax.set_yticks(c, ev["classes"])
     save_figure(fig, os.path.join(out, "confusion.png"))
+
+
+def plot_audit(out, mixed, scores, epochs):
+    """audit.png: the last epoch's audit scores, real, clean synthetic and planted samples apart."""
+    plt, syn, noisy = pyplot(), mixed.is_syn, mixed.is_noisy
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for a, s, title in zip(ax, scores.T, ("log p(label), classifier, plain image", "prototype margin")):
+        bins = np.linspace(np.quantile(s, 0.005), s.max(), 60)
+        for name, m in [("real", ~syn), ("synthetic, clean", syn & ~noisy), ("synthetic, planted", noisy)]:
+            if m.any():
+                a.hist(s[m].clip(bins[0]), bins, density=True, histtype="step", lw=1.5, label=f"{name} ({m.sum()})")
+        a.set(title=title, xlabel="score (lower: less like its class)", ylabel="density")
+        a.legend()
+    fig.suptitle(f"epoch audit after epoch {epochs} (the lowest 0.5% piled into the first bin)", fontsize=10)
+    save_figure(fig, os.path.join(out, "audit.png"))
 
 
 def plot_suspects(out, mixed, flagged, epochs, per_side=8):
