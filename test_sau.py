@@ -1098,7 +1098,8 @@ def test_two_process_gloo_run(root, tmp_path, loader, port):
     if loader == "gpu":
         seeds = [{s for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())} for rank in (0, 1)]
         assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]  # no stream of draws shared between the processes
-        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b", "prototypes")}
+        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")} | {
+            data.stream_seed(e, "prototypes") for e in range(3)}  # the last audit's: a third epoch's prototypes
         assert seeds[0] == one  # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
 
 

@@ -830,7 +830,7 @@ def plot_run(out, metrics, ev):
               ("suspect_frac", "recall", "false_flag_rate", "precision"), ("auc_p", "auc_margin", "auc_both",
                                                                            "auc_flags")]
     titles = ["training loss", "learning rate", "test accuracy (%)", "the step's suspects among synthetic samples",
-              "audit AUC, planted vs clean (auc_flags: the step's flags)"]
+              "audit AUC, planted vs clean"]
     shown = [i for i, keys in enumerate(panels) if any(r.get(keys[0]) is not None for r in metrics)]
     fig, ax = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
     for a, keys, title in zip(ax, [panels[i] for i in shown], [titles[i] for i in shown]):
@@ -838,6 +838,7 @@ def plot_run(out, metrics, ev):
             if any(r.get(k) is not None for r in metrics):  # many/medium/few: only the groups that have classes
                 a.plot(ep, [np.nan if r.get(k) is None else r[k] for r in metrics], ".-", label=k)
         a.set(title=title, xlabel="epoch")
+        a.set_xticks(ep) if len(ep) <= 20 else None
         a.legend() if len(keys) > 1 and a.get_legend_handles_labels()[0] else None
     save_figure(fig, os.path.join(out, "curves.png"))
 
