@@ -572,11 +572,12 @@ def test_the_real_reference_flags_about_q_and_a_low_mode():
 
 
 def test_the_audit_resumes_bit_exact_and_relabels_its_suspects(root, tmp_path):
-    """--relabel audit --audit-cls on: stopped after epoch 1 and resumed, the audit's scores, its suspects, the
-    weights and the metrics of an uninterrupted run. Epoch 1 has no suspects (no audit yet); epoch 2's step flags
-    exactly the samples the audit after epoch 1 flagged."""
+    """--relabel audit --audit-cls on, --loader gpu: stopped after epoch 1 and resumed, the audit's scores, its
+    suspects, the weights and the metrics of an uninterrupted run (test_resume_gives_the_same_weights does the cpu
+    loader). Epoch 1 has no suspects (no audit yet); epoch 2's step flags exactly the samples the audit after epoch
+    1 flagged."""
     flags = ["--epochs", 2, "--width", 4, "--syn-noise", 0.4, "--relabel", "audit", "--audit-cls", "on",
-             "--audit-score", "both", "--audit-q", 0.3]
+             "--audit-score", "both", "--audit-q", 0.3, "--loader", "gpu"]
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     train.train(tiny_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
     first = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -665,7 +666,7 @@ def test_train_ablations_run(root, tmp_path, flags):
     assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls" in flags)
 
 
-@pytest.mark.parametrize("loader", ["cpu", "gpu"])
+@pytest.mark.parametrize("loader", ["cpu"])  # the gpu loader: test_the_audit_resumes_bit_exact_and_relabels_its_suspects
 def test_resume_gives_the_same_weights(root, tmp_path, loader):
     """In-process runs (the CLI's --resume is exercised by the kill tests): stopped after epoch 1 and resumed, the
     weights of an uninterrupted run; with the cpu loader, the stopped run is made to look older than --syn-noise and
@@ -904,7 +905,6 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
                 assert (z["rejected"] == (z["clip_refused"] > 0)).all()  # the tiny pipeline makes no black image
                 counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
     assert counted == refused
-    assert pool_bytes(pool) == (gen_run(root, pipe_dir, pool, *flags), pool_bytes(pool))[1]  # a rerun: nothing new
     r = gen_run(root, pipe_dir, pool, "--per-class", 3)  # the same folder without the filter: other settings
     assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
 
