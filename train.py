@@ -315,7 +315,7 @@ def audit(run, protos):
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
             f = run.model.features(x)
             logits, z = run.model.fc(f), run.model.project(f)
-        scores[i:i + len(x)] = audit_scores(logits.float(), z.float(), run.y_train[i:i + len(x)], unit)
+        scores[i:i + len(x)] = audit_scores(logits, z, run.y_train[i:i + len(x)], unit)
     return all_sum(scores, run.world)
 
 
@@ -591,7 +591,6 @@ def run_epochs(cfg, out, main_proc):
         if main_proc:  # the saved counts are summed over processes: keep them once
             flagged += flagged_all.to(device)
         metrics, ev, scores, suspects = ckpt["metrics"], ckpt["eval"], ckpt.get("audit"), ckpt.get("suspects", suspects)
-    given = suspects.to(device) if cfg["relabel"] == "audit" else None
     if main_proc:
         data.write_atomic(os.path.join(out, "config.json"), json.dumps(
             {k: v for k, v in cfg.items() if k != "resume"}, indent=1))
@@ -613,6 +612,7 @@ def run_epochs(cfg, out, main_proc):
         epoch_seed = cfg["seed"] * 1_000_003 + epoch
         rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix draws
         t0 = time.time()
+        given = suspects.to(device) if cfg["relabel"] == "audit" else None  # the previous audit's flags
         if run.use_con and protos is None:  # after the first epoch: made by the previous epoch's audit
             protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes"))
         model.train()
@@ -647,7 +647,6 @@ def run_epochs(cfg, out, main_proc):
             ranks = audit_ranks(scores, torch.from_numpy(mixed.labels), torch.from_numpy(~mixed.is_syn))
             suspects = (ranks[:, AUDIT_SCORES.index(cfg["audit_score"])] < cfg["audit_q"]) & torch.from_numpy(
                 mixed.is_syn)
-            given = suspects.to(device) if cfg["relabel"] == "audit" else None
             fig = audit_figures(scores, ranks, mixed, cfg["audit_q"], epoch_flags)
             audited = {**{f"auc_{k}": fig[k]["auc"] for k in (*AUDIT_SCORES, "flags")}, "audit": fig,
                        "audit_s": time.time() - t1}
