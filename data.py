@@ -730,6 +730,7 @@ def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             yield (*view_fn(images[idx], views, g), labels[idx], is_syn[idx], idx)
+    batches.images = images  # the set on the device, for plain passes over it (train.audit)
     return batches
 
 

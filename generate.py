@@ -141,9 +141,9 @@ def built_prompts(dataset, names, seed):
     return out
 
 
-def class_prompts(names, prompts_file, style="templates", dataset=None, seed=0):
-    """{label: [prompt, ...]}: built from prompts/, the templates, or the file's lines grouped by the class name
-    they begin with."""
+def class_prompts(names, prompts_file, style, dataset=None, seed=0):
+    """{label: [prompt, ...]}: the file's lines grouped by the class name they begin with, else by style: "built"
+    from prompts/ (needs dataset, seed) or "templates"."""
     spoken = [n.replace("_", " ") for n in names]
     if not prompts_file and style == "built":
         return built_prompts(dataset, names, seed)

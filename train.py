@@ -275,7 +275,8 @@ def prototypes(run, seed):
 
 
 def plain_batches(run, images, batch_size=1000):
-    """(start, x): this process's share of uint8 [N, 3, 32, 32] host images, unaugmented, normalised on the device."""
+    """(start, x): this process's share of uint8 [N, 3, 32, 32] images (host or device), unaugmented, normalised on
+    the device."""
     for i in range(run.rank * batch_size, len(images), run.world * batch_size):
         yield i, run.prep((images[i:i + batch_size].to(run.device).float() / 255 - run.mean) / run.std)
 
@@ -476,8 +477,9 @@ def setup(cfg):
     run.batches = data.batch_maker(run.mixed, run.loader, device, workers)
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
     run.x_test, run.y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
-    run.x_train, run.y_train = torch.from_numpy(run.mixed.images).permute(0, 3, 1, 2), torch.from_numpy(
-        run.mixed.labels).to(device)  # for the audit
+    run.x_train = getattr(run.batches, "images", None)  # for the audit: the device copy of --loader gpu, else a view
+    run.x_train = torch.from_numpy(run.mixed.images).permute(0, 3, 1, 2) if run.x_train is None else run.x_train
+    run.y_train = torch.from_numpy(run.mixed.labels).to(device)
     run.mean, run.std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
 
     torch.manual_seed(cfg["seed"])
