@@ -1347,7 +1347,8 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     reports), then --resume: final.json and the weights are those of an uninterrupted run. The pictures are drawn
     but not rendered (save_figure writes a stand-in through the same atomic write): this test is about the order."""
     monkeypatch.setattr(train, "save_figure", lambda fig, path: (data.write_atomic(path, "png"), train.pyplot().close(fig)))
-    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32]  # 139 images, 5 steps
+    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32, "--loader", "gpu"]  # 139
+    # images, 5 steps; the batched views: the same writes, a quarter faster on the CPU than DataLoader's
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     ref_final = final_without_timings(tmp_path / "full")
     ref_w = torch.load(tmp_path / "full" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
