@@ -1,5 +1,7 @@
 """Offline CPU tests: tiny CIFAR files and pools written here, tiny widths, the real scripts as subprocesses."""
 import argparse
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -780,6 +782,15 @@ def gen_run(root, pipe_dir, pool, *args, env=None):
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
+def gen_here(root, pipe_dir, pool, *args):
+    """generate.py in this process, for runs that must succeed: the script as a subprocess spends 8 s of each call
+    importing diffusers here (gen_pool and the refusals run it so). Its stdout."""
+    import generate
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        generate.main(["--data-root", root, "--model", pipe_dir, "--pool", str(pool), *map(str, GEN), *map(str, args)])
+    return out.getvalue()
+
+
 def pool_bytes(folder):
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".npz")}
 
@@ -814,27 +825,25 @@ def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
 def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool, tmp_path):
     ref = pool_bytes(gen_pool)
     again = str(tmp_path / "again")
-    assert gen_run(root, pipe_dir, again, "--imb", 10).returncode == 0
+    gen_here(root, pipe_dir, again, "--imb", 10)  # in this process: the same bytes as the script's
     assert pool_bytes(again) == ref
     for name in (data.shard_name(5, 0), data.shard_name(9, 0)):  # a killed run: shards missing
         os.remove(os.path.join(again, name))
-    r = gen_run(root, pipe_dir, again, "--imb", 10)
-    assert r.returncode == 0 and "made 10 images" in r.stdout, r.stdout
+    out = gen_here(root, pipe_dir, again, "--imb", 10)
+    assert "made 10 images" in out, out
     assert pool_bytes(again) == ref
     split = str(tmp_path / "split")
     for i in (0, 1):
-        assert gen_run(root, pipe_dir, split, "--imb", 10, "--shard", f"{i}/2").returncode == 0
+        gen_here(root, pipe_dir, split, "--imb", 10, "--shard", f"{i}/2")
     assert pool_bytes(split) == ref
-    r = gen_run(root, pipe_dir, split, "--imb", 10)
-    assert r.returncode == 0 and "nothing to make" in r.stdout
+    assert "nothing to make" in gen_here(root, pipe_dir, split, "--imb", 10)
 
 
 def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
     lines = [f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}" for name in CIFAR10_NAMES for i in (0, 1)]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     pool = str(tmp_path / "pool")
-    r = gen_run(root, pipe_dir, pool, "--per-class", 3, "--prompts", tmp_path / "prompts.txt")
-    assert r.returncode == 0, r.stderr
+    gen_here(root, pipe_dir, pool, "--per-class", 3, "--prompts", tmp_path / "prompts.txt")
     with np.load(os.path.join(pool, data.shard_name(3, 0))) as z:
         assert z["prompts"].tolist() == ["cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
                                          "cat. a cat seen from afar, number 0"]
@@ -890,8 +899,7 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
     clip = write_tiny_clip(str(tmp_path / "clip"))
     pool = str(tmp_path / "pool")
     flags = ["--per-class", 3, "--filter", "clip", "--clip-model", clip, "--clip-top-k", 7]
-    r = gen_run(root, pipe_dir, pool, *flags)
-    assert r.returncode == 0, r.stderr
+    gen_here(root, pipe_dir, pool, *flags)
     g = json.load(open(os.path.join(pool, "manifest.json")))["generator"]
     assert g["filter"] == {"type": "clip", "model": clip, "top_k": 7, "min_p": 0.0}
     refused = g["clip_refused_per_class"]
@@ -1431,7 +1439,8 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
     out = tmp_path / "run"
     args = ["--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout"]
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, args), "--out", out], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # a suite started with & has
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT ignored: undo it
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "config.json").exists():  # written once training begins
         time.sleep(0.02)
