@@ -477,8 +477,8 @@ def setup(cfg):
     run.batches = data.batch_maker(run.mixed, run.loader, device, workers)
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
     run.x_test, run.y_test = torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)
-    run.x_train = getattr(run.batches, "images", None)  # for the audit: the device copy of --loader gpu, else a view
-    run.x_train = torch.from_numpy(run.mixed.images).permute(0, 3, 1, 2) if run.x_train is None else run.x_train
+    host_view = torch.from_numpy(run.mixed.images).permute(0, 3, 1, 2)  # no copy
+    run.x_train = getattr(run.batches, "images", host_view)  # for the audit: --loader gpu's device copy, else the view
     run.y_train = torch.from_numpy(run.mixed.labels).to(device)
     run.mean, run.std = (torch.tensor(s, device=device)[:, None, None] for s in data.MEAN_STD[cfg["dataset"]])
 
