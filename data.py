@@ -1,30 +1,32 @@
-"""CIFAR, the long-tailed subset, the synthetic pool, the mixed set, the three views, the batch streams.
+"""CIFAR, the long-tailed subset, the synthetic pool, the mixed set, the batch streams; the settings framework, the
+device and the command-line conventions every script shares.
 
     python data.py --dataset cifar10 --imb 100      # per-class real/synthetic counts
 """
 import argparse
+import fcntl
 import glob
 import json
 import math
 import os
 import pickle
 import re
+import signal
+import socket
 import sys
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision.transforms.v2 as T
-from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; torchvision pinned
+
+import views
 
 DATASETS = {  # name: (folder, train files, test file, label key, names key, meta file, torchvision class)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
                 "labels", "label_names", "batches.meta", "CIFAR10"),
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "fine_label_names", "meta", "CIFAR100"),
 }
-MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),  # the reference's
-            "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SYN_MODES = ("pool", "none", "heldout")
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
@@ -51,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- settings: one entry per flag, for every script
 
+
 class Setting(NamedTuple):
     """One flag. check: (predicate, what a value must be); named: in the run name "always", when it differs from
     the default ("changed"), or "never", as tag + value (tag None: the key); scope: "run" shapes the results
@@ -64,6 +67,7 @@ class Setting(NamedTuple):
     named: str = "changed"
     scope: str = "run"
     type: type = None  # the default's, unless the default is None
+    nargs: str = None  # "+": a list of values (--summarize RUN ...)
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
@@ -96,8 +100,45 @@ def settings_parser(table, description, defaults=True, **kw):
         else:
             p.add_argument("--" + key.replace("_", "-"), type=s.type or type(s.default), choices=s.choices,
                            help=f"{s.help} (default: {s.default})" if s.default not in (None, "") else s.help,
-                           metavar=None if s.choices else key.upper(), **extra)
+                           metavar=None if s.choices else key.upper(), nargs=s.nargs, **extra)
     return p
+
+
+def parse_settings(table, ignored, description, argv=None, resumed=None, **kw):
+    """The settings of one command as a dict: parsed, checked, and refused where one cannot act under another.
+    ignored: [(key, when(cfg), "with --flag value")], a setting given with a value other than its default where it
+    has no effect is refused rather than silently named. resumed(cfg, given): the settings of a run continued."""
+    cfg = vars(settings_parser(table, description, True, **kw).parse_args(argv))
+    given = vars(settings_parser(table, description, False, **kw).parse_args(argv))
+    cfg = resumed(cfg, given) if resumed else cfg
+    check_settings(cfg, table)
+    for key, when, because in ignored:
+        if key in given and cfg[key] != table[key].default and when(cfg):
+            raise SAUError(f"--{key.replace('_', '-')} {cfg[key]} has no effect {because}: leave it out")
+    return cfg
+
+
+def run_name(table, cfg, seed=True):
+    """The settings that shape the results, where they differ from the defaults, then the seed."""
+    value = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    parts = [(k if s.tag is None else s.tag) + value(cfg[k]) for k, s in table.items() if s.scope == "run" and (
+        s.named == "always" or s.named == "changed" and cfg[k] != s.default)]
+    return "_".join(parts + ([f"s{cfg['seed']}"] if seed else []))
+
+
+def config_diff(table, a, b, ignore=()):
+    """The settings that shape the results and differ between two configs; a setting newer than a run had its
+    default there."""
+    defaults = {k: s.default for k, s in table.items()}
+    a, b = {**defaults, **a}, {**defaults, **b}
+    return [k for k, s in table.items() if s.scope == "run" and k not in ignore and a[k] != b[k]]
+
+
+def read_json(path):
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise SAUError(f"{path} is unreadable or not JSON ({e.__class__.__name__}): restore or delete it") from None
 
 
 def check_settings(cfg, table):
@@ -111,31 +152,136 @@ def check_settings(cfg, table):
     return cfg
 
 
+# ---------------------------------------------------------------- the device: every torch.cuda call of the scripts
+
+
 def pick_device(name):
-    """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad input."""
+    """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad input. Under torchrun
+    (WORLD_SIZE > 1) each process takes GPU LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
     device = torch.device(name)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SAUError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
-INTERRUPTED = "what was written is complete (each file is renamed into place)"  # a script says how to go on
+def use_device(name, deterministic=False):
+    """pick_device, then make it the process's current GPU (pinned memory, cuDNN handles and stray allocations go
+    there, not to GPU 0). Precision on CUDA: convolutions in TF32, every fp32 matmul in full fp32 (the losses, the
+    prototype products, the views' affine grids). deterministic: cuDNN and cuBLAS pick deterministic kernels."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "tf32", "ieee"
+    if deterministic:  # an op that has no deterministic kernel warns
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_debug(device, mode):
+    """CUDA's host-sync debug mode ("warn", "error" or "default"); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def device_figures(device):
+    """(name, peak memory) for a report: the GPU's, else the CPU's threads and the process's resident peak."""
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.get_device_name(device), f"{peak:.2f} GiB on the GPU"
+    import resource
+    return (f"cpu, {torch.get_num_threads()} threads",
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (host)")
+
+
+def cpu_has_bf16():
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): without it bf16 autocast on a CPU is emulated and slower."""
+    flags = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def own(out):
+    """Hold out/lock while this process lives: a second run on the folder is refused. The kernel drops the lock when
+    the process ends, however it ends, so a killed run blocks nothing; the pid it wrote names it."""
+    f = open(os.path.join(writable_folder(out, "--out"), "lock"), "a+")
+    f.seek(0)
+    holder = f.read().strip()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SAUError(f"{out} is in use by another run ({holder or 'starting'}): wait for it to end, or pass "
+                            f"another --out") from None
+    if holder:
+        print(f"{out}: the run that held it ({holder}) ended without releasing it (killed?); taking it over")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, "*.tmp")):  # half-written files of a killed run
+        os.remove(tmp)
+    return f
+
+
+_SIGINT, _FORKING, _PID = [], [], os.getpid()  # a Ctrl-C arrived; a fork is under way; the main process
+os.register_at_fork(before=lambda: _FORKING.append(1), after_in_parent=_FORKING.clear)
+
+
+def _on_sigint(*_):
+    """run_cli's Ctrl-C: noted, and raised as KeyboardInterrupt, except in a forked DataLoader worker that has not
+    yet set itself to ignore it (the main process stops it) and during a fork, where the exception would be lost in
+    the fork's hooks: check_interrupt raises it at the next step."""
+    if os.getpid() != _PID:
+        return
+    _SIGINT.append(1)
+    if not _FORKING:
+        raise KeyboardInterrupt
+
+
+def interrupted():
+    return bool(_SIGINT)
+
+
+def check_interrupt():
+    if _SIGINT:
+        raise KeyboardInterrupt
 
 
 def run_cli(main):
+    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130. A KeyboardInterrupt's message
+    says how to go on. A Ctrl-C can also surface as another error (a DataLoader worker that it stopped first): that
+    is an interrupt too."""
     prog = os.path.basename(sys.argv[0])
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         main()
     except SAUError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; {INTERRUPTED}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _say_interrupted(prog, e)
+    except Exception as e:
+        if not _SIGINT:
+            raise
+        _say_interrupted(prog, e)
+
+
+def _say_interrupted(prog, e):
+    how = e.args[0] if isinstance(e, KeyboardInterrupt) and e.args else "what was written is complete (each file " \
+        "is renamed into place)"
+    print(f"\n{prog}: interrupted; {how}", file=sys.stderr)
+    sys.exit(130)
 
 
 def write_atomic(path, text_or_save):
@@ -172,12 +318,14 @@ def writable_folder(path, flag):
 
 # ---------------------------------------------------------------- CIFAR
 
+
 def _unpickle(path):
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
     except Exception as e:  # missing, truncated, not a pickle, a pickle of a class we do not have
-        raise SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and fetch CIFAR again") from None
+        raise SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and fetch CIFAR "
+                       f"again") from None
     if not isinstance(d, dict):
         raise SAUError(f"{path} holds a {type(d).__name__}, not CIFAR's dict: delete the folder and fetch CIFAR again")
     return d
@@ -234,6 +382,7 @@ def load_cifar(dataset, root, train):
 
 # ---------------------------------------------------------------- long tail
 
+
 def lt_counts(n_max, num_classes, imb):
     """Real images kept per class: n_max * (1/imb)^(c/(C-1)), class 0 the head."""
     return [int(n_max * (1 / imb) ** (c / (num_classes - 1))) for c in range(num_classes)]
@@ -255,6 +404,7 @@ def shot_group(n_real):
 
 
 # ---------------------------------------------------------------- synthetic pool
+
 
 def shard_name(label, start):
     return f"c{label:03d}_{start:06d}.npz"
@@ -324,7 +474,83 @@ def read_pool(folder, dataset, classes):
     return pool
 
 
+# the pool as generate.py writes it: shards renamed into place, the manifest checked against the settings
+
+
+def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
+    """One shard, written to a temporary name and renamed: never a half-written file."""
+    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64), **extra}
+    if prompts is not None:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
+
+    def save(tmp):  # np.savez's layout with a fixed date: same images, same bytes
+        with zipfile.ZipFile(tmp, "w") as z:
+            for name, arr in arrays.items():
+                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                    np.lib.format.write_array(f, arr, allow_pickle=False)
+    path = os.path.join(folder, shard_name(label, start))
+    write_atomic(path, save)
+    return path
+
+
+def present(folder):
+    """{label: set of indices already on disk}."""
+    have = {}
+    for c, shards in pool_shards(folder).items():
+        for start, path in shards:
+            n = len(read_shard(path))
+            have.setdefault(c, set()).update(range(start, start + n))
+    return have
+
+
+def check_dataset(folder, dataset, names):
+    """Refuse, before any loading, a folder whose pool is for another dataset."""
+    if os.path.isfile(os.path.join(folder, "manifest.json")):
+        old = read_manifest(folder)
+        if (old["dataset"], old["classes"]) != (dataset, names):
+            raise SAUError(f"{folder} holds a pool made for {old['dataset']}, not {dataset}: "
+                                f"pass a new --pool folder")
+
+
+def check_manifest(folder, manifest):
+    """Write the manifest, or refuse a folder whose pool was made with other settings."""
+    path = os.path.join(folder, "manifest.json")
+    if os.path.isfile(path):
+        old = read_manifest(folder)
+        settings = {k: v for k, v in old.get("generator", {}).items() if k not in COUNTS}
+        if settings != manifest["generator"]:
+            diff = sorted(k for k in set(settings) | set(manifest["generator"])
+                          if settings.get(k) != manifest["generator"].get(k))
+            raise SAUError(f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
+                                f"use the same flags, or pass a new --pool folder to start another pool")
+    write_atomic(path, json.dumps(manifest, indent=1))
+
+
+COUNTS = ("rejected_images", "clip_refused_per_class")  # in the manifest's generator entry, but not settings
+
+
+def count_rejected(folder, manifest):
+    """Record in the manifest how many images were made again and, filtered, how many CLIP refused per class,
+    summed over every shard on disk; return (images on disk, images made again)."""
+    total = rejected = 0
+    refused = {}
+    for c, shards in pool_shards(folder).items():
+        for _, path in shards:
+            with np.load(path) as z:
+                total += len(z["seeds"])
+                rejected += int(z["rejected"].sum()) if "rejected" in z else 0
+                if "clip_refused" in z:
+                    name = manifest["classes"][c]
+                    refused[name] = refused.get(name, 0) + int(z["clip_refused"].sum())
+    manifest["generator"]["rejected_images"] = rejected
+    if manifest["generator"].get("filter", "none") != "none":
+        manifest["generator"]["clip_refused_per_class"] = {n: refused.get(n, 0) for n in manifest["classes"]}
+    write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
+    return total, rejected
+
+
 # ---------------------------------------------------------------- the mixed set
+
 
 class MixedSet:
     """The long-tailed real subset topped up per class; images uint8 [N, 32, 32, 3], labels, is_syn, and is_noisy
@@ -385,351 +611,34 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
                     np.concatenate(ns), n_real, n_fill, n_noisy, classes, dataset)
 
 
-# ---------------------------------------------------------------- views
-
-def random_cutout(x, length=16):  # uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
-    return cutout(x[None], torch.randint(x.shape[-2], (1,)), torch.randint(x.shape[-1], (1,)), length)[0]
-
-
-def random_blur(x):  # uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
-    return gaussian_blur(x[None], torch.empty(1).uniform_(0.1, 2.0))[0]
-
-
-AA_FILL = 128  # the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
-
-
-class AutoAugment(T.AutoAugment):
-    """torchvision's CIFAR-10 AutoAugment with the reference's numbers (its utils/autoaug.py): grey fill for the
-    geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the reference shears bicubic)."""
-
-    _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE,
-                           "Solarize": (lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255,
-                                        False)}  # x 255 (torchvision's bound) = the reference's thresholds
-
-    def __init__(self):
-        super().__init__(T.AutoAugmentPolicy.CIFAR10, fill=AA_FILL)
-
-
-def view_transforms(dataset):
-    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor (SAU.md section 4)."""
-    mean, std = MEAN_STD[dataset]
-    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-    return {
-        "v1": T.Compose(v1 + finish),
-        "v2": T.Compose(v1 + [AutoAugment(), random_cutout] + finish),
-        "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                         T.RandomApply([random_blur], p=0.5)] + finish),
-        "test": T.Compose(finish),
-    }
-
-
-class Views(torch.utils.data.Dataset):
-    """Item i -> (view_1, ..., view_k, label, is_syn, i) for the named views."""
-
-    def __init__(self, images, labels, is_syn, dataset, views, seed=None):
-        self.seed = seed
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # N x 3 x 32 x 32, a view, no copy
-        self.labels, self.is_syn = torch.from_numpy(labels), torch.from_numpy(is_syn)
-        transforms = view_transforms(dataset)
-        self.transforms = [transforms[v] for v in views]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        if self.seed is not None:  # augmentation a function of (seed, i) alone, whatever --workers is
-            torch.default_generator.manual_seed(self.seed * 1_000_003 + int(i))
-        x = self.images[i]
-        return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i], i)
-
-
-# ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
-# The same three views, made on the device for a whole batch with per-sample random parameters. torchvision v2 draws
-# one parameter set per call, and kornia 0.9 one AutoAugment sub-policy and one colour-jitter order per batch, so each
-# op here is ours; test_sau.py checks each against torchvision's kernel for fixed parameters, and the views' pixel
-# statistics against the CPU views.
-
-def _col(v):  # [B] -> [B, 1, 1, 1]
-    return v.reshape(-1, 1, 1, 1)
-
-
-def _u8(x):  # float -> uint8 as torchvision does: clamp, then truncate
-    return x.clamp(0, 255).to(torch.uint8)
-
-
-def _gray(xf):  # [B, 3, H, W] float -> [B, 1, H, W], torchvision's weights and order of operations
-    return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114)[:, None]
-
-
-def _blend(xf, other, f):  # xf * f + other * (1 - f) per sample, f float64 [B], rounded as torchvision's _blend
-    return _u8(torch.addcmul(xf * _col(f.float()), other, _col((1 - f).float())))
-
-
-def crop_flip(x, top, left, flip, pad=4):
-    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W]."""
-    b, _, h, w = x.shape
-    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    rows = top[:, None] + ar_h  # B x H
-    cols = left[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # B x W
-    xp = F.pad(x, (pad,) * 4)
-    return xp[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
-    """torchvision's affine (nearest, constant fill) with per-sample float64 parameters [B]; (cx, cy) is the centre
-    relative to the image centre. x uint8 [B, C, H, W]."""
-    b, _, h, w = x.shape
-    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    bb = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    theta = torch.stack([d, -bb, cx - d * (cx + tx) + bb * (cy + ty),
-                         -c, a, cy + c * (cx + tx) - a * (cy + ty)], 1).float().reshape(b, 2, 3)  # the inverse map
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # H x W x 3
-    theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)  # to grid units; no host tensor
-    grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2))  # B x HW x 2
-    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros",
-                        align_corners=False)  # outside the image: 0, so fill after adding it back
-    return (out + fill).round().to(torch.uint8)
-
-
-def _sharpness(xf, f):
-    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness. Its kernel
-    (1 1 1 / 1 5 1 / 1 1 1) / 13 is summed in whole numbers: no constant copied to the device, no TF32 convolution,
-    and the same rounding as torchvision's, since S / 13 never lies within 1/26 of a half."""
-    h, w = xf.shape[-2:]
-    inner = xf[..., 1:-1, 1:-1]
-    blurred = (sum(xf[..., i:h - 2 + i, j:w - 2 + j] for i in range(3) for j in range(3)) + 4 * inner).div(13).round()
-    out = xf.clone()
-    out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred - inner, _col((1 - f).float()))
-    return _u8(out)
-
-
-def _autocontrast(xf):
-    lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
-    flat = hi == lo
-    scale = torch.where(flat, 1.0, (hi - lo) * (1 / 255))
-    return ((xf - torch.where(flat, 0.0, lo)) / scale).clamp(0, 255).to(torch.uint8)
-
-
-AA_OPS = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness",
-          "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"]
-
-
-def autoaugment_op(x, op, mag):
-    """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B] float64 signed
-    magnitude. Every op is computed for the whole batch and selected per sample: no host sync, fixed shapes."""
-    is_op = {name: op == i for i, name in enumerate(AA_OPS)}
-    zero, w, h = torch.zeros_like(mag), x.shape[-1], x.shape[-2]
-    shear = is_op["ShearX"] | is_op["ShearY"]  # sheared about the top-left corner, as torchvision's AutoAugment
-    sheared = torch.rad2deg(torch.atan(mag))
-    geo = affine_nearest(x, torch.where(is_op["Rotate"], -mag, zero), torch.where(is_op["ShearX"], sheared, zero),
-                         torch.where(is_op["ShearY"], sheared, zero), torch.where(is_op["TranslateX"], mag.trunc(), zero),
-                         torch.where(is_op["TranslateY"], mag.trunc(), zero), torch.where(shear, -w / 2, zero),
-                         torch.where(shear, -h / 2, zero), AA_FILL)
-    xf, f = x.float(), 1 + mag
-    gray = _gray(xf).floor()
-    shift = (8 - mag.clamp(0, 8)).long()  # posterize keeps the top mag bits
-    results = {
-        "Brightness": _u8(xf * _col(f.float())), "Color": _blend(xf, gray, f),
-        "Contrast": _blend(xf, gray.mean((1, 2, 3), keepdim=True), f), "Sharpness": _sharpness(xf, f),
-        "Posterize": x & _col((255 << shift) & 255).to(torch.uint8),
-        "Solarize": torch.where(xf >= _col((255 * mag).float()), 255 - x, x),
-        "AutoContrast": _autocontrast(xf), "Equalize": T.functional.equalize(x), "Invert": 255 - x,
-    }
-    out = torch.where(_col(op <= AA_OPS.index("Rotate")) & _col(op >= 0), geo, x)
-    for name, y in results.items():
-        out = torch.where(_col(is_op[name]), y, out)
-    return out
-
-
-def _aa_tables(h, w):
-    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy (AutoAugment above)."""
-    aa = AutoAugment()
-    rows = []
-    for policy in aa._policies:
-        for name, p, idx in policy:
-            space, signed = aa._AUGMENTATION_SPACE[name]
-            mags = space(10, h, w)
-            rows.append((AA_OPS.index(name), p, 0.0 if mags is None else float(mags[idx]), signed))
-    op, p, mag, signed = zip(*rows)
-    return (torch.tensor(op).reshape(-1, 2), torch.tensor(p, dtype=torch.float64).reshape(-1, 2),
-            torch.tensor(mag, dtype=torch.float64).reshape(-1, 2), torch.tensor(signed).reshape(-1, 2))
-
-
-def cutout(x, cy, cx, length=16):
-    """Zero a length x length square centred at (cy, cx) per sample, clipped at the border."""
-    h, w = x.shape[-2:]
-    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    in_y = (ys >= cy[:, None] - length // 2) & (ys < cy[:, None] + length // 2)  # B x H
-    in_x = (xs >= cx[:, None] - length // 2) & (xs < cx[:, None] + length // 2)  # B x W
-    return x.masked_fill(in_y[:, None, :, None] & in_x[:, None, None, :], 0)
-
-
-def resized_crop(x, top, left, ch, cw, size):
-    """Crop the box (top, left, ch, cw) per sample and resize it to size x size, bilinear as torch's upsampling."""
-    b, c = x.shape[:2]
-
-    def axis(start, length):  # B x size: the two source indices and the weight of the second
-        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)
-        i0 = src.floor().long().minimum(length[:, None] - 1)
-        return start[:, None] + i0, start[:, None] + (i0 + 1).minimum(length[:, None] - 1), src - i0
-
-    y0, y1, wy = axis(top, ch)
-    x0, x1, wx = axis(left, cw)
-    xf = x.float()
-    rows = lambda i: xf.gather(2, i[:, None, :, None].expand(b, c, size, xf.shape[-1]))  # B x C x size x W
-    r = rows(y0) + (rows(y1) - rows(y0)) * wy[:, None, :, None]
-    cols = lambda i: r.gather(3, i[:, None, None, :].expand(b, c, size, size))
-    return (cols(x0) + (cols(x1) - cols(x0)) * wx[:, None, None, :]).round().to(torch.uint8)
-
-
-def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """torchvision's RandomResizedCrop.get_params for b samples: the first of 10 tries that fits, else the image."""
-    dev = g.device
-    area = h * w * (torch.rand(b, tries, generator=g, device=dev) * (scale[1] - scale[0]) + scale[0])
-    log_r = torch.rand(b, tries, generator=g, device=dev) * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])
-    cw, ch = (area * log_r.exp()).sqrt().round().long(), (area / log_r.exp()).sqrt().round().long()
-    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = ok.int().argmax(1, keepdim=True)
-    cw = torch.where(ok.any(1), cw.gather(1, first)[:, 0], w)
-    ch = torch.where(ok.any(1), ch.gather(1, first)[:, 0], h)
-    top = (torch.rand(b, generator=g, device=dev) * (h - ch + 1)).long()
-    left = (torch.rand(b, generator=g, device=dev) * (w - cw + 1)).long()
-    return top, left, ch, cw
-
-
-HSV_SELECT = [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]  # per hue sector: R, G, B from (v p q t)
-
-
-def _hsv_to_rgb(hsv, select):
-    """torchvision's _hsv_to_rgb, op for op, with its table (HSV_SELECT) already on the device: no host copy."""
-    h, s, v = hsv.unbind(-3)
-    h6 = h * 6
-    i = h6.floor()
-    sxf = s * (h6 - i)
-    q, t, p = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1), ((1.0 - s) * v).clamp(0, 1)
-    return torch.stack((v, p, q, t), -3).gather(-3, select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3))
-
-
-def color_jitter(x, order, bf, cf, sf, hf, select=None):
-    """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0 brightness, 1 contrast,
-    2 saturation, 3 hue). x uint8 [B, 3, H, W]. Each of the four passes computes all four ops and keeps one per
-    sample: fixed shapes, no host sync."""
-    select = torch.tensor(HSV_SELECT, device=x.device) if select is None else select
-    for k in range(4):
-        xf = x.float()
-        gray = _gray(xf).floor()
-        hsv = _rgb_to_hsv(xf * (1 / 255))
-        hsv = torch.stack([(hsv[:, 0] + hf[:, None, None]).remainder(1.0), hsv[:, 1], hsv[:, 2]], 1)
-        hue = T.functional.to_dtype(_hsv_to_rgb(hsv, select), torch.uint8, scale=True)
-        ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
-              _blend(xf, gray, sf.double()), hue]
-        o = _col(order[:, k])
-        x = torch.where(o == 0, ys[0], torch.where(o == 1, ys[1], torch.where(o == 2, ys[2], ys[3])))
-    return x
-
-
-def _pil_box_radius(sigma, passes=3):
-    """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance sigma^2,
-    computed in float32 (and float64 where PIL's C does)."""
-    s2 = sigma.float() ** 2 / passes
-    l = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()
-    return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) * (l + 1)))
-
-
-def gaussian_blur(x, sigma, passes=3):
-    """PIL's GaussianBlur(radius=sigma) with a per-sample sigma [B] (up to 2.4), bit for bit: three extended box
-    blurs along the width, then three along the height, edge pixels repeated, PIL's 24-bit fixed-point weights
-    and rounding to uint8 after every pass. x uint8 [B, C, H, W]."""
-    r = _pil_box_radius(sigma, passes)
-    l = r.floor()
-    ww = (float(1 << 24) / (2 * r + 1)).floor().double()  # weight of the 2l + 1 whole pixels
-    fw = ((1 << 24) - (2 * l.double() + 1) * ww).div(2).floor()  # weight of the two fractional ones
-    d = torch.arange(-2, 3, device=x.device).abs()  # offsets; l <= 1 for sigma < 2.45
-    k = torch.where(d <= l[:, None], ww[:, None], torch.where(d == l[:, None] + 1, fw[:, None], 0.0))  # B x 5
-    y, (h, w) = x.double(), x.shape[-2:]  # integers below 2^33: exact in float64
-    for dim, n, pad in ((3, w, (2, 2, 0, 0)), (2, h, (0, 0, 2, 2))):
-        for _ in range(passes):
-            yp = F.pad(y, pad, mode="replicate")
-            y = sum(_col(k[:, i]) * yp.narrow(dim, i, n) for i in range(5)).add_(1 << 23).div_(1 << 24).floor_()
-    return y.to(torch.uint8)
-
-
-class DeviceViews:
-    """view name -> the batched view of uint8 [B, 3, 32, 32] images on their device, random draws from generator g."""
-
-    def __init__(self, dataset, device, size=32):
-        mean, std = MEAN_STD[dataset]
-        self.mean, self.std = (torch.tensor(s, device=device)[:, None, None] for s in (mean, std))
-        self.aa = [t.to(device) for t in _aa_tables(size, size)]
-        self.hsv_select = torch.tensor(HSV_SELECT, device=device)  # constants made once, not in every batch
-
-    def finish(self, x):
-        return (x.float() * (1 / 255) - self.mean) / self.std
-
-    def v1(self, x, g):
-        b = len(x)
-        top, left = (torch.randint(9, (b,), generator=g, device=g.device) for _ in range(2))
-        return crop_flip(x, top, left, torch.rand(b, generator=g, device=g.device) < 0.5)
-
-    def __call__(self, x, views, g):
-        b, _, h, w = x.shape
-        rand = lambda *shape: torch.rand(*shape, generator=g, device=g.device)
-        out = []
-        for v in views:
-            if v == "v1":
-                out.append(self.finish(self.v1(x, g)))
-            elif v == "v2":
-                y, (op, p, mag, signed) = self.v1(x, g), self.aa
-                k = torch.randint(len(op), (b,), generator=g, device=g.device)  # one sub-policy per sample
-                for j in range(2):
-                    sign = torch.where(signed[k, j] & (rand(b) <= 0.5), -1.0, 1.0).double()
-                    y = autoaugment_op(y, torch.where(rand(b) <= p[k, j], op[k, j], -1), mag[k, j] * sign)
-                y = cutout(y, torch.randint(h, (b,), generator=g, device=g.device),
-                           torch.randint(w, (b,), generator=g, device=g.device))
-                out.append(self.finish(y))
-            elif v == "v3":
-                top, left, ch, cw = _resized_crop_params(g, b, h, w)
-                y = resized_crop(x, top, left, ch, cw, h)
-                y = torch.where(_col(rand(b) < 0.5), y.flip(-1), y)
-                jittered = color_jitter(y, rand(b, 4).argsort(1), rand(b) * 0.8 + 0.6, rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1, self.hsv_select)
-                y = torch.where(_col(rand(b) < 0.8), jittered, y)
-                y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
-                y = torch.where(_col(rand(b) < 0.5), gaussian_blur(y, rand(b) * 1.9 + 0.1), y)
-                out.append(self.finish(y))
-            else:
-                raise ValueError(f"unknown view {v!r}")
-        return out
+def _ignore_sigint(_):
+    """A DataLoader worker leaves Ctrl-C to the main process, which stops them in order (else a worker the signal
+    ends first is reported as a crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
-    """(views, batch_size, seed, order) -> an iterable of (*views, labels, is_syn, index) batches of the mixed set
-    in that order (index: of each sample in the mixed set). cpu: DataLoader workers with torchvision transforms, as
-    the paper; gpu: the set held on `device` as uint8 and each batch's views made there (DeviceViews). Augmentation
-    follows the seed alone, whatever --workers is."""
+    """(names, batch_size, seed, order) -> an iterable of (*views, labels, is_syn, index) batches of the mixed set
+    in that order (names: of the views; index: of each sample in the mixed set). cpu: DataLoader workers with
+    torchvision transforms, as the paper; gpu: the set held on `device` as uint8 and each batch's views made there
+    (views.DeviceViews). Augmentation follows the seed alone, whatever --workers is."""
     if loader == "cpu":
-        return lambda views, batch_size, seed, order: torch.utils.data.DataLoader(
-            Views(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, views, seed), batch_size=batch_size,
-            sampler=order, num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+        return lambda names, batch_size, seed, order: torch.utils.data.DataLoader(
+            views.Views(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, names, seed), batch_size=batch_size,
+            sampler=order, num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+            worker_init_fn=_ignore_sigint)
     if loader != "gpu":
         raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
     images = torch.from_numpy(mixed.images).to(device).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32 uint8
     labels, is_syn = torch.from_numpy(mixed.labels).to(device), torch.from_numpy(mixed.is_syn).to(device)
-    view_fn = DeviceViews(mixed.dataset, images.device)
+    view_fn = views.DeviceViews(mixed.dataset, images.device)
 
-    def batches(views, batch_size, seed, order):
+    def batches(names, batch_size, seed, order):
         g = torch.Generator(images.device).manual_seed(seed)
         order = torch.as_tensor(order, dtype=torch.long).to(images.device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            yield (*view_fn(images[idx], views, g), labels[idx], is_syn[idx], idx)
+            yield (*view_fn(images[idx], names, g), labels[idx], is_syn[idx], idx)
     batches.images = images  # the set on the device, for plain passes over it (train.audit)
     return batches
 
@@ -751,11 +660,11 @@ def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=
     a batch of one cannot train BatchNorm, so a remainder of one image per process waits for the next epoch."""
     batches = batches or batch_maker(mixed)
     streams, per = [], batch_size // world
-    for k, views in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
+    for k, names in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
         g = torch.Generator().manual_seed(stream_seed(seed, "order_" + k))
         order = share(torch.randperm(len(mixed), generator=g).tolist(), rank, world)
         order = order[:len(order) - (len(order) % per == 1)]
-        streams.append(batches(views, per, rank_seed(stream_seed(seed, "views_" + k), rank), order))
+        streams.append(batches(names, per, rank_seed(stream_seed(seed, "views_" + k), rank), order))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 

@@ -1,4 +1,4 @@
-"""The synthetic tail pool from a diffusers text-to-image pipeline (SAU.md sections 2 and 8).
+"""The synthetic tail pool from a diffusers text-to-image pipeline (docs/method.md: the pool and its files).
 
     python generate.py                                   # CIFAR-10 imb 100 with stabilityai/sd-turbo
     python generate.py --dataset cifar100 --model DIR    # any text-to-image pipeline, hub id or folder
@@ -15,7 +15,6 @@ import os
 import re
 import tempfile
 import time
-import zipfile
 import warnings
 
 import numpy as np
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import report
 
 MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
     "stabilityai/sd-turbo": (1, 0.0),
@@ -88,23 +88,25 @@ CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) ar
 }
 
 
+# A setting that cannot act under another one is refused, as train.py's (data.parse_settings).
+IGNORED = [*[(k, lambda c: c["filter"] == "none", "without --filter clip") for k in ("clip_model", "clip_top_k",
+                                                                                      "clip_min_p")],
+           ("prompt_style", lambda c: bool(c["prompts"]), "with --prompts FILE")]
+
+
 def parse_args(argv=None):
-    a = data.settings_parser(CONFIG, __doc__.split("\n")[0]).parse_args(argv)
-    data.check_settings(vars(a), CONFIG)
-    if a.prompts and a.prompt_style != "built":
-        raise data.SAUError("--prompts FILE and --prompt-style templates: choose one")
-    for k in ("clip_model", "clip_top_k", "clip_min_p"):
-        if a.filter == "none" and getattr(a, k) != CONFIG[k].default:
-            raise data.SAUError(f"--{k.replace('_', '-')} {getattr(a, k)} has no effect without --filter clip: leave "
-                                f"it out")
-    if a.shard:
-        a.rank, a.world = map(int, a.shard.split("/"))
-    else:
-        a.rank, a.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return a
+    return data.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
+
+
+def shard_of(cfg):
+    """(rank, world): --shard i/N, else torchrun's RANK and WORLD_SIZE."""
+    if cfg["shard"]:
+        return tuple(map(int, cfg["shard"].split("/")))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ---------------------------------------------------------------- what to make
+
 
 def image_seed(seed, label, index, attempt=0):
     """The seed of image `index` of class `label`: a function of these numbers alone."""
@@ -157,7 +159,8 @@ def class_prompts(names, prompts_file, style, dataset=None, seed=0):
         with open(prompts_file, encoding="utf-8") as f:
             lines = [line for line in map(str.strip, f) if line]
     except (UnicodeDecodeError, OSError) as e:
-        raise data.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file ({e.__class__.__name__})") from None
+        raise data.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file "
+                            f"({e.__class__.__name__})") from None
     for line in lines:
         low = line.lower()
         c = next((c for c in by_length if low.startswith(spoken[c].lower())
@@ -174,32 +177,6 @@ def plan_batches(targets, batch_size):
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
-    """One shard, written to a temporary name and renamed: never a half-written file."""
-    arrays = {"images": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64), **extra}
-    if prompts is not None:
-        arrays["prompts"] = np.asarray(prompts, dtype=str)
-
-    def save(tmp):  # np.savez's layout with a fixed date: same images, same bytes
-        with zipfile.ZipFile(tmp, "w") as z:
-            for name, arr in arrays.items():
-                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
-                    np.lib.format.write_array(f, arr, allow_pickle=False)
-    path = os.path.join(folder, data.shard_name(label, start))
-    data.write_atomic(path, save)
-    return path
-
-
-def present(folder):
-    """{label: set of indices already on disk}."""
-    have = {}
-    for c, shards in data.pool_shards(folder).items():
-        for start, path in shards:
-            n = len(data.read_shard(path))
-            have.setdefault(c, set()).update(range(start, start + n))
-    return have
-
-
 def runs(indices):
     """Split sorted indices into contiguous runs: [3, 4, 5, 9] -> [[3, 4, 5], [9]]."""
     out = []
@@ -213,12 +190,11 @@ def runs(indices):
 
 # ---------------------------------------------------------------- the pipeline
 
-def pick(a):
-    device = data.pick_device(a.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+
+def pick(cfg):
+    device = data.use_device(cfg["device"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[a.dtype]
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg["dtype"]]
     return device, dtype
 
 
@@ -270,7 +246,8 @@ def sd_turbo_architecture(dtype):
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                                 use_linear_projection=True)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=768)
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=768)
     tokenizer = write_tokenizer(tempfile.mkdtemp())
     text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                                         num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
@@ -296,7 +273,7 @@ class Maker:
 
     def to_uint8(self, x):
         """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to 32."""
-        if self.a.resize == "gpu":
+        if self.cfg["resize"] == "gpu":
             x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if x.shape[-1] != 32 else x
             return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         full = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -308,7 +285,7 @@ class Maker:
         index), at most MAX_RETRIES times."""
         n, filtered = len(items), self.clip is not None
         attempt, refused, p = [0] * n, [0] * n, [None] * n
-        seeds = [image_seed(self.a.seed, c, k) for c, k in items]
+        seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
         x, todo = self.raw(items, prompts, seeds), list(range(n))
         while todo:
             black = broken(x[todo])
@@ -326,7 +303,7 @@ class Maker:
                             f"or non-finite images ({attempt[i] - refused[i]}) or images CLIP refused "
                             f"({refused[i]}); check --model, --dtype and --steps"
                             + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
-                    seeds[i] = image_seed(self.a.seed, *items[i], attempt[i])
+                    seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt[i])
                     again.append(i)
             if again:
                 self.retries += len(again)
@@ -339,20 +316,22 @@ class ClipFilter:
     """CLIP zero-shot over every class ("a photo of a <class>."), after He et al. (ICLR 2023): an image is kept if
     its class is among CLIP's top k and CLIP gives it at least min_p. Scores the full-resolution image."""
 
-    def __init__(self, a, names, device):
+    def __init__(self, cfg, names, device):
         from transformers import CLIPModel, CLIPTokenizer
         try:
-            self.model = CLIPModel.from_pretrained(a.clip_model).to(device).eval()
-            tok = CLIPTokenizer.from_pretrained(a.clip_model)
+            self.model = CLIPModel.from_pretrained(cfg["clip_model"]).to(device).eval()
+            tok = CLIPTokenizer.from_pretrained(cfg["clip_model"])
         except Exception as e:  # no such hub id, no network, not a CLIP folder: the same message
-            raise data.SAUError(f"--clip-model {a.clip_model}: no CLIP model and tokenizer there "
-                                f"({e.__class__.__name__}): pass a hub id or a folder saved with save_pretrained") from None
-        self.a, self.device, self.size = a, device, self.model.config.vision_config.image_size
+            raise data.SAUError(f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer there "
+                                f"({e.__class__.__name__}): pass a hub id or a folder saved with "
+                                f"save_pretrained") from None
+        self.cfg, self.device, self.size = cfg, device, self.model.config.vision_config.image_size
         self.mean, self.std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
         text = tok([f"a photo of a {n.replace('_', ' ')}." for n in names], padding=True, return_tensors="pt")
         with torch.no_grad():
             self.text = F.normalize(pooled(self.model.get_text_features(**text.to(device))), dim=-1)  # C x D
-        self.settings = {"type": "clip", "model": a.clip_model, "top_k": a.clip_top_k, "min_p": a.clip_min_p}
+        self.settings = {"type": "clip", "model": cfg["clip_model"], "top_k": cfg["clip_top_k"],
+                         "min_p": cfg["clip_min_p"]}
 
     @torch.no_grad()
     def __call__(self, x, labels):
@@ -363,7 +342,8 @@ class ClipFilter:
         logits = self.model.logit_scale.exp() * image @ self.text.T  # n x C
         y = torch.tensor(labels, device=self.device)[:, None]
         p = logits.softmax(1).gather(1, y)[:, 0]
-        return (((logits > logits.gather(1, y)).sum(1) < self.a.clip_top_k) & (p >= self.a.clip_min_p)).tolist(), \
+        kept = ((logits > logits.gather(1, y)).sum(1) < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
+        return kept.tolist(), \
             p.tolist()
 
 
@@ -374,27 +354,27 @@ def pooled(out):  # transformers 4 returns the features, 5 an output whose poole
 class TextToImage(Maker):
     """Any diffusers text-to-image pipeline."""
 
-    def __init__(self, pipe, a, device, dtype):
+    def __init__(self, pipe, cfg, device, dtype):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.device, self.a = device, a
-        model = "sd-turbo-architecture" if a.bench else a.model
-        steps, guidance = MODEL_DEFAULTS.get(model, GENERIC_DEFAULTS) if not a.bench else MODEL_DEFAULTS["stabilityai/sd-turbo"]
+        self.device, self.cfg = device, cfg
+        model = "sd-turbo-architecture" if cfg["bench"] else cfg["model"]
+        steps, guidance = MODEL_DEFAULTS.get("stabilityai/sd-turbo" if cfg["bench"] else model, GENERIC_DEFAULTS)
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.steps = a.steps if a.steps is not None else steps
-        self.guidance = a.guidance if a.guidance is not None else guidance
-        self.resolution = a.resolution or native
-        if a.compile:
+        self.steps = cfg["steps"] if cfg["steps"] is not None else steps
+        self.guidance = cfg["guidance"] if cfg["guidance"] is not None else guidance
+        self.resolution = cfg["resolution"] or native
+        if cfg["compile"]:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=True)
         self.settings = {"type": "text2image", "model": model, "steps": self.steps, "guidance": self.guidance,
                          "resolution": self.resolution, "dtype": str(dtype).replace("torch.", ""),
-                         "resize": a.resize, "seed": a.seed, "batch_size": a.batch_size,
+                         "resize": cfg["resize"], "seed": cfg["seed"], "batch_size": cfg["batch_size"],
                          "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
 
     def raw(self, items, prompts, seeds):
         """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every device)."""
-        n, pad = len(prompts), (self.a.batch_size - len(prompts)) if self.a.compile else 0
+        n, pad = len(prompts), (self.cfg["batch_size"] - len(prompts)) if self.cfg["compile"] else 0
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
         out = self.pipe(prompt=prompts + prompts[-1:] * pad, num_inference_steps=self.steps,
                         guidance_scale=self.guidance, height=self.resolution, width=self.resolution,
@@ -403,6 +383,7 @@ class TextToImage(Maker):
 
 
 # ---------------------------------------------------------------- the offline generator (DiffuLT's idea, ours)
+
 
 def ddpm_unet(num_classes, width):
     """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of guidance."""
@@ -428,25 +409,26 @@ def save_ddpm(folder, unet, ema, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_ddpm(a, folder, device, log=print):
+def train_ddpm(cfg, folder, device, log=print):
     """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset; return the EMA
     network, the training settings and the sha256 of the EMA weights."""
     from diffusers import DDPMScheduler, UNet2DModel
     if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # killed between the two renames
         os.replace(folder + ".old", folder)
-    names = data.class_names(a.dataset, a.data_root)
-    images, labels = data.load_cifar(a.dataset, a.data_root, train=True)
-    keep = data.long_tail_indices(labels, a.imb, a.data_seed)
+    names = data.class_names(cfg["dataset"], cfg["data_root"])
+    images, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
+    keep = data.long_tail_indices(labels, cfg["imb"], cfg["data_seed"])
     x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)  # N x 3 x 32 x 32 uint8, on the device
     y_all = torch.from_numpy(labels[keep]).to(device)
-    settings = {"imb": a.imb, "data_seed": a.data_seed, "real_images": len(keep), "width": a.ddpm_width,
-                "train_steps": a.train_steps, "train_batch": a.train_batch, "lr": a.train_lr, "warmup": a.warmup,
-                "lr_schedule": a.lr_schedule, "ema": a.ema, "ema_warmup": "min(ema, (1+s)/(10+s))", "label_dropout": a.label_dropout,
-                "sampling": a.sampling, "hflip": True, "seed": a.seed}
-    torch.manual_seed(a.seed)  # the initial weights
-    unet = ddpm_unet(len(names), a.ddpm_width).to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
-    step, rng = 0, torch.Generator(device).manual_seed(a.seed)  # every draw on the device
+    settings = {"imb": cfg["imb"], "data_seed": cfg["data_seed"], "real_images": len(keep), "width": cfg["ddpm_width"],
+                **{k: cfg[k] for k in ("train_steps", "train_batch")}, "lr": cfg["train_lr"], "warmup": cfg["warmup"],
+                "lr_schedule": cfg["lr_schedule"], "ema": cfg["ema"], "ema_warmup": "min(ema, (1+s)/(10+s))",
+                "label_dropout": cfg["label_dropout"],
+                "sampling": cfg["sampling"], "hflip": True, "seed": cfg["seed"]}
+    torch.manual_seed(cfg["seed"])  # the initial weights
+    unet = ddpm_unet(len(names), cfg["ddpm_width"]).to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
+    step, rng = 0, torch.Generator(device).manual_seed(cfg["seed"])  # every draw on the device
     if os.path.isfile(os.path.join(folder, "state.pt")):
         try:
             state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
@@ -458,44 +440,52 @@ def train_ddpm(a, folder, device, log=print):
             raise data.SAUError(f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
                                 f"use the same flags or another --pool folder")
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).to(device)
-        opt = torch.optim.AdamW(unet.parameters(), lr=a.train_lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        rng.set_state(state["rng"])
-    ema = (UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(len(names), a.ddpm_width))
+        if step < cfg["train_steps"] and len(state["rng"]) == len(rng.get_state()):
+            rng.set_state(state["rng"])
+        elif step < cfg["train_steps"]:  # a CUDA generator's state is 16 bytes, a CPU one's 5056: not transferable
+            rng.manual_seed(int(np.random.SeedSequence([cfg["seed"], step]).generate_state(1)[0]))
+            log(f"{folder}: trained so far on another device type; its random stream goes on from a seed of "
+                f"(--seed, step {step}), so the weights will differ from a run that never moved")
+    ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(len(names), cfg["ddpm_width"])
     ema = ema.to(device).requires_grad_(False)
     if not step:
         ema.load_state_dict(unet.state_dict())
-    if step < a.train_steps and a.world > 1:
+    if step < cfg["train_steps"] and shard_of(cfg)[1] > 1:
         raise data.SAUError("the class-conditional model is not trained yet: train it in one process (the same "
                             "command without torchrun or --shard), then sample with several")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    warm = lambda s: min(1.0, (s + 1) / max(a.warmup, 1))
-    shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / a.train_steps))) if a.lr_schedule == "cosine" else (lambda s: 1.0)
+    warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
+    cosine = cfg["lr_schedule"] == "cosine"
+    shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / cfg["train_steps"]))) if cosine else (lambda s: 1.0)
     counts = torch.bincount(y_all, minlength=len(names)).float()
-    weights = (1 / counts[y_all]) if a.sampling == "balanced" else torch.ones(len(y_all), device=device)
-    if step < a.train_steps:
+    weights = (1 / counts[y_all]) if cfg["sampling"] == "balanced" else torch.ones(len(y_all), device=device)
+    if step < cfg["train_steps"]:
         log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} parameters) on "
-            f"{len(keep)} real images, steps {step + 1}-{a.train_steps}")
+            f"{len(keep)} real images, steps {step + 1}-{cfg['train_steps']}")
     losses, t0 = [], time.time()
-    bar = tqdm(total=a.train_steps, initial=step, unit="step", desc="training", dynamic_ncols=True,
-               disable=step >= a.train_steps)
+    bar = tqdm(total=cfg["train_steps"], initial=step, unit="step", desc="training", dynamic_ncols=True,
+               disable=step >= cfg["train_steps"])
     unet.train()
-    while step < a.train_steps:
-        batch = ddpm_batch(x_all, y_all, weights, a.train_batch, a.label_dropout, len(names), rng)
-        decay = min(a.ema, (1 + step) / (10 + step))  # warm-up: early EMA weights are not mostly the random init
-        losses.append(ddpm_step(unet, ema, opt, scheduler, batch, float(a.train_lr * warm(step) * shape(step)), decay))
+    while step < cfg["train_steps"]:
+        batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"], len(names), rng)
+        decay = min(cfg["ema"], (1 + step) / (10 + step))  # warm-up: early EMA weights are not mostly the random init
+        lr = float(cfg["train_lr"] * warm(step) * shape(step))
+        losses.append(ddpm_step(unet, ema, opt, scheduler, batch, lr, decay))
         step += 1
         bar.update(1)
-        if step % 50 == 0 or step == a.train_steps:  # .item() waits for the device: only now and then
+        if step % 50 == 0 or step == cfg["train_steps"]:  # .item() waits for the device: only now and then
             bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
-        if step % a.ckpt_every == 0 or step == a.train_steps:
+        if step % cfg["ckpt_every"] == 0 or step == cfg["train_steps"]:
             save_ddpm(folder, unet, ema, {"step": step, "settings": settings, "optimizer": opt.state_dict(),
                                           "rng": rng.get_state()})
     bar.close()
     if losses:
         n = len(losses)
-        log(f"trained {n} steps in {time.time() - t0:.1f}s ({n * a.train_batch / (time.time() - t0):.1f} images/s); "
+        seconds = time.time() - t0
+        log(f"trained {n} steps in {seconds:.1f}s ({n * cfg['train_batch'] / seconds:.1f} images/s); "
             f"loss {torch.stack(losses[:max(n // 10, 1)]).mean().item():.4f} (first tenth) -> "
             f"{torch.stack(losses[-max(n // 10, 1):]).mean().item():.4f} (last tenth)")
     weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema"))) if f.endswith(".safetensors"))
@@ -535,16 +525,17 @@ def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
 class ClassConditional(Maker):
     """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free guidance."""
 
-    def __init__(self, unet, train_settings, sha, a, device, dtype):
+    def __init__(self, unet, train_settings, sha, cfg, device, dtype):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-        self.unet, self.a, self.device, self.dtype = unet.to(device), a, device, dtype
+        self.unet, self.cfg, self.device, self.dtype = unet.to(device), cfg, device, dtype
         config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
-        self.sampler = (DDIMScheduler if a.sampler == "ddim" else DPMSolverMultistepScheduler).from_config(config)
-        self.steps = a.steps if a.steps is not None else 50
-        self.guidance = a.guidance if a.guidance is not None else 1.5
+        self.sampler = (DDIMScheduler if cfg["sampler"] == "ddim" else DPMSolverMultistepScheduler).from_config(config)
+        self.steps = cfg["steps"] if cfg["steps"] is not None else 50
+        self.guidance = cfg["guidance"] if cfg["guidance"] is not None else 1.5
         self.null = unet.config.num_class_embeds - 1
-        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha, "sampler": a.sampler,
-                         "steps": self.steps, "guidance": self.guidance, "seed": a.seed, "batch_size": a.batch_size,
+        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha,
+                         "sampler": cfg["sampler"], "steps": self.steps, "guidance": self.guidance, "seed": cfg["seed"],
+                         "batch_size": cfg["batch_size"],
                          "dtype": str(dtype).replace("torch.", "")}
 
     @torch.no_grad()
@@ -565,151 +556,71 @@ class ClassConditional(Maker):
 
 # ---------------------------------------------------------------- the pool
 
-def check_dataset(folder, dataset, names):
-    """Refuse, before any loading, a folder whose pool is for another dataset."""
-    if os.path.isfile(os.path.join(folder, "manifest.json")):
-        old = data.read_manifest(folder)
-        if (old["dataset"], old["classes"]) != (dataset, names):
-            raise data.SAUError(f"{folder} holds a pool made for {old['dataset']}, not {dataset}: "
-                                f"pass a new --pool folder")
 
-
-def check_manifest(folder, manifest):
-    """Write the manifest, or refuse a folder whose pool was made with other settings."""
-    path = os.path.join(folder, "manifest.json")
-    if os.path.isfile(path):
-        old = data.read_manifest(folder)
-        settings = {k: v for k, v in old.get("generator", {}).items() if k not in COUNTS}
-        if settings != manifest["generator"]:
-            diff = sorted(k for k in set(settings) | set(manifest["generator"])
-                          if settings.get(k) != manifest["generator"].get(k))
-            raise data.SAUError(f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
-                                f"use the same flags, or pass a new --pool folder to start another pool")
-    data.write_atomic(path, json.dumps(manifest, indent=1))
-
-
-COUNTS = ("rejected_images", "clip_refused_per_class")  # in the manifest's generator entry, but not settings
-
-
-def count_rejected(folder, manifest):
-    """Record in the manifest how many images were made again and, filtered, how many CLIP refused per class,
-    summed over every shard on disk; return (images on disk, images made again)."""
-    total = rejected = 0
-    refused = {}
-    for c, shards in data.pool_shards(folder).items():
-        for _, path in shards:
-            with np.load(path) as z:
-                total += len(z["seeds"])
-                rejected += int(z["rejected"].sum()) if "rejected" in z else 0
-                if "clip_refused" in z:
-                    refused[manifest["classes"][c]] = refused.get(manifest["classes"][c], 0) + int(z["clip_refused"].sum())
-    manifest["generator"]["rejected_images"] = rejected
-    if manifest["generator"].get("filter", "none") != "none":
-        manifest["generator"]["clip_refused_per_class"] = {n: refused.get(n, 0) for n in manifest["classes"]}
-    data.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
-    return total, rejected
-
-
-def write_samples(folder, names, per_row=8):
-    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with its prompt
-    (the class name left out, shortened) and, filtered, CLIP's probability of its class."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import textwrap
-    shards = data.pool_shards(folder)
-    rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
-    if not rows:
-        return
-    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3), squeeze=False)
-    for ax, c in zip(axes[:, 0], rows):
-        images, notes = [], []
-        for _, path in shards[c]:
-            with np.load(path) as z:
-                take = per_row - len(images)
-                images += list(data.read_shard(path)[:take])
-                prompts = z["prompts"][:take] if "prompts" in z else [""] * take
-                p = z["clip_p"][:take] if "clip_p" in z else [None] * take
-            notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
-                      + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
-        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))  # short classes: blank tiles
-        strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
-        ax.imshow(strip, interpolation="nearest")
-        for i, note in enumerate(notes):
-            ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
-        ax.set_yticks([])
-        ax.set_xticks([])
-        ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
-        for side in ax.spines.values():
-            side.set_visible(False)
-    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(), hspace=0.9)  # prompts
-    data.write_atomic(os.path.join(folder, "samples.png"), lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
-
-
-def bench(a):
-    device, dtype = pick(a)
+def bench(cfg):
+    device, dtype = pick(cfg)
     torch.manual_seed(0)
     print(f"building the stabilityai/sd-turbo architecture with random weights on {device} ({dtype})", flush=True)
-    gen = TextToImage(sd_turbo_architecture(dtype), a, device, dtype)
-    prompts = [TEMPLATES[i % len(TEMPLATES)].format("cat") for i in range(a.batch_size)]
-    items = [(3, k) for k in range(a.batch_size)]
+    gen = TextToImage(sd_turbo_architecture(dtype), cfg, device, dtype)
+    prompts = [TEMPLATES[i % len(TEMPLATES)].format("cat") for i in range(cfg["batch_size"])]
+    items = [(3, k) for k in range(cfg["batch_size"])]
     t0 = time.time()
     gen.make(items, prompts)  # warm-up (and compilation)
     print(f"warm-up batch: {time.time() - t0:.1f}s", flush=True)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    data.synchronize(device)
     t0 = time.time()
-    for _ in range(a.bench_batches):
+    for _ in range(cfg["bench_batches"]):
         gen.make(items, prompts)
-    sync()
-    rate = a.bench_batches * a.batch_size / (time.time() - t0)
-    peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    print(f"bench: {rate:.3g} images/s at batch {a.batch_size}, {gen.resolution}px, {gen.steps} step(s), "
-          f"{gen.settings['dtype']}, compile {'on' if a.compile else 'off'}, {device}{peak}; "
+    data.synchronize(device)
+    rate = cfg["bench_batches"] * cfg["batch_size"] / (time.time() - t0)
+    peak = f", peak memory {data.device_figures(device)[1]}" if device.type == "cuda" else ""
+    print(f"bench: {rate:.3g} images/s at batch {cfg['batch_size']}, {gen.resolution}px, {gen.steps} step(s), "
+          f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
           f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    if a.bench:
-        return bench(a)
-    names = data.class_names(a.dataset, a.data_root)
-    _, labels = data.load_cifar(a.dataset, a.data_root, train=True)
+    cfg = parse_args(argv)
+    if cfg["bench"]:
+        return bench(cfg)
+    names = data.class_names(cfg["dataset"], cfg["data_root"])
+    _, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     n_max = int(np.bincount(labels).max())
-    targets = ([a.per_class] * len(names) if a.per_class is not None
-               else [n_max - n for n in data.lt_counts(n_max, len(names), a.imb)])
-    folder = a.pool or os.path.join(a.data_root, "synthetic", a.dataset)
-    prompts = class_prompts(names, a.prompts, a.prompt_style, a.dataset, a.seed)
+    targets = ([cfg["per_class"]] * len(names) if cfg["per_class"] is not None
+               else [n_max - n for n in data.lt_counts(n_max, len(names), cfg["imb"])])
+    folder = cfg["pool"] or os.path.join(cfg["data_root"], "synthetic", cfg["dataset"])
+    prompts = class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"], cfg["seed"])
     empty = [names[c] for c, n in enumerate(targets) if n and not prompts[c]]
     if empty:
-        raise data.SAUError(f"--prompts {a.prompts} has no line for {', '.join(empty[:5])}: add lines beginning "
+        raise data.SAUError(f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: add lines beginning "
                             f"with each class name")
-    check_dataset(data.writable_folder(folder, "--pool"), a.dataset, names)
-    device, dtype = pick(a)
-    if a.generator == "ddpm":
-        gen = ClassConditional(*train_ddpm(a, os.path.join(folder, "ddpm"), device)[:3], a, device, dtype)
+    data.check_dataset(data.writable_folder(folder, "--pool"), cfg["dataset"], names)
+    device, dtype = pick(cfg)
+    if cfg["generator"] == "ddpm":
+        gen = ClassConditional(*train_ddpm(cfg, os.path.join(folder, "ddpm"), device)[:3], cfg, device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:
-        gen = TextToImage(load_pipeline(a.model, dtype), a, device, dtype)
+        gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
         sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
-        gen.settings["prompts"] = ({"file": os.path.basename(a.prompts), "sha256": sha(a.prompts)} if a.prompts else
-                                   {"templates": TEMPLATES} if a.prompt_style == "templates" else {"built": sha(
-                                       *(os.path.join(PROMPTS, f) for f in (f"{a.dataset}.json", "variation.json")))})
+        tables = [os.path.join(PROMPTS, f) for f in (f"{cfg['dataset']}.json", "variation.json")]
+        gen.settings["prompts"] = ({"file": os.path.basename(cfg["prompts"]), "sha256": sha(cfg["prompts"])}
+                                   if cfg["prompts"] else {"templates": TEMPLATES}
+                                   if cfg["prompt_style"] == "templates" else {"built": sha(*tables)})
     gen.names = names
-    gen.clip = ClipFilter(a, names, device) if a.filter == "clip" else None
+    gen.clip = ClipFilter(cfg, names, device) if cfg["filter"] == "clip" else None
     gen.settings["filter"] = gen.clip.settings if gen.clip else "none"
-    manifest = {"dataset": a.dataset, "classes": names, "image_size": 32, "generator": gen.settings}
-    check_manifest(folder, manifest)
-    have = present(folder)
-    batches = [b for j, b in enumerate(plan_batches(targets, a.batch_size)) if j % a.world == a.rank]
+    manifest = {"dataset": cfg["dataset"], "classes": names, "image_size": 32, "generator": gen.settings}
+    data.check_manifest(folder, manifest)
+    have = data.present(folder)
+    rank, world = shard_of(cfg)
+    batches = [b for j, b in enumerate(plan_batches(targets, cfg["batch_size"])) if j % world == rank]
     todo = [b for b in batches if any(k not in have.get(c, ()) for c, k in b)]
     n_todo = sum(len(b) for b in todo)
     if not todo:
         print(f"{folder}: nothing to make ({sum(targets)} images planned, all present)")
         return
     t0, made = time.time(), 0
-    bar = tqdm(total=n_todo, unit="img", desc=f"generating{f' {a.rank}/{a.world}' if a.world > 1 else ''}",
+    bar = tqdm(total=n_todo, unit="img", desc=f"generating{f' {rank}/{world}' if world > 1 else ''}",
                dynamic_ncols=True)
     for batch in todo:
         retries0 = gen.retries
@@ -718,19 +629,19 @@ def main(argv=None):
             rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
             for run in runs(rows):
                 ks = [batch[i][1] for i in run]
-                redone = np.array([seeds[i] != image_seed(a.seed, c, batch[i][1]) for i in run])
+                redone = np.array([seeds[i] != image_seed(cfg["seed"], c, batch[i][1]) for i in run])
                 clip = {} if clip_p is None else {"clip_refused": np.array([refused[i] for i in run]),
                                                   "clip_p": np.array([clip_p[i] for i in run], np.float32)}
-                write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
-                            None if a.generator == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
+                data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
+                            None if cfg["generator"] == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
                             rejected=redone, **clip)
                 made += len(run)
         bar.update(len(batch))
         bar.set_postfix(retried=gen.retries - retries0)
     bar.close()
     seconds = time.time() - t0
-    total, rejected = count_rejected(folder, manifest)
-    write_samples(folder, names)
+    total, rejected = data.count_rejected(folder, manifest)
+    report.write_samples(folder, names)
     print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
           f"{total} images, {rejected} made again after a black, non-finite or (--filter clip) refused first try; "
           f"samples.png written")

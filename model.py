@@ -1,4 +1,4 @@
-"""ResNet-32 for CIFAR with a classifier head and a projection head (SAU.md section 3).
+"""ResNet-32 for CIFAR with a classifier head and a projection head (docs/method.md: the network).
 
     python model.py      # parameter counts
 """
