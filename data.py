@@ -281,6 +281,7 @@ def _say_interrupted(prog, e):
     how = e.args[0] if isinstance(e, KeyboardInterrupt) and e.args else "what was written is complete (each file " \
         "is renamed into place)"
     print(f"\n{prog}: interrupted; {how}", file=sys.stderr)
+    sys.unraisablehook = lambda _: None  # a DataLoader iterator the Ctrl-C cut off in its set-up fails in __del__
     sys.exit(130)
 
 
