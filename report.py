@@ -339,8 +339,10 @@ def write_table(folder, cfg, runs, keys=("top1", "many", "medium", "few")):
     plt = pyplot()
     mean = np.array([[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"] for c in cells]
                      for r in cfg["rows"]])
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cells), 1 + 0.6 * len(cfg["rows"])))
-    ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if np.isfinite(mean).any() else 0)
+    fig, ax = plt.subplots(figsize=(max(5.5, 2 + 1.6 * len(cells)), 1.2 + 0.6 * len(cfg["rows"])))
+    seen = np.isfinite(mean).any()  # the scale leaves room on both sides, so that every number stays readable
+    ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if seen else 0,
+              vmax=np.nanmax(mean) + 10 if seen else 100)
     for i, r in enumerate(cfg["rows"]):
         for j, c in enumerate(cells):
             ax.text(j, i, shown(table[r][c]).replace(" (", "\n("), ha="center", va="center", fontsize=8)
