@@ -163,7 +163,7 @@ def execute(jobs, devices, desc):
                 t.join(0.5)
     except KeyboardInterrupt:
         for p in list(procs):
-            p.send_signal(signal.SIGINT)  # each run saves nothing half-done; the next invocation resumes it
+            p.terminate()  # the runs ignore SIGINT (the terminal's goes to them too); a killed run resumes exactly
         for p in list(procs):
             p.wait()
         raise KeyboardInterrupt("the finished runs are kept: the same command again resumes the rest") from None
