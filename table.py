@@ -179,9 +179,7 @@ def main(argv=None):
     pending = [(command(a, folder), os.path.join(folder, "log.txt"))
                for _, _, _, a, folder, _ in runs if not os.path.isfile(os.path.join(folder, "final.json"))]
     if cfg["dry_run"]:
-        for _, argv in needed:
-            print("python " + shlex.join(argv))
-        for argv, _ in pending:
+        for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
     gpus = [int(g) for g in cfg["gpus"].split(",")] if cfg["gpus"] else list(range(torch.cuda.device_count()))
@@ -191,8 +189,9 @@ def main(argv=None):
           f"{len(pending)} to run on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU, one at a time'}", flush=True)
     made = execute([(a, os.path.join(folder, "generate_log.txt")) for folder, a in needed], devices[:1], "pools")
     if made:
-        raise data.SAUError(f"the pool {made[0][0][0][made[0][0][0].index('--pool') + 1]} could not be made (its "
-                            f"log: {made[0][0][1]}): no run started")
+        (argv, log), _ = made[0]
+        raise data.SAUError(f"the pool {argv[argv.index('--pool') + 1]} could not be made (its log: {log}): no run "
+                            f"started")
     failed = execute(pending, devices, "runs")
     report.write_table(os.path.join("runs", cfg["name"]), cfg, runs)
     if failed:
