@@ -1,9 +1,11 @@
-"""The synthetic tail pool from a diffusers text-to-image pipeline (docs/method.md: the pool and its files).
+"""The synthetic tail pool from a diffusers text-to-image pipeline.
 
-    python generate.py                                   # CIFAR-10 imb 100 with stabilityai/sd-turbo
-    python generate.py --dataset cifar100 --model DIR    # any text-to-image pipeline, hub id or folder
-    torchrun --nproc_per_node=4 generate.py ...          # several GPUs, same pool as one process
-    python generate.py --bench --batch-size 64           # images/s of the default architecture, random weights
+    python generate.py                               # CIFAR-10 imb 100 with stabilityai/sd-turbo
+    python generate.py --dataset cifar100 --model D  # any text-to-image pipeline, hub id or folder
+    torchrun --nproc_per_node=4 generate.py ...      # several GPUs, same pool as one process
+    python generate.py --bench --batch-size 64       # images/s of sd-turbo's shapes, random weights
+
+docs/method.md describes the pool and its files.
 
 Image k of class c is a function of (generator settings, seed, c, k): a rerun makes only the missing
 images, and a killed, resumed or split run writes the same bytes as an uninterrupted one.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 import report
 
@@ -31,47 +34,68 @@ MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
     "stabilityai/sdxl-turbo": (1, 0.0),
 }
 GENERIC_DEFAULTS = (30, 7.5)
-TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of a {}.", "a bright photo of a {}.",
-             "a cropped photo of a {}.", "a photo of the small {}.", "a low resolution photo of a {}.",
-             "a good photo of a {}."]
+TEMPLATES = [
+    "a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of a {}.",
+    "a bright photo of a {}.", "a cropped photo of a {}.", "a photo of the small {}.",
+    "a low resolution photo of a {}.", "a good photo of a {}."
+]
 MAX_RETRIES = 10
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")  # <dataset>.json, variation.json
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
+# <dataset>.json, variation.json
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+# OpenAI CLIP's
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-S, D, POSITIVE, NON_NEGATIVE = data.Setting, data.DATA_CONFIG, data.POSITIVE, data.NON_NEGATIVE
-AT_LEAST_1, UNDER_1 = data.AT_LEAST_1, (lambda v: 0 <= v < 1, "in [0, 1)")
-CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) are estimated for an hour on one GPU
-    "dataset": D["dataset"], "imb": D["imb"]._replace(help="pool of n_max - n_c images per class at this imbalance"),
+S, D, POSITIVE, NON_NEGATIVE = cli.Setting, data.DATA_CONFIG, cli.POSITIVE, cli.NON_NEGATIVE
+AT_LEAST_1, UNDER_1 = cli.AT_LEAST_1, (lambda v: 0 <= v < 1, "in [0, 1)")
+# every flag, one entry each (cli.Setting); the DDPM ones (ours) are estimated for an hour on one
+# GPU
+CONFIG = {
+    "dataset": D["dataset"],
+    "imb": D["imb"]._replace(help="pool of n_max - n_c images per class at this imbalance"),
     "per_class": S(None, "N images for every class instead", NON_NEGATIVE, type=int),
-    "data_root": D["data_root"], "data_seed": D["data_seed"]._replace(help="the real subset the ddpm generator learns"),
+    "data_root": D["data_root"],
+    "data_seed": D["data_seed"]._replace(help="the real subset the ddpm generator learns"),
     "pool": D["pool"]._replace(help="output folder; empty: <data-root>/synthetic/<dataset>"),
-    "generator": S("text2image", "text2image: a downloaded text-to-image pipeline | ddpm: a class-conditional DDPM "
-                   "trained here on the real subset (ours)", choices=("text2image", "ddpm")),
+    "generator": S(
+        "text2image",
+        "text2image: a downloaded text-to-image pipeline | ddpm: a class-conditional DDPM "
+        "trained here on the real subset (ours)", choices=("text2image", "ddpm")),
     "model": S("stabilityai/sd-turbo", "diffusers text-to-image pipeline: hub id or folder"),
-    "steps": S(None, "inference steps (default: the model's, else 30; ddpm: 50)", AT_LEAST_1, type=int),
-    "guidance": S(None, "guidance scale (default: the model's, else 7.5; ddpm: 1.5)", NON_NEGATIVE, type=float),
+    "steps": S(None, "inference steps (default: the model's, else 30; ddpm: 50)", AT_LEAST_1,
+               type=int),
+    "guidance": S(None, "guidance scale (default: the model's, else 7.5; ddpm: 1.5)", NON_NEGATIVE,
+                  type=float),
     "resolution": S(None, "generation size in px, a multiple of 8 (default: the model's native)",
                     (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"), type=int),
-    "prompts": S("", "file, one prompt per line beginning with the class name (your own; else --prompt-style)"),
-    "prompt_style": S("built", "built: each class's content in prompts/<dataset>.json crossed with "
-                      "prompts/variation.json, >= 500 per class | templates: eight 'a photo of a {}.' forms (the "
-                      "old behaviour)", choices=("built", "templates")),
-    "filter": S("none", "clip: keep an image only if CLIP puts its class among the top --clip-top-k of all classes "
-                "(and p >= --clip-min-p), else make it again with the next seed (ours)", choices=("none", "clip")),
+    "prompts": S(
+        "",
+        "file, one prompt per line beginning with the class name (your own; else --prompt-style)"),
+    "prompt_style": S(
+        "built", "built: each class's content in prompts/<dataset>.json crossed with "
+        "prompts/variation.json, >= 500 per class | templates: eight 'a photo of a {}.' forms (the "
+        "old behaviour)", choices=("built", "templates")),
+    "filter": S(
+        "none",
+        "clip: keep an image only if CLIP puts its class among the top --clip-top-k of all classes "
+        "(and p >= --clip-min-p), else make it again with the next seed (ours)",
+        choices=("none", "clip")),
     "clip_model": S("openai/clip-vit-base-patch32", "CLIP for --filter clip: hub id or folder"),
-    "clip_top_k": S(1, "--filter clip: the class must be among CLIP's top k (1: He et al. 2023)", AT_LEAST_1),
-    "clip_min_p": S(0.0, "--filter clip: and CLIP's probability of the class at least this", UNDER_1),
-    "resize": S("lanczos", "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on the device",
+    "clip_top_k": S(1, "--filter clip: the class must be among CLIP's top k (1: He et al. 2023)",
+                    AT_LEAST_1),
+    "clip_min_p": S(0.0, "--filter clip: and CLIP's probability of the class at least this",
+                    UNDER_1),
+    "resize": S("lanczos",
+                "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on the device",
                 choices=("lanczos", "gpu")),
-    "seed": S(0, "seed of every image's noise", data.SEED),
+    "seed": S(0, "seed of every image's noise", cli.SEED),
     "batch_size": S(16, "images per pipeline call (shapes the bytes: recorded)", AT_LEAST_1),
     "dtype": S("auto", "auto: bf16 on CUDA, else fp32", choices=("auto", "bf16", "fp16", "fp32")),
-    "device": data.DEVICE,
+    "device": cli.DEVICE,
     "compile": S(False, "torch.compile the UNet (pads the last batch)"),
-    "shard": S("", "i/N: make every N-th batch from the i-th (torchrun sets it)", (
-        lambda v: not v or re.fullmatch(r"\d+/\d+", v) and int(v.split("/")[0]) < int(v.split("/")[1]),
-        "i/N with 0 <= i < N")),
+    "shard": S("", "i/N: make every N-th batch from the i-th (torchrun sets it)",
+               (lambda v: not v or re.fullmatch(r"\d+/\d+", v) and int(v.split("/")[0]) < int(
+                   v.split("/")[1]), "i/N with 0 <= i < N")),
     "ddpm_width": S(128, "ddpm: UNet base channels (stages w, 2w, 2w, 2w)", AT_LEAST_1),
     "train_steps": S(30000, "ddpm: training steps", AT_LEAST_1),
     "train_batch": S(128, "ddpm: training batch", AT_LEAST_1),
@@ -80,7 +104,8 @@ CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) ar
     "lr_schedule": S("cosine", "ddpm: lr after warm-up", choices=("cosine", "constant")),
     "ema": S(0.9995, "ddpm: EMA decay of the weights that sample", UNDER_1),
     "label_dropout": S(0.1, "ddpm: share of labels replaced by the null class", UNDER_1),
-    "sampling": S("balanced", "ddpm: class-balanced or plain training batches", choices=("balanced", "plain")),
+    "sampling": S("balanced", "ddpm: class-balanced or plain training batches",
+                  choices=("balanced", "plain")),
     "sampler": S("ddim", "ddpm: DDIM or DPM-Solver++", choices=("ddim", "dpm")),
     "ckpt_every": S(1000, "ddpm: training steps between checkpoints", AT_LEAST_1),
     "bench": S(False, "time the default architecture with random weights"),
@@ -88,21 +113,23 @@ CONFIG = {  # every flag, one entry each (data.Setting); the DDPM ones (ours) ar
 }
 
 
-# A setting that cannot act under another one is refused, as train.py's (data.parse_settings).
-IGNORED = [*[(k, lambda c: c["filter"] == "none", "without --filter clip") for k in ("clip_model", "clip_top_k",
-                                                                                      "clip_min_p")],
-           ("prompt_style", lambda c: bool(c["prompts"]), "with --prompts FILE")]
+# A setting that cannot act under another one is refused, as train.py's (cli.parse_settings).
+IGNORED = [
+    *[(k, lambda c: c["filter"] == "none", "without --filter clip")
+      for k in ("clip_model", "clip_top_k", "clip_min_p")],
+    ("prompt_style", lambda c: bool(c["prompts"]), "with --prompts FILE")
+]
 
 
 def parse_args(argv=None):
-    return data.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
+    return cli.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
 
 
 def shard_of(cfg):
     """(rank, world): --shard i/N, else torchrun's RANK and WORLD_SIZE."""
     if cfg["shard"]:
         return tuple(map(int, cfg["shard"].split("/")))
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return cli.rank_and_world()
 
 
 # ---------------------------------------------------------------- what to make
@@ -110,7 +137,7 @@ def shard_of(cfg):
 
 def image_seed(seed, label, index, attempt=0):
     """The seed of image `index` of class `label`: a function of these numbers alone."""
-    return int(np.random.SeedSequence([seed, label, index, attempt]).generate_state(1, np.uint64)[0] >> 1)
+    return cli.derived_seed(seed, label, index, attempt, bits=63)
 
 
 def read_tables(dataset):
@@ -121,58 +148,65 @@ def read_tables(dataset):
             with open(os.path.join(PROMPTS, name), encoding="utf-8") as f:
                 tables.append(json.load(f))
         except (OSError, ValueError) as e:
-            raise data.SAUError(f"{os.path.join(PROMPTS, name)} is unreadable ({e.__class__.__name__}): restore it "
-                                f"from the repository, or pass --prompts FILE") from None
+            raise cli.SAUError(
+                f"{os.path.join(PROMPTS, name)} is unreadable ({e.__class__.__name__}): restore it "
+                f"from the repository, or pass --prompts FILE") from None
     return tables[0]["classes"], tables[1]
 
 
 def built_prompts(dataset, names, seed):
-    """{label: [prompt, ...]}: every class's content crossed with the variation tables, "<class>, <content>,
-    <viewpoint>, <light>, <style>", in an order shuffled by (seed, label): image k takes prompt k mod the count, the
-    same in every run, shard and resume."""
+    """{label: [prompt, ...]}: every class's content crossed with the variation tables, "<class>,
+    <content>, <viewpoint>, <light>, <style>", in an order shuffled by (seed, label): image k takes
+    prompt k mod the count, the same in every run, shard and resume."""
     content, var = read_tables(dataset)
     missing = [n for n in names if not content.get(n)]
     if missing:
-        raise data.SAUError(f"prompts/{dataset}.json has no content for {', '.join(missing[:5])}: add it, or pass "
-                            f"--prompts FILE or --prompt-style templates")
+        raise cli.SAUError(
+            f"prompts/{dataset}.json has no content for {', '.join(missing[:5])}: add it, or pass "
+            f"--prompts FILE or --prompt-style templates")
     out = {}
     for c, n in enumerate(names):
-        combos = [", ".join(p) for p in itertools.product([n.replace("_", " ")], content[n], var["viewpoint"],
-                                                           var["light"], var["style"])]
+        combos = [
+            ", ".join(p) for p in itertools.product([n.replace("_", " ")], content[n],
+                                                    var["viewpoint"], var["light"], var["style"])
+        ]
         out[c] = [combos[i] for i in np.random.default_rng([seed, c]).permutation(len(combos))]
     return out
 
 
 def class_prompts(names, prompts_file, style, dataset=None, seed=0):
-    """{label: [prompt, ...]}: the file's lines grouped by the class name they begin with, else by style: "built"
-    from prompts/ (needs dataset, seed) or "templates"."""
+    """{label: [prompt, ...]}: the file's lines grouped by the class name they begin with, else by
+    style: "built" from prompts/ (needs dataset, seed) or "templates"."""
     spoken = [n.replace("_", " ") for n in names]
     if not prompts_file and style == "built":
         return built_prompts(dataset, names, seed)
     if not prompts_file:
         return {c: [t.format(n) for t in TEMPLATES] for c, n in enumerate(spoken)}
     if not os.path.isfile(prompts_file):
-        raise data.SAUError(f"--prompts {prompts_file}: no such file")
+        raise cli.SAUError(f"--prompts {prompts_file}: no such file")
     out = {c: [] for c in range(len(names))}
-    by_length = sorted(range(len(names)), key=lambda c: -len(spoken[c]))  # "maple tree" before "tree"
+    # "maple tree" before "tree"
+    by_length = sorted(range(len(names)), key=lambda c: -len(spoken[c]))
     try:
         with open(prompts_file, encoding="utf-8") as f:
             lines = [line for line in map(str.strip, f) if line]
     except (UnicodeDecodeError, OSError) as e:
-        raise data.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file "
+        raise cli.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file "
                             f"({e.__class__.__name__})") from None
     for line in lines:
         low = line.lower()
         c = next((c for c in by_length if low.startswith(spoken[c].lower())
                   and not low[len(spoken[c]):len(spoken[c]) + 1].isalnum()), None)
         if c is None:
-            raise data.SAUError(f"--prompts {prompts_file}: line {line[:40]!r} begins with no class name")
+            raise cli.SAUError(
+                f"--prompts {prompts_file}: line {line[:40]!r} begins with no class name")
         out[c].append(line)
     return out
 
 
 def plan_batches(targets, batch_size):
-    """Every (label, index) to exist, in class then index order, cut into batches: the same plan on every run."""
+    """Every (label, index) to exist, in class then index order, cut into batches: the same plan on
+    every run."""
     items = [(c, k) for c, n in enumerate(targets) for k in range(n)]
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
@@ -192,7 +226,7 @@ def runs(indices):
 
 
 def pick(cfg):
-    device = data.use_device(cfg["device"])
+    device = cli.use_device(cfg["device"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg["dtype"]]
     return device, dtype
@@ -202,24 +236,36 @@ def load_pipeline(model, dtype):
     from diffusers import AutoPipelineForText2Image
     quiet_libraries()
     try:
-        with warnings.catch_warnings():  # the libraries' own deprecation notes are not the user's business
+        # the libraries' own deprecation notes are not the user's business
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoPipelineForText2Image.from_pretrained(model, dtype=dtype, safety_checker=None,
+            return AutoPipelineForText2Image.from_pretrained(model, dtype=dtype,
+                                                             safety_checker=None,
                                                              requires_safety_checker=False)
     except Exception as e:  # a bad folder and a failed download both surface here
         if os.path.isdir(model):
-            raise data.SAUError(f"--model {model} is not a diffusers text-to-image pipeline folder "
-                                f"({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
-        raise data.SAUError(f"could not fetch {model} from the Hugging Face hub ({e.__class__.__name__}); "
-                            f"with no network, pass a local pipeline folder with --model DIR") from None
+            raise cli.SAUError(
+                f"--model {model} is not a diffusers text-to-image pipeline folder "
+                f"({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise cli.SAUError(
+            f"could not fetch {model} from the Hugging Face hub ({e.__class__.__name__}); "
+            f"with no network, pass a local pipeline folder with --model DIR") from None
 
 
 def write_tokenizer(folder):
-    """A byte-level CLIP tokenizer that needs no download: the 256 byte symbols, their </w> forms, no merges."""
+    """A byte-level CLIP tokenizer that needs no download: the 256 byte symbols, their </w> forms,
+    no merges."""
     # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map past 255
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbols = [chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b))) for b in range(256)]
-    vocab = {s: i for i, s in enumerate(["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols])}
+    symbols = [
+        chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
+        for b in range(256)
+    ]
+    vocab = {
+        s: i
+        for i, s in enumerate(["<|startoftext|>", "<|endoftext|>"] + symbols +
+                              [s + "</w>" for s in symbols])
+    }
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
@@ -239,30 +285,34 @@ def quiet_libraries():
 
 
 def sd_turbo_architecture(dtype):
-    """stabilityai/sd-turbo's components (SD 2.1 shapes) from their configs, random weights: for --bench."""
+    """stabilityai/sd-turbo's components (SD 2.1 shapes) from their configs, random weights: for
+    --bench."""
     quiet_libraries()
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                                use_linear_projection=True)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=768)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024,
+                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D", ) * 4,
+                        up_block_types=("UpDecoderBlock2D", ) * 4, layers_per_block=2,
+                        latent_channels=4, sample_size=768)
     tokenizer = write_tokenizer(tempfile.mkdtemp())
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                                        num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
-                                        vocab_size=len(tokenizer), max_position_embeddings=77))
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       timestep_spacing="trailing", steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, image_encoder=None,
-                                   requires_safety_checker=False)
+    text = CLIPTextModel(
+        CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                       num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
+                       vocab_size=len(tokenizer), max_position_embeddings=77))
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, timestep_spacing="trailing", steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
     return pipe.to(dtype=dtype)
 
 
 def broken(x):
-    """[n] bool on the host, one wait for the device: the images to make again, all black (as a safety checker
-    leaves them) or not finite."""
+    """[n] bool on the host, one wait for the device: the images to make again, all black (as a
+    safety checker leaves them) or not finite."""
     flat = x.flatten(1)
     return (~flat.isfinite().all(1) | (flat.amax(1) <= 1 / 255)).tolist()
 
@@ -272,25 +322,29 @@ class Maker:
     retries, clip, names = 0, None, None
 
     def to_uint8(self, x):
-        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to 32."""
+        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to
+        32."""
         if self.cfg["resize"] == "gpu":
-            x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if x.shape[-1] != 32 else x
+            x = F.interpolate(x, size=(32, 32), mode="bicubic",
+                              antialias=True) if x.shape[-1] != 32 else x
             return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         full = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
+        return np.stack(
+            [np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
 
     def make(self, items, prompts):
-        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n], CLIP refusals [n], CLIP p [n] or None):
-        an image that is black, not finite, or refused by the filter is made again with the next seed of its (label,
-        index), at most MAX_RETRIES times."""
+        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n], CLIP refusals [n], CLIP
+        p [n] or None): an image that is black, not finite, or refused by the filter is made again
+        with the next seed of its (label, index), at most MAX_RETRIES times."""
         n, filtered = len(items), self.clip is not None
         attempt, refused, p = [0] * n, [0] * n, [None] * n
         seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
         x, todo = self.raw(items, prompts, seeds), list(range(n))
         while todo:
             black = broken(x[todo])
-            kept, p_todo = self.clip(x[todo], [items[i][0] for i in todo]) if filtered else ([True] * len(todo),
-                                                                                                [None] * len(todo))
+            kept, p_todo = self.clip(x[todo], [items[i][0]
+                                               for i in todo]) if filtered else ([True] * len(todo),
+                                                                                 [None] * len(todo))
             again = []
             for i, b, k, pi in zip(todo, black, kept, p_todo):
                 p[i], refused[i] = pi, refused[i] + (not b and not k)
@@ -298,23 +352,27 @@ class Maker:
                     attempt[i] += 1
                     if attempt[i] > MAX_RETRIES:
                         c = items[i][0]
-                        raise data.SAUError(
-                            f"class {c} ({self.names[c]}) image {items[i][1]}: {MAX_RETRIES} seeds in a row gave black "
-                            f"or non-finite images ({attempt[i] - refused[i]}) or images CLIP refused "
-                            f"({refused[i]}); check --model, --dtype and --steps"
-                            + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
+                        raise cli.SAUError(
+                            f"class {c} ({self.names[c]}) image {items[i][1]}: {MAX_RETRIES} seeds "
+                            "in a row gave black "
+                            f"or non-finite images ({attempt[i] - refused[i]}) or images CLIP "
+                            "refused "
+                            f"({refused[i]}); check --model, --dtype and --steps" +
+                            (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
                     seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt[i])
                     again.append(i)
             if again:
                 self.retries += len(again)
-                x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again], [seeds[i] for i in again])
+                x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again],
+                                    [seeds[i] for i in again])
             todo = again
         return self.to_uint8(x), seeds, refused, p if filtered else None
 
 
 class ClipFilter:
-    """CLIP zero-shot over every class ("a photo of a <class>."), after He et al. (ICLR 2023): an image is kept if
-    its class is among CLIP's top k and CLIP gives it at least min_p. Scores the full-resolution image."""
+    """CLIP zero-shot over every class ("a photo of a <class>."), after He et al. (ICLR 2023): an
+    image is kept if its class is among CLIP's top k and CLIP gives it at least min_p. Scores the
+    full-resolution image."""
 
     def __init__(self, cfg, names, device):
         from transformers import CLIPModel, CLIPTokenizer
@@ -322,27 +380,34 @@ class ClipFilter:
             self.model = CLIPModel.from_pretrained(cfg["clip_model"]).to(device).eval()
             tok = CLIPTokenizer.from_pretrained(cfg["clip_model"])
         except Exception as e:  # no such hub id, no network, not a CLIP folder: the same message
-            raise data.SAUError(f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer there "
-                                f"({e.__class__.__name__}): pass a hub id or a folder saved with "
-                                f"save_pretrained") from None
+            raise cli.SAUError(
+                f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer there "
+                f"({e.__class__.__name__}): pass a hub id or a folder saved with "
+                f"save_pretrained") from None
         self.cfg, self.device, self.size = cfg, device, self.model.config.vision_config.image_size
-        self.mean, self.std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
-        text = tok([f"a photo of a {n.replace('_', ' ')}." for n in names], padding=True, return_tensors="pt")
+        self.mean, self.std = (torch.tensor(v, device=device)[:, None, None]
+                               for v in (CLIP_MEAN, CLIP_STD))
+        text = tok([f"a photo of a {n.replace('_', ' ')}." for n in names], padding=True,
+                   return_tensors="pt")
         with torch.no_grad():
-            self.text = F.normalize(pooled(self.model.get_text_features(**text.to(device))), dim=-1)  # C x D
+            # C x D
+            self.text = F.normalize(pooled(self.model.get_text_features(**text.to(device))), dim=-1)
         self.settings = {"type": "clip", "model": cfg["clip_model"], "top_k": cfg["clip_top_k"],
                          "min_p": cfg["clip_min_p"]}
 
     @torch.no_grad()
     def __call__(self, x, labels):
-        """x float [n, 3, R, R] in [0, 1], labels [n] -> (kept [n] bool, CLIP's p of the label [n]), host lists."""
-        x = F.interpolate(x.float().nan_to_num().to(self.device), size=(self.size, self.size), mode="bicubic",
-                          antialias=True).clamp(0, 1)
-        image = F.normalize(pooled(self.model.get_image_features(pixel_values=(x - self.mean) / self.std)), dim=-1)
+        """x float [n, 3, R, R] in [0, 1], labels [n] -> (kept [n] bool, CLIP's p of the label [n]),
+        host lists."""
+        x = F.interpolate(x.float().nan_to_num().to(self.device), size=(self.size, self.size),
+                          mode="bicubic", antialias=True).clamp(0, 1)
+        image = F.normalize(
+            pooled(self.model.get_image_features(pixel_values=(x - self.mean) / self.std)), dim=-1)
         logits = self.model.logit_scale.exp() * image @ self.text.T  # n x C
         y = torch.tensor(labels, device=self.device)[:, None]
         p = logits.softmax(1).gather(1, y)[:, 0]
-        kept = ((logits > logits.gather(1, y)).sum(1) < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
+        kept = ((logits > logits.gather(1, y)).sum(1)
+                < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
         return kept.tolist(), \
             p.tolist()
 
@@ -359,7 +424,8 @@ class TextToImage(Maker):
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.cfg = device, cfg
         model = "sd-turbo-architecture" if cfg["bench"] else cfg["model"]
-        steps, guidance = MODEL_DEFAULTS.get("stabilityai/sd-turbo" if cfg["bench"] else model, GENERIC_DEFAULTS)
+        steps, guidance = MODEL_DEFAULTS.get("stabilityai/sd-turbo" if cfg["bench"] else model,
+                                             GENERIC_DEFAULTS)
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.steps = cfg["steps"] if cfg["steps"] is not None else steps
         self.guidance = cfg["guidance"] if cfg["guidance"] is not None else guidance
@@ -367,13 +433,23 @@ class TextToImage(Maker):
         if cfg["compile"]:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=True)
-        self.settings = {"type": "text2image", "model": model, "steps": self.steps, "guidance": self.guidance,
-                         "resolution": self.resolution, "dtype": str(dtype).replace("torch.", ""),
-                         "resize": cfg["resize"], "seed": cfg["seed"], "batch_size": cfg["batch_size"],
-                         "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
+        self.settings = {
+            "type": "text2image",
+            "model": model,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "resolution": self.resolution,
+            "dtype": str(dtype).replace("torch.", ""),
+            "resize": cfg["resize"],
+            "seed": cfg["seed"],
+            "batch_size": cfg["batch_size"],
+            "pipeline": type(pipe).__name__,
+            "scheduler": type(pipe.scheduler).__name__
+        }
 
     def raw(self, items, prompts, seeds):
-        """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every device)."""
+        """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every
+        device)."""
         n, pad = len(prompts), (self.cfg["batch_size"] - len(prompts)) if self.cfg["compile"] else 0
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
         out = self.pipe(prompt=prompts + prompts[-1:] * pad, num_inference_steps=self.steps,
@@ -382,21 +458,25 @@ class TextToImage(Maker):
         return out[:n].float()
 
 
-# ---------------------------------------------------------------- the offline generator (DiffuLT's idea, ours)
+# ---------------------------------------------------------------- the offline generator (DiffuLT's
+# idea, ours)
 
 
 def ddpm_unet(num_classes, width):
-    """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of guidance."""
+    """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of
+    guidance."""
     from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(width, 2 * width, 2 * width, 2 * width), norm_num_groups=min(32, width),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       num_class_embeds=num_classes + 1)
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(width, 2 * width, 2 * width, 2 * width), norm_num_groups=min(32, width),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_classes + 1)
 
 
 def save_ddpm(folder, unet, ema, state):
-    """Both networks by save_pretrained, plus the training state, swapped in whole: a kill keeps the last one."""
+    """Both networks by save_pretrained, plus the training state, swapped in whole: a kill keeps the
+    last one."""
     import shutil
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -410,85 +490,122 @@ def save_ddpm(folder, unet, ema, state):
 
 
 def train_ddpm(cfg, folder, device, log=print):
-    """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset; return the EMA
-    network, the training settings and the sha256 of the EMA weights."""
+    """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset;
+    return the EMA network, the training settings and the sha256 of the EMA weights."""
     from diffusers import DDPMScheduler, UNet2DModel
-    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # killed between the two renames
+    # killed between the two renames
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
         os.replace(folder + ".old", folder)
     names = data.class_names(cfg["dataset"], cfg["data_root"])
     images, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     keep = data.long_tail_indices(labels, cfg["imb"], cfg["data_seed"])
-    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)  # N x 3 x 32 x 32 uint8, on the device
+    # N x 3 x 32 x 32 uint8, on the device
+    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)
     y_all = torch.from_numpy(labels[keep]).to(device)
-    settings = {"imb": cfg["imb"], "data_seed": cfg["data_seed"], "real_images": len(keep), "width": cfg["ddpm_width"],
-                **{k: cfg[k] for k in ("train_steps", "train_batch")}, "lr": cfg["train_lr"], "warmup": cfg["warmup"],
-                "lr_schedule": cfg["lr_schedule"], "ema": cfg["ema"], "ema_warmup": "min(ema, (1+s)/(10+s))",
-                "label_dropout": cfg["label_dropout"],
-                "sampling": cfg["sampling"], "hflip": True, "seed": cfg["seed"]}
+    settings = {
+        "imb": cfg["imb"],
+        "data_seed": cfg["data_seed"],
+        "real_images": len(keep),
+        "width": cfg["ddpm_width"],
+        **{
+            k: cfg[k]
+            for k in ("train_steps", "train_batch")
+        }, "lr": cfg["train_lr"],
+        "warmup": cfg["warmup"],
+        "lr_schedule": cfg["lr_schedule"],
+        "ema": cfg["ema"],
+        "ema_warmup": "min(ema, (1+s)/(10+s))",
+        "label_dropout": cfg["label_dropout"],
+        "sampling": cfg["sampling"],
+        "hflip": True,
+        "seed": cfg["seed"]
+    }
     torch.manual_seed(cfg["seed"])  # the initial weights
     unet = ddpm_unet(len(names), cfg["ddpm_width"]).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
     step, rng = 0, torch.Generator(device).manual_seed(cfg["seed"])  # every draw on the device
     if os.path.isfile(os.path.join(folder, "state.pt")):
         try:
-            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu",
+                               weights_only=True)
         except Exception as e:  # truncated, or holding what weights_only refuses: the same message
-            raise data.SAUError(f"{os.path.join(folder, 'state.pt')} is unreadable ({e.__class__.__name__}): delete "
-                                f"{folder} to train the model again") from None
-        differ = sorted(k for k in settings if k != "train_steps" and state["settings"].get(k) != settings[k])
+            raise cli.SAUError(
+                f"{os.path.join(folder, 'state.pt')} is unreadable ({e.__class__.__name__}): "
+                "delete "
+                f"{folder} to train the model again") from None
+        differ = sorted(k for k in settings
+                        if k != "train_steps" and state["settings"].get(k) != settings[k])
         if differ:
-            raise data.SAUError(f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
-                                f"use the same flags or another --pool folder")
+            raise cli.SAUError(
+                f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
+                f"use the same flags or another --pool folder")
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).to(device)
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if step < cfg["train_steps"] and len(state["rng"]) == len(rng.get_state()):
             rng.set_state(state["rng"])
-        elif step < cfg["train_steps"]:  # a CUDA generator's state is 16 bytes, a CPU one's 5056: not transferable
-            rng.manual_seed(int(np.random.SeedSequence([cfg["seed"], step]).generate_state(1)[0]))
-            log(f"{folder}: trained so far on another device type; its random stream goes on from a seed of "
+        # a CUDA generator's state is 16 bytes, a CPU one's 5056: not transferable
+        elif step < cfg["train_steps"]:
+            rng.manual_seed(cli.derived_seed(cfg["seed"], step))
+            log(f"{folder}: trained so far on another device type; its random stream goes on from "
+                "a seed of "
                 f"(--seed, step {step}), so the weights will differ from a run that never moved")
-    ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(len(names), cfg["ddpm_width"])
+    ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(
+        len(names), cfg["ddpm_width"])
     ema = ema.to(device).requires_grad_(False)
     if not step:
         ema.load_state_dict(unet.state_dict())
     if step < cfg["train_steps"] and shard_of(cfg)[1] > 1:
-        raise data.SAUError("the class-conditional model is not trained yet: train it in one process (the same "
-                            "command without torchrun or --shard), then sample with several")
+        raise cli.SAUError(
+            "the class-conditional model is not trained yet: train it in one process (the same "
+            "command without torchrun or --shard), then sample with several")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
     cosine = cfg["lr_schedule"] == "cosine"
-    shape = (lambda s: 0.5 * (1 + np.cos(np.pi * s / cfg["train_steps"]))) if cosine else (lambda s: 1.0)
+    shape = (lambda s: 0.5 *
+             (1 + np.cos(np.pi * s / cfg["train_steps"]))) if cosine else (lambda s: 1.0)
     counts = torch.bincount(y_all, minlength=len(names)).float()
-    weights = (1 / counts[y_all]) if cfg["sampling"] == "balanced" else torch.ones(len(y_all), device=device)
+    weights = (1 / counts[y_all]) if cfg["sampling"] == "balanced" else torch.ones(
+        len(y_all), device=device)
     if step < cfg["train_steps"]:
-        log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} parameters) on "
+        log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} "
+            "parameters) on "
             f"{len(keep)} real images, steps {step + 1}-{cfg['train_steps']}")
     losses, t0 = [], time.time()
-    bar = tqdm(total=cfg["train_steps"], initial=step, unit="step", desc="training", dynamic_ncols=True,
-               disable=step >= cfg["train_steps"])
+    bar = tqdm(total=cfg["train_steps"], initial=step, unit="step", desc="training",
+               dynamic_ncols=True, disable=step >= cfg["train_steps"])
     unet.train()
     while step < cfg["train_steps"]:
-        batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"], len(names), rng)
-        decay = min(cfg["ema"], (1 + step) / (10 + step))  # warm-up: early EMA weights are not mostly the random init
+        batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"],
+                           len(names), rng)
+        # warm-up: early EMA weights are not mostly the random init
+        decay = min(cfg["ema"], (1 + step) / (10 + step))
         lr = float(cfg["train_lr"] * warm(step) * shape(step))
         losses.append(ddpm_step(unet, ema, opt, scheduler, batch, lr, decay))
         step += 1
         bar.update(1)
-        if step % 50 == 0 or step == cfg["train_steps"]:  # .item() waits for the device: only now and then
+        # .item() waits for the device: only now and then
+        if step % 50 == 0 or step == cfg["train_steps"]:
             bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
         if step % cfg["ckpt_every"] == 0 or step == cfg["train_steps"]:
-            save_ddpm(folder, unet, ema, {"step": step, "settings": settings, "optimizer": opt.state_dict(),
-                                          "rng": rng.get_state()})
+            save_ddpm(
+                folder, unet, ema, {
+                    "step": step,
+                    "settings": settings,
+                    "optimizer": opt.state_dict(),
+                    "rng": rng.get_state()
+                })
     bar.close()
     if losses:
         n = len(losses)
         seconds = time.time() - t0
-        log(f"trained {n} steps in {seconds:.1f}s ({n * cfg['train_batch'] / seconds:.1f} images/s); "
+        log(f"trained {n} steps in {seconds:.1f}s ({n * cfg['train_batch'] / seconds:.1f} "
+            "images/s); "
             f"loss {torch.stack(losses[:max(n // 10, 1)]).mean().item():.4f} (first tenth) -> "
             f"{torch.stack(losses[-max(n // 10, 1):]).mean().item():.4f} (last tenth)")
-    weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema"))) if f.endswith(".safetensors"))
+    weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema")))
+                        if f.endswith(".safetensors"))
     with open(os.path.join(folder, "ema", weights_file), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return ema.eval(), settings, sha, [v.item() for v in losses]
@@ -499,16 +616,19 @@ def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):
     dev = g.device
     idx = torch.multinomial(weights, n, replacement=True, generator=g)
     x0 = x_all[idx].float() / 127.5 - 1
-    x0 = torch.where((torch.rand(n, generator=g, device=dev) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+    x0 = torch.where((torch.rand(n, generator=g, device=dev) < 0.5)[:, None, None, None],
+                     x0.flip(-1), x0)
     y = torch.where(torch.rand(n, generator=g, device=dev) < label_dropout, null, y_all[idx])
     noise = torch.randn(x0.shape, generator=g, device=dev)
     return x0, y, noise, torch.randint(0, 1000, (n,), generator=g, device=dev)
 
 
 def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
-    """One AdamW step on the noise-prediction loss and the EMA update, without waiting for the device; the loss."""
+    """One AdamW step on the noise-prediction loss and the EMA update, without waiting for the
+    device; the loss."""
     x0, y, noise, t = batch
-    xt = scheduler.add_noise(x0, noise, t)  # the scheduler keeps its table on the device after the first call
+    # the scheduler keeps its table on the device after the first call
+    xt = scheduler.add_noise(x0, noise, t)
     for group in opt.param_groups:
         group["lr"] = lr  # a plain float: state.pt loads weights_only
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=x0.device.type == "cuda"):
@@ -523,27 +643,37 @@ def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
 
 
 class ClassConditional(Maker):
-    """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free guidance."""
+    """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free
+    guidance."""
 
     def __init__(self, unet, train_settings, sha, cfg, device, dtype):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
         self.unet, self.cfg, self.device, self.dtype = unet.to(device), cfg, device, dtype
         config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
-        self.sampler = (DDIMScheduler if cfg["sampler"] == "ddim" else DPMSolverMultistepScheduler).from_config(config)
+        self.sampler = (DDIMScheduler if cfg["sampler"] == "ddim" else
+                        DPMSolverMultistepScheduler).from_config(config)
         self.steps = cfg["steps"] if cfg["steps"] is not None else 50
         self.guidance = cfg["guidance"] if cfg["guidance"] is not None else 1.5
         self.null = unet.config.num_class_embeds - 1
-        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha,
-                         "sampler": cfg["sampler"], "steps": self.steps, "guidance": self.guidance, "seed": cfg["seed"],
-                         "batch_size": cfg["batch_size"],
-                         "dtype": str(dtype).replace("torch.", "")}
+        self.settings = {
+            "type": "ddpm",
+            "training": train_settings,
+            "checkpoint_sha256": sha,
+            "sampler": cfg["sampler"],
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "seed": cfg["seed"],
+            "batch_size": cfg["batch_size"],
+            "dtype": str(dtype).replace("torch.", "")
+        }
 
     @torch.no_grad()
     def raw(self, items, prompts, seeds):
         """float [n, 3, 32, 32] in [0, 1]; eps = uncond + guidance * (cond - uncond)."""
         y = torch.tensor([c for c, _ in items], device=self.device)
         labels = torch.cat([y, torch.full_like(y, self.null)])
-        x = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = torch.stack(
+            [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x = x.to(self.device)  # the noise is drawn on the CPU: the same images on every device
         self.sampler.set_timesteps(self.steps, device=self.device)
         for t in self.sampler.timesteps:
@@ -560,23 +690,27 @@ class ClassConditional(Maker):
 def bench(cfg):
     device, dtype = pick(cfg)
     torch.manual_seed(0)
-    print(f"building the stabilityai/sd-turbo architecture with random weights on {device} ({dtype})", flush=True)
+    print(
+        f"building the stabilityai/sd-turbo architecture with random weights on {device} ({dtype})",
+        flush=True)
     gen = TextToImage(sd_turbo_architecture(dtype), cfg, device, dtype)
     prompts = [TEMPLATES[i % len(TEMPLATES)].format("cat") for i in range(cfg["batch_size"])]
     items = [(3, k) for k in range(cfg["batch_size"])]
     t0 = time.time()
     gen.make(items, prompts)  # warm-up (and compilation)
     print(f"warm-up batch: {time.time() - t0:.1f}s", flush=True)
-    data.synchronize(device)
+    cli.synchronize(device)
     t0 = time.time()
     for _ in range(cfg["bench_batches"]):
         gen.make(items, prompts)
-    data.synchronize(device)
+    cli.synchronize(device)
     rate = cfg["bench_batches"] * cfg["batch_size"] / (time.time() - t0)
-    peak = f", peak memory {data.device_figures(device)[1]}" if device.type == "cuda" else ""
-    print(f"bench: {rate:.3g} images/s at batch {cfg['batch_size']}, {gen.resolution}px, {gen.steps} step(s), "
-          f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
-          f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
+    peak = f", peak memory {cli.device_figures(device)[1]}" if device.type == "cuda" else ""
+    print(
+        f"bench: {rate:.3g} images/s at batch {cfg['batch_size']}, {gen.resolution}px, {gen.steps} "
+        "step(s), "
+        f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
+        f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
 
 
 def main(argv=None):
@@ -588,53 +722,74 @@ def main(argv=None):
     n_max = int(np.bincount(labels).max())
     targets = ([cfg["per_class"]] * len(names) if cfg["per_class"] is not None
                else [n_max - n for n in data.lt_counts(n_max, len(names), cfg["imb"])])
-    folder = cfg["pool"] or os.path.join(cfg["data_root"], "synthetic", cfg["dataset"])
+    folder = data.pool_folder(cfg)
     prompts = class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"], cfg["seed"])
     empty = [names[c] for c, n in enumerate(targets) if n and not prompts[c]]
     if empty:
-        raise data.SAUError(f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: add lines beginning "
-                            f"with each class name")
-    data.check_dataset(data.writable_folder(folder, "--pool"), cfg["dataset"], names)
+        raise cli.SAUError(
+            f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: add lines "
+            "beginning "
+            f"with each class name")
+    data.check_dataset(cli.writable_folder(folder, "--pool"), cfg["dataset"], names)
     device, dtype = pick(cfg)
     if cfg["generator"] == "ddpm":
-        gen = ClassConditional(*train_ddpm(cfg, os.path.join(folder, "ddpm"), device)[:3], cfg, device, dtype)
+        gen = ClassConditional(*train_ddpm(cfg, os.path.join(folder, "ddpm"), device)[:3], cfg,
+                               device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:
         gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
-        sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
+        sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read()
+                                                     for p in paths)).hexdigest()
         tables = [os.path.join(PROMPTS, f) for f in (f"{cfg['dataset']}.json", "variation.json")]
-        gen.settings["prompts"] = ({"file": os.path.basename(cfg["prompts"]), "sha256": sha(cfg["prompts"])}
-                                   if cfg["prompts"] else {"templates": TEMPLATES}
-                                   if cfg["prompt_style"] == "templates" else {"built": sha(*tables)})
+        gen.settings["prompts"] = ({
+            "file": os.path.basename(cfg["prompts"]),
+            "sha256": sha(cfg["prompts"])
+        } if cfg["prompts"] else {
+            "templates": TEMPLATES
+        } if cfg["prompt_style"] == "templates" else {
+            "built": sha(*tables)
+        })
     gen.names = names
     gen.clip = ClipFilter(cfg, names, device) if cfg["filter"] == "clip" else None
     gen.settings["filter"] = gen.clip.settings if gen.clip else "none"
-    manifest = {"dataset": cfg["dataset"], "classes": names, "image_size": 32, "generator": gen.settings}
+    manifest = {
+        "dataset": cfg["dataset"],
+        "classes": names,
+        "image_size": 32,
+        "generator": gen.settings
+    }
     data.check_manifest(folder, manifest)
     have = data.present(folder)
     rank, world = shard_of(cfg)
-    batches = [b for j, b in enumerate(plan_batches(targets, cfg["batch_size"])) if j % world == rank]
+    batches = [
+        b for j, b in enumerate(plan_batches(targets, cfg["batch_size"])) if j % world == rank
+    ]
     todo = [b for b in batches if any(k not in have.get(c, ()) for c, k in b)]
     n_todo = sum(len(b) for b in todo)
     if not todo:
         print(f"{folder}: nothing to make ({sum(targets)} images planned, all present)")
         return
     t0, made = time.time(), 0
-    bar = tqdm(total=n_todo, unit="img", desc=f"generating{f' {rank}/{world}' if world > 1 else ''}",
-               dynamic_ncols=True)
+    bar = tqdm(total=n_todo, unit="img",
+               desc=f"generating{f' {rank}/{world}' if world > 1 else ''}", dynamic_ncols=True)
     for batch in todo:
         retries0 = gen.retries
-        images, seeds, refused, clip_p = gen.make(batch, [prompts[c][k % len(prompts[c])] for c, k in batch])
+        images, seeds, refused, clip_p = gen.make(
+            batch, [prompts[c][k % len(prompts[c])] for c, k in batch])
         for c in sorted({c for c, _ in batch}):
             rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
             for run in runs(rows):
                 ks = [batch[i][1] for i in run]
-                redone = np.array([seeds[i] != image_seed(cfg["seed"], c, batch[i][1]) for i in run])
-                clip = {} if clip_p is None else {"clip_refused": np.array([refused[i] for i in run]),
-                                                  "clip_p": np.array([clip_p[i] for i in run], np.float32)}
-                data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run],
-                            None if cfg["generator"] == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks],
-                            rejected=redone, **clip)
+                redone = np.array(
+                    [seeds[i] != image_seed(cfg["seed"], c, batch[i][1]) for i in run])
+                clip = {} if clip_p is None else {
+                    "clip_refused": np.array([refused[i] for i in run]),
+                    "clip_p": np.array([clip_p[i] for i in run], np.float32)
+                }
+                data.write_shard(
+                    folder, c, ks[0], images[run], [seeds[i] for i in run], None if cfg["generator"]
+                    == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks], rejected=redone,
+                    **clip)
                 made += len(run)
         bar.update(len(batch))
         bar.set_postfix(retried=gen.retries - retries0)
@@ -642,10 +797,12 @@ def main(argv=None):
     seconds = time.time() - t0
     total, rejected = data.count_rejected(folder, manifest)
     report.write_samples(folder, names)
-    print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
-          f"{total} images, {rejected} made again after a black, non-finite or (--filter clip) refused first try; "
-          f"samples.png written")
+    print(
+        f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
+        f"{total} images, {rejected} made again after a black, non-finite or (--filter clip) "
+        "refused first try; "
+        f"samples.png written")
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

@@ -18,8 +18,10 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.stride != 1 or self.pad:  # option A: subsample, zero-pad the new channels (no parameters)
-            x = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        # option A: subsample, zero-pad the new channels (no parameters)
+        if self.stride != 1 or self.pad:
+            x = F.pad(x[:, :, ::self.stride, ::self.stride],
+                      (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return F.relu(out + x)
 
 
@@ -30,7 +32,8 @@ class ResNet32(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         stages, cin = [], width
         for cout, stride in [(width, 1), (2 * width, 2), (4 * width, 2)]:
-            stages += [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(4)]
+            stages += [BasicBlock(cin, cout, stride)
+                       ] + [BasicBlock(cout, cout, 1) for _ in range(4)]
             cin = cout
         self.layers = nn.Sequential(*stages)
         self.fc = nn.Linear(cin, num_classes)  # synthetic-unaware branch
@@ -44,7 +47,8 @@ class ResNet32(nn.Module):
 
     def features(self, x):  # B x 3 x 32 x 32 -> B x 4w
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return x.mean((2, 3))  # global average pool; unlike adaptive_avg_pool2d, its CUDA backward is deterministic
+        # global average pool; unlike adaptive_avg_pool2d, its CUDA backward is deterministic
+        return x.mean((2, 3))
 
     def project(self, f):  # B x 4w -> B x 128, unit length
         return F.normalize(self.proj(f), dim=1)

@@ -1,6 +1,6 @@
-"""What a person reads of a run: the epoch line, the detector figures of metrics.jsonl, final.json and the
-pictures (curves, per-class accuracy, confusion, suspects, audit), the pool's samples.png and --summarize's table.
-Every picture is redrawn from what a run's checkpoint holds.
+"""What a person reads of a run: the epoch line, the detector figures of metrics.jsonl, final.json
+and the pictures (curves, per-class accuracy, confusion, suspects, audit), the pool's samples.png
+and --summarize's table. Every picture is redrawn from what a run's checkpoint holds.
 """
 import json
 import math
@@ -11,21 +11,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 
-AUDIT_SCORES = ("p", "margin", "both")  # the epoch audit's scores (ours): log p(label), prototype margin, rank sum
+# the epoch audit's scores (ours): log p(label), prototype margin, rank sum
+AUDIT_SCORES = ("p", "margin", "both")
 
 
-# ---------------------------------------------------------------- the figures of a detector of bad synthetic images
+# ---------------------------------------------------------------- the figures of a detector of bad
+# synthetic images
 
 
 def detector(flag, mixed):
-    """Per-sample flags [N] bool (host) as a detector of bad synthetic images: the share of synthetic samples flagged,
-    overall and per class, and with planted images recall, false-flag rate and precision."""
+    """Per-sample flags [N] bool (host) as a detector of bad synthetic images: the share of
+    synthetic samples flagged, overall and per class, and with planted images recall, false-flag
+    rate and precision."""
     syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
     share = lambda of, m: float(of[m].mean()) if m.any() else None
-    fig = {"suspect_frac": share(flag, syn),
-           "suspect_frac_per_class": [share(flag, syn & (y == c)) for c in range(len(mixed.classes))]}
+    fig = {
+        "suspect_frac": share(flag, syn),
+        "suspect_frac_per_class": [share(flag, syn & (y == c)) for c in range(len(mixed.classes))]
+    }
     if noisy.any():
         fig.update(recall=share(flag, noisy), false_flag_rate=share(flag, syn & ~noisy),
                    precision=share(noisy, syn & flag))
@@ -33,7 +39,8 @@ def detector(flag, mixed):
 
 
 def auc(score, positive):
-    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None without both."""
+    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None
+    without both."""
     s, pos = np.asarray(score, float), np.asarray(positive, bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if not n1 or not n0:
@@ -44,19 +51,32 @@ def auc(score, positive):
 
 
 def audit_figures(scores, ranks, mixed, q, flags):
-    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample ranked below q
-    and the AUC (planted vs clean; of the rank sum for both), and the AUC of the flags the step used this epoch
-    (flags [N]: the paper's rule's, or the audit's with --relabel audit); per class, the 10/50/90% points of log p
-    and margin for real, clean and planted samples."""
+    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample
+    ranked below q and the AUC (planted vs clean; of the rank sum for both), and the AUC of the
+    flags the step used this epoch (flags [N]: the paper's rule's, or the audit's with --relabel
+    audit); per class, the 10/50/90% points of log p and margin for real, clean and planted samples.
+    """
     syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
     raw = torch.cat([scores, (ranks[:, 0] + ranks[:, 1])[:, None]], 1).numpy()
-    fig = {name: {**detector(syn & (ranks[:, k] < q).numpy(), mixed), "auc": auc(-raw[syn, k], noisy[syn])}
-           for k, name in enumerate(AUDIT_SCORES)}
+    fig = {
+        name: {
+            **detector(syn & (ranks[:, k] < q).numpy(), mixed), "auc": auc(
+                -raw[syn, k], noisy[syn])
+        }
+        for k, name in enumerate(AUDIT_SCORES)
+    }
     fig["flags"] = {"auc": auc(flags[syn], noisy[syn])}
     groups = {"real": ~syn, "clean": syn & ~noisy, "planted": noisy}
-    fig["per_class"] = {name: {g: [np.quantile(raw[m & (y == c), k], [0.1, 0.5, 0.9]).round(4).tolist()
-                                   if (m & (y == c)).any() else None for c in range(len(mixed.classes))]
-                               for g, m in groups.items() if m.any()} for k, name in enumerate(("p", "margin"))}
+    fig["per_class"] = {
+        name: {
+            g: [
+                np.quantile(raw[m & (y == c), k], [0.1, 0.5, 0.9]).round(4).tolist() if
+                (m & (y == c)).any() else None for c in range(len(mixed.classes))
+            ]
+            for g, m in groups.items() if m.any()
+        }
+        for k, name in enumerate(("p", "margin"))
+    }
     return fig
 
 
@@ -66,42 +86,53 @@ def audit_figures(scores, ranks, mixed, q, flags):
 def print_epoch(m, epochs):
     fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
     found = "" if m["suspect_frac"] is None else f"  suspects {fmt(m['suspect_frac'], 3)}" + (
-        f" (planted: recall {fmt(m['recall'], 3)}, false flags {fmt(m['false_flag_rate'], 3)}, precision "
+        f" (planted: recall {fmt(m['recall'], 3)}, false flags {fmt(m['false_flag_rate'], 3)}, "
+        "precision "
         f"{fmt(m['precision'], 3)})" if "recall" in m else "")
     audit = ""
     if "audit" in m:  # ours
         a = m["audit"]
         audit = "\n  audit" + "".join(f"  {k}: flags {fmt(a[k]['suspect_frac'], 3)}" + (
-            f" (recall {fmt(a[k]['recall'], 3)}, precision {fmt(a[k]['precision'], 3)}, AUC {fmt(a[k]['auc'], 3)})"
-            if "recall" in a[k] else "") for k in AUDIT_SCORES) + (f"  step's flags AUC {fmt(a['flags']['auc'], 3)}"
-                                                                   if a["flags"]["auc"] is not None else "") + (
-            f"  {m['audit_s']:.0f}s")
-    tqdm.write(f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
-               f"{m['loss_con']:.3f})  lr {m['lr']:.4g}  top1 {m['top1']:.2f}  many/med/few {fmt(m['many'])}/"
-               f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s{audit}")
+            f" (recall {fmt(a[k]['recall'], 3)}, precision {fmt(a[k]['precision'], 3)}, AUC "
+            f"{fmt(a[k]['auc'], 3)})"
+            if "recall" in a[k] else "") for k in AUDIT_SCORES) + (
+                f"  step's flags AUC {fmt(a['flags']['auc'], 3)}"
+                if a["flags"]["auc"] is not None else "") + (f"  {m['audit_s']:.0f}s")
+    tqdm.write(
+        f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
+        f"{m['loss_con']:.3f})  lr {m['lr']:.4g}  top1 {m['top1']:.2f}  many/med/few "
+        f"{fmt(m['many'])}/"
+        f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} "
+        f"img/s{audit}"
+    )
 
 
 def write_final(out, cfg, metrics, ev, mixed, flagged, scores):
     """final.json and the pictures of a finished run, from what its checkpoint holds."""
     best = max(metrics, key=lambda r: r["top1"])
-    final = {"final_epoch": {k: ev[k] for k in ("top1", "top5", "many", "medium", "few", "per_class")},
-             "epochs": cfg["epochs"], "seed": cfg["seed"], "data_seed": cfg["data_seed"],
-             "best_over_epochs_selected_on_test_set": {"top1": best["top1"], "epoch": best["epoch"]},
-             "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
-             "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics),
-             "detector_last_epoch": {k: metrics[-1].get(k) for k in ("suspect_frac", "recall", "false_flag_rate",
-                                                                     "precision") if k in metrics[-1]},
-             "audit_last_epoch": {k: v for k, v in metrics[-1].get("audit", {}).items() if k != "per_class"}}
+    last = metrics[-1]
+    detector_keys = ("suspect_frac", "recall", "false_flag_rate", "precision")
+    final = {
+        "final_epoch": {k: ev[k] for k in ("top1", "top5", *data.GROUPS, "per_class")},
+        "epochs": cfg["epochs"], "seed": cfg["seed"], "data_seed": cfg["data_seed"],
+        "best_over_epochs_selected_on_test_set": {"top1": best["top1"], "epoch": best["epoch"]},
+        "seconds_per_epoch": sum(r["seconds"] for r in metrics) / len(metrics),
+        "images_per_s": sum(r["images_per_s"] for r in metrics) / len(metrics),
+        "detector_last_epoch": {k: last.get(k) for k in detector_keys if k in last},
+        "audit_last_epoch": {k: v for k, v in last.get("audit", {}).items() if k != "per_class"},
+    }
     plot_run(out, metrics, ev)
     if cfg["w_con"] > 0 and mixed.is_syn.any():
         plot_suspects(out, mixed, flagged, cfg["epochs"])
     if scores is not None:
         plot_audit(out, mixed, scores.numpy(), cfg["epochs"])
-    data.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))  # last: the run's end mark
+    # last: the run's end mark
+    cli.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
     f = final["final_epoch"]
-    print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  many/medium/few "
-          + "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in ("many", "medium", "few"))
-          + f"  (best over epochs, selected on the test set: {best['top1']:.2f} at epoch {best['epoch']})  -> {out}")
+    groups = "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in data.GROUPS)
+    print(f"final (epoch {cfg['epochs']}): top1 {f['top1']:.2f}  top5 {f['top5']:.2f}  "
+          f"many/medium/few {groups}  (best over epochs, selected on the test set: "
+          f"{best['top1']:.2f} at epoch {best['epoch']})  -> {out}")
 
 
 # ---------------------------------------------------------------- pictures
@@ -116,23 +147,26 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    data.write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    cli.write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
     pyplot().close(fig)
 
 
 def plot_run(out, metrics, ev):
     """curves.png, per_class.png and confusion.png in the run folder."""
     plt, ep = pyplot(), [r["epoch"] for r in metrics]
-    panels = [("loss", "loss_cls", "loss_con"), ("lr",), ("top1", "many", "medium", "few"),
-              ("suspect_frac", "recall", "false_flag_rate", "precision"), ("auc_p", "auc_margin", "auc_both",
-                                                                           "auc_flags")]
-    titles = ["training loss", "learning rate", "test accuracy (%)", "the step's suspects among synthetic samples",
-              "audit AUC, planted vs clean"]
+    panels = [("loss", "loss_cls", "loss_con"), ("lr",), ("top1", *data.GROUPS),
+              ("suspect_frac", "recall", "false_flag_rate", "precision"),
+              ("auc_p", "auc_margin", "auc_both", "auc_flags")]
+    titles = [
+        "training loss", "learning rate", "test accuracy (%)",
+        "the step's suspects among synthetic samples", "audit AUC, planted vs clean"
+    ]
     shown = [i for i, keys in enumerate(panels) if any(r.get(keys[0]) is not None for r in metrics)]
     fig, ax = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
     for a, keys, title in zip(ax, [panels[i] for i in shown], [titles[i] for i in shown]):
         for k in keys:
-            if any(r.get(k) is not None for r in metrics):  # many/medium/few: only the groups that have classes
+            # many/medium/few: only the groups that have classes
+            if any(r.get(k) is not None for r in metrics):
                 a.plot(ep, [np.nan if r.get(k) is None else r[k] for r in metrics], ".-", label=k)
         a.set(title=title, xlabel="epoch")
         a.set_xticks(ep) if len(ep) <= 20 else None
@@ -143,8 +177,10 @@ def plot_run(out, metrics, ev):
     colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(8, len(c) * 0.12 + 4), 4))
     ax.bar(c, ev["per_class"], color=[colors[data.shot_group(n)] for n in ev["n_real"]])
-    ax.set(xlabel="class (label order: head to tail)", ylabel="test accuracy (%)", ylim=(0, 100),
-           title="per-class accuracy; bars coloured many / medium / few; lines: train images per class")
+    ax.set(
+        xlabel="class (label order: head to tail)", ylabel="test accuracy (%)", ylim=(0, 100),
+        title="per-class accuracy; bars coloured many / medium / few; lines: train images per class"
+    )
     ax.set_xticks(c, ev["classes"], rotation=45, ha="right") if small else None
     tw = ax.twinx()
     tw.plot(c, ev["n_real"], "k.-", label="real")
@@ -167,60 +203,75 @@ def plot_audit(out, mixed, scores, epochs):
     """audit.png: the last epoch's audit scores, real, clean synthetic and planted samples apart."""
     plt, syn, noisy = pyplot(), mixed.is_syn, mixed.is_noisy
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for a, s, title in zip(ax, scores.T, ("log p(label), classifier, plain image", "prototype margin")):
+    for a, s, title in zip(ax, scores.T,
+                           ("log p(label), classifier, plain image", "prototype margin")):
         bins = np.linspace(np.quantile(s, 0.005), s.max(), 60)
-        for name, m in [("real", ~syn), ("synthetic, clean", syn & ~noisy), ("synthetic, planted", noisy)]:
+        for name, m in [("real", ~syn), ("synthetic, clean", syn & ~noisy),
+                        ("synthetic, planted", noisy)]:
             if m.any():
-                a.hist(s[m].clip(bins[0]), bins, density=True, histtype="step", lw=1.5, label=f"{name} ({m.sum()})")
+                a.hist(s[m].clip(bins[0]), bins, density=True, histtype="step", lw=1.5,
+                       label=f"{name} ({m.sum()})")
         a.set(title=title, xlabel="score (lower: less like its class)", ylabel="density")
         a.legend()
-    fig.suptitle(f"epoch audit after epoch {epochs} (the lowest 0.5% piled into the first bin)", fontsize=10)
+    fig.suptitle(f"epoch audit after epoch {epochs} (the lowest 0.5% piled into the first bin)",
+                 fontsize=10)
     save_figure(fig, os.path.join(out, "audit.png"))
 
 
 def plot_suspects(out, mixed, flagged, epochs, per_side=8):
-    """suspects.png: per class (every tenth beyond 20 classes), the synthetic images taken as suspects in the most
-    epochs and those in the fewest, each with its count; planted wrong-class images outlined in red."""
+    """suspects.png: per class (every tenth beyond 20 classes), the synthetic images taken as
+    suspects in the most epochs and those in the fewest, each with its count; planted wrong-class
+    images outlined in red."""
     plt, num_classes = pyplot(), len(mixed.classes)
     shown = [c for c in range(num_classes) if num_classes <= 20 or c % 10 == 0]
     m, text = 3, 11  # margin for the outline, band below each image for its count
     s, cols = 32 + 2 * m, 2 * per_side + 1  # a blank column between the two sides
     mosaic = np.full((len(shown) * (s + text), cols * s, 3), 255, np.uint8)
     fig, ax = plt.subplots(figsize=(cols * s / 50, len(shown) * (s + text) / 50 + 0.9))
-    order = np.random.default_rng(0).permutation(len(mixed))  # ties broken at random, the same in every run
+    # ties broken at random, the same in every run
+    order = np.random.default_rng(0).permutation(len(mixed))
     for r, c in enumerate(shown):
         syn, y0 = order[mixed.is_syn[order] & (mixed.labels[order] == c)], r * (s + text)
         if not len(syn):
-            ax.text(cols * s / 2, y0 + s / 2, "no synthetic images", ha="center", va="center", fontsize=8)
+            ax.text(cols * s / 2, y0 + s / 2, "no synthetic images", ha="center", va="center",
+                    fontsize=8)
         most = syn[np.argsort(-flagged[syn], kind="stable")[:per_side]]
         fewest = syn[np.argsort(flagged[syn], kind="stable")[:per_side]]
         for col, i in [*enumerate(most), *((per_side + 1 + k, i) for k, i in enumerate(fewest))]:
             x0 = col * s
             mosaic[y0 + m:y0 + m + 32, x0 + m:x0 + m + 32] = mixed.images[i]
             if mixed.is_noisy[i]:
-                ax.add_patch(plt.Rectangle((x0 + 0.5, y0 + 0.5), s - 2, s - 2, fill=False, edgecolor="red", lw=1.5))
-            ax.text(x0 + s / 2, y0 + s + text / 2, f"{flagged[i]}/{epochs}", ha="center", va="center", fontsize=6)
+                ax.add_patch(
+                    plt.Rectangle((x0 + 0.5, y0 + 0.5), s - 2, s - 2, fill=False, edgecolor="red",
+                                  lw=1.5))
+            ax.text(x0 + s / 2, y0 + s + text / 2, f"{flagged[i]}/{epochs}", ha="center",
+                    va="center", fontsize=6)
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_yticks([r * (s + text) + s / 2 for r in range(len(shown))], [mixed.classes[c] for c in shown])
+    ax.set_yticks([r * (s + text) + s / 2 for r in range(len(shown))],
+                  [mixed.classes[c] for c in shown])
     ax.set_xticks([per_side * s / 2, (per_side + 1 + per_side / 2) * s],
                   ["taken as suspect in the most epochs", "in the fewest"])
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
-    fig.suptitle(f"synthetic images per class, each with the epochs (of {epochs}) it was taken as a suspect; "
-                 f"red: a planted wrong-class image", fontsize=9)
+    fig.suptitle(
+        f"synthetic images per class, each with the epochs (of {epochs}) it was taken as a "
+        "suspect; "
+        f"red: a planted wrong-class image", fontsize=9)
     for side in ax.spines.values():
         side.set_visible(False)
     save_figure(fig, os.path.join(out, "suspects.png"))
 
 
 def write_samples(folder, names, per_row=8):
-    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with its prompt
-    (the class name left out, shortened) and, filtered, CLIP's probability of its class."""
+    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with
+    its prompt (the class name left out, shortened) and, filtered, CLIP's probability of its class.
+    """
     plt, shards = pyplot(), data.pool_shards(folder)
     rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
     if not rows:
         return
-    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3),
+                             squeeze=False)
     for ax, c in zip(axes[:, 0], rows):
         images, notes = [], []
         for _, path in shards[c]:
@@ -231,8 +282,10 @@ def write_samples(folder, names, per_row=8):
                 p = z["clip_p"][:take] if "clip_p" in z else [None] * take
             notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
                       + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
-        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))  # short classes: blank tiles
-        strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
+        # short classes: blank tiles
+        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))
+        strip = np.concatenate(
+            [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
         ax.imshow(strip, interpolation="nearest")
         for i, note in enumerate(notes):
             ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
@@ -241,73 +294,100 @@ def write_samples(folder, names, per_row=8):
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
         for side in ax.spines.values():
             side.set_visible(False)
-    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(), hspace=0.9)  # prompts
-    data.write_atomic(os.path.join(folder, "samples.png"), lambda p: fig.savefig(p, format="png", dpi=120))
+    # prompts
+    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(),
+                        hspace=0.9)
+    cli.write_atomic(os.path.join(folder, "samples.png"),
+                      lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- --summarize
 
 
+def spread(values):
+    """{"mean", "std", "runs"} over the values that are not None (std None for one run: no spread
+    exists), or None where there is none."""
+    v = np.array([x for x in values if x is not None], float)
+    if not len(v):
+        return None
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "runs": len(v)}
+
+
+def shown_spread(t):
+    if t["std"] is None:
+        return f"{t['mean']:.2f} (n = 1)"
+    return f"{t['mean']:.2f} ± {t['std']:.2f}"
+
+
 def summarize(settings, dirs, out=""):
     """Mean and standard deviation of the final metrics over runs that differ only in --seed."""
     if len(set(map(os.path.realpath, dirs))) < len(dirs):
-        raise data.SAUError("--summarize names a run twice: each run once")
-    runs, keys = [], ("top1", "top5", "many", "medium", "few")
+        raise cli.SAUError("--summarize names a run twice: each run once")
+    runs, keys = [], ("top1", "top5", *data.GROUPS)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "config.json")):
-            raise data.SAUError(f"{d} is not a run folder (no config.json)")
+            raise cli.SAUError(f"{d} is not a run folder (no config.json)")
         if not os.path.isfile(os.path.join(d, "final.json")):
-            raise data.SAUError(f"{d} has no final.json: the run did not finish (continue it with --resume {d})")
-        cfg, final = data.read_json(os.path.join(d, "config.json")), data.read_json(os.path.join(d, "final.json"))
+            raise cli.SAUError(
+                f"{d} has no final.json: the run did not finish (continue it with --resume {d})")
+        cfg = cli.read_json(os.path.join(d, "config.json"))
+        final = cli.read_json(os.path.join(d, "final.json"))
         try:
             values = {k: final["final_epoch"][k] for k in keys}
             finite = all(v is None or math.isfinite(v) for v in values.values())
         except (KeyError, TypeError) as e:
-            raise data.SAUError(f"{d}: final.json is malformed ({e.__class__.__name__}): leave it out") from None
+            raise cli.SAUError(
+                f"{d}: final.json is malformed ({e.__class__.__name__}): leave it out") from None
         if not finite:  # an explicit check, not an assert: python -O would drop it
-            raise data.SAUError(f"{d}: its final metrics are not finite: leave it out")
+            raise cli.SAUError(f"{d}: its final metrics are not finite: leave it out")
         runs.append((d, cfg, values))
     ref = runs[0][1]
     for d, c, _ in runs[1:]:
-        diff = data.config_diff(settings, ref, c, ignore={"seed"})
+        diff = cli.config_diff(settings, ref, c, ignore={"seed"})
         if diff:
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in diff)
-            raise data.SAUError(f"{d} differs from {runs[0][0]} in {flags}"
+            flags = ", ".join(cli.flag(k) for k in diff)
+            raise cli.SAUError(f"{d} differs from {runs[0][0]} in {flags}"
                                 + ": summarize runs that differ only in --seed")
     if len({c.get("seed") for _, c, _ in runs}) < len(runs):
-        raise data.SAUError("--summarize: two of these runs have the same --seed (the same run twice?)")
-    table = {k: np.array([f[k] for _, _, f in runs if f[k] is not None], float) for k in keys}
-    table = {k: {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0, "runs": len(v)}
-             for k, v in table.items() if len(v)}
-    name = data.run_name(settings, {**{k: s.default for k, s in settings.items()}, **ref}, seed=False)
-    lines = [f"{name}: final-epoch test accuracy (%), {ref['epochs']} epochs, seeds "
-             f"{', '.join(str(c['seed']) for _, c, _ in runs)}, mean ± std over {len(runs)} runs",
+        raise cli.SAUError(
+            "--summarize: two of these runs have the same --seed (the same run twice?)")
+    table = {k: spread([f[k] for _, _, f in runs]) for k in keys}
+    table = {k: t for k, t in table.items() if t}
+    defaults = {k: s.default for k, s in settings.items()}
+    name = cli.run_name(settings, {**defaults, **ref}, seed=False)
+    seeds = ", ".join(str(c["seed"]) for _, c, _ in runs)
+    lines = [f"{name}: final-epoch test accuracy (%), {ref['epochs']} epochs, seeds {seeds}, "
+             f"mean ± std over {len(runs)} runs",
              "| " + " | ".join(table) + " |", "|" + "---|" * len(table),
-             "| " + " | ".join(f"{t['mean']:.2f} ± {t['std']:.2f}" for t in table.values()) + " |"]
+             "| " + " | ".join(map(shown_spread, table.values())) + " |"]
     print("\n".join(lines))
     path = out or os.path.join("runs", f"summary_{name}")
-    data.writable_folder(os.path.dirname(path) or ".", "--out")
-    data.write_atomic(path + ".md", "\n".join(lines) + "\n")
-    data.write_atomic(path + ".json", json.dumps({"runs": dirs, "config": ref, "final_epoch": table}, indent=1))
+    cli.writable_folder(os.path.dirname(path) or ".", "--out")
+    cli.write_atomic(path + ".md", "\n".join(lines) + "\n")
+    summary = {"runs": dirs, "config": ref, "final_epoch": table}
+    cli.write_atomic(path + ".json", json.dumps(summary, indent=1))
     print(f"written: {path}.md, {path}.json")
 
 
 # ---------------------------------------------------------------- table.py's table
 
+
 def write_table(folder, cfg, runs, keys=("top1", "many", "medium", "few")):
-    """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance, each cell the
-    final-epoch accuracy as mean ± std over the seeds that finished (a missing seed is named, an empty cell says
-    so). runs: table.py's plan, (cell, row, seed, argv, run folder, settings)."""
+    """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance,
+    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed is
+    named, an empty cell says so). runs: table.py's plan, (cell, row, seed, argv, run folder,
+    settings)."""
     cells = list(dict.fromkeys(r[0] for r in runs))
-    table = {row: {cell: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}} for cell in cells}
-             for row in cfg["rows"]}
+    new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}
+    table = {row: {cell: new() for cell in cells} for row in cfg["rows"]}
     for cell, row, seed, _, run, _ in runs:
         entry, final = table[row][cell], os.path.join(run, "final.json")
         if not os.path.isfile(final):
             entry["missing_seeds"].append(seed)
             continue
-        metrics = data.read_json(final)["final_epoch"]
+        metrics = cli.read_json(final)["final_epoch"]
         entry["seeds"].append(seed)
         entry["runs"].append(run)
         for k in keys:
@@ -315,37 +395,41 @@ def write_table(folder, cfg, runs, keys=("top1", "many", "medium", "few")):
     for row in table.values():
         for entry in row.values():
             for k in keys:
-                v = np.array([x for x in entry[k] if x is not None], float)
-                entry[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                            "runs": len(v)} if len(v) else None
+                entry[k] = spread(entry[k])
 
     def shown(entry):
-        t = entry["top1"]
+        t, missing = entry["top1"], len(entry["missing_seeds"])
         if t is None:
             return "missing"
-        partial = f" ({t['runs']} of {t['runs'] + len(entry['missing_seeds'])} seeds)" if entry["missing_seeds"] else ""
-        return f"{t['mean']:.2f} ± {t['std']:.2f}{partial}"
-    name = lambda cell: cell.replace("_imb", " imb ").replace("cifar10 ", "CIFAR-10-LT ").replace("cifar100 ",
-                                                                                                    "CIFAR-100-LT ")
+        partial = f" ({t['runs']} of {t['runs'] + missing} seeds)" if missing else ""
+        return shown_spread(t) + partial
+
+    name = lambda cell: (cell.replace("_imb", " imb ").replace("cifar10 ", "CIFAR-10-LT ")
+                         .replace("cifar100 ", "CIFAR-100-LT "))
     seeds = ", ".join(map(str, cfg["seeds"]))
-    lines = [f"Final-epoch top-1 (%), mean ± std over seeds {seeds}; rows: {', '.join(cfg['rows'])}.", "",
-             "| method | " + " | ".join(map(name, cells)) + " |", "|---" * (len(cells) + 1) + "|"]
+    lines = [
+        f"Final-epoch top-1 (%), mean ± std over seeds {seeds}; rows: {', '.join(cfg['rows'])}.",
+        "", "| method | " + " | ".join(map(name, cells)) + " |", "|---" * (len(cells) + 1) + "|"
+    ]
     lines += [f"| {row} `{cfg['row_flags'][row] or 'the defaults'}` | "
               + " | ".join(shown(table[row][c]) for c in cells) + " |" for row in cfg["rows"]]
-    data.write_atomic(os.path.join(folder, "table.md"), "\n".join(lines) + "\n")
-    data.write_atomic(os.path.join(folder, "table.json"), json.dumps(
-        {"grid": {k: cfg[k] for k in ("name", "datasets", "imbs", "rows", "seeds", "syn", "row_flags")},
-         "table": table}, indent=1))
+    cli.write_atomic(os.path.join(folder, "table.md"), "\n".join(lines) + "\n")
+    grid = {k: cfg[k] for k in ("name", "datasets", "imbs", "rows", "seeds", "syn", "row_flags")}
+    cli.write_atomic(os.path.join(folder, "table.json"),
+                     json.dumps({"grid": grid, "table": table}, indent=1))
     plt = pyplot()
-    mean = np.array([[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"] for c in cells]
-                     for r in cfg["rows"]])
+    mean = np.array(
+        [[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"] for c in cells]
+         for r in cfg["rows"]])
     fig, ax = plt.subplots(figsize=(max(5.5, 2 + 1.6 * len(cells)), 1.2 + 0.6 * len(cfg["rows"])))
-    seen = np.isfinite(mean).any()  # the scale leaves room on both sides, so that every number stays readable
+    # the scale leaves room on both sides, so that every number stays readable
+    seen = np.isfinite(mean).any()
     ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if seen else 0,
               vmax=np.nanmax(mean) + 10 if seen else 100)
     for i, r in enumerate(cfg["rows"]):
         for j, c in enumerate(cells):
-            ax.text(j, i, shown(table[r][c]).replace(" (", "\n("), ha="center", va="center", fontsize=8)
+            ax.text(j, i,
+                    shown(table[r][c]).replace(" (", "\n("), ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(cells)), [name(c).replace(" imb", "\nimb") for c in cells], fontsize=8)
     ax.set_yticks(range(len(cfg["rows"])), cfg["rows"])
     ax.set_title(f"final-epoch top-1 (%), mean ± std over seeds {seeds}", fontsize=9)

@@ -1,13 +1,14 @@
-"""The paper's table in one command: every run of a grid of datasets, imbalance factors, rows (methods) and seeds,
-on every GPU the machine has, then runs/<name>/table.md, table.json and table.png.
+"""The paper's table in one command: every run of a grid of datasets, imbalance factors, rows
+(methods) and seeds, on every GPU the machine has, then runs/<name>/table.md, table.json and
+table.png.
 
-    python table.py                                        # the paper's grid (72 runs of 200 epochs)
+    python table.py                           # the paper's grid (72 runs of 200 epochs)
     python table.py --name cpu_try --datasets cifar10 --imbs 100 --rows paper audit --syn heldout \\
-        -- --width 8 --epochs 3                            # flags after -- go to every run
-    python table.py --dry-run                              # every command it would run, one a line
+        -- --width 8 --epochs 3               # flags after -- go to every run
+    python table.py --dry-run                 # every command it would run, one a line
 
-The same command again, after a crash or on a new allocation, skips finished runs, resumes killed ones and
-recomputes nothing; a failed run is reported in one line and the others go on.
+The same command again, after a crash or on a new allocation, skips finished runs, resumes killed
+ones and recomputes nothing; a failed run is reported in one line and the others go on.
 """
 import argparse
 import ctypes
@@ -22,6 +23,7 @@ import threading
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import report
 import train
@@ -33,25 +35,34 @@ ROWS = {  # name: train.py flags (the rows of the paper's table)
     "paper": "",  # SAU with the paper's relabel rule
     "audit": "--relabel audit",  # SAU with the epoch audit's flags (ours)
 }
-S = data.Setting
+S = cli.Setting
 IS_LIST = (lambda v: len(v) == len(set(v)), "given once each")
 CONFIG = {
     "name": S("paper", "the grid's folder: runs/<name>/ holds its runs and its table"),
-    "datasets": S(["cifar10", "cifar100"], "datasets, the table's column groups", IS_LIST, choices=tuple(data.DATASETS),
-                  type=str, nargs="+"),
-    "imbs": S([100.0, 50.0, 10.0], "imbalance factors", (lambda v: min(v) >= 1 and IS_LIST[0](v), ">= 1, once each"),
-              type=float, nargs="+"),
-    "rows": S(list(ROWS), f"the table's rows: {', '.join(ROWS)} or a --row of yours", IS_LIST, type=str, nargs="+"),
-    "row": S([], "NAME=FLAGS: a row of your own (train.py flags), e.g. pos_only='--strategy drop'", type=str,
-             nargs="+"),
-    "seeds": S([0, 1, 2], "training seeds of every cell", (lambda v: min(v) >= 0 and IS_LIST[0](v), ">= 0, once each"),
-               type=int, nargs="+"),
-    "syn": S("pool", "the fill of the rows that have one: pool (made by generate.py when missing, once per dataset, "
-             "for the grid's largest fill) | heldout (unused real images, ours)", choices=("pool", "heldout")),
+    "datasets": S(["cifar10", "cifar100"], "datasets, the table's column groups", IS_LIST,
+                  choices=tuple(data.DATASETS), type=str, nargs="+"),
+    "imbs": S([100.0, 50.0, 10.0], "imbalance factors",
+              (lambda v: min(v) >= 1 and IS_LIST[0](v), ">= 1, once each"), type=float, nargs="+"),
+    "rows": S(list(ROWS), f"the table's rows: {', '.join(ROWS)} or a --row of yours", IS_LIST,
+              type=str, nargs="+"),
+    "row": S([], "NAME=FLAGS: a row of your own (train.py flags), e.g. pos_only='--strategy drop'",
+             type=str, nargs="+"),
+    "seeds": S([0, 1, 2], "training seeds of every cell",
+               (lambda v: min(v) >= 0 and IS_LIST[0](v), ">= 0, once each"), type=int, nargs="+"),
+    "syn": S(
+        "pool",
+        "the fill of the rows that have one: pool (made by generate.py when missing, once per "
+        "dataset, "
+        "for the grid's largest fill) | heldout (unused real images, ours)",
+        choices=("pool", "heldout")),
     "gen": S("", "extra generate.py flags for the pools, e.g. '--generator ddpm'"),
-    "gpus": S("", "GPU indices to run on, e.g. 0,1 (one run each at a time); empty: every GPU torch sees, else "
-              "the CPU, one run at a time", (lambda v: all(p.isdigit() for p in v.split(",")) if v else True,
-                                              "comma-separated GPU indices")),
+    "gpus": S(
+        "",
+        "GPU indices to run on, e.g. 0,1 (one run each at a time); empty: every GPU torch sees, "
+        "else "
+        "the CPU, one run at a time",
+        (lambda v: all(p.isdigit()
+                       for p in v.split(",")) if v else True, "comma-separated GPU indices")),
     "dry_run": S(False, "print every command it would run, one a line (pools first), and exit"),
 }
 
@@ -59,24 +70,26 @@ CONFIG = {
 def parse(argv):
     """(the runner's settings, the flags for every run): the two halves of argv around '--'."""
     cut = argv.index("--") if "--" in argv else len(argv)
-    cfg = data.parse_settings(CONFIG, [], __doc__, argv[:cut], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = cli.parse_settings(CONFIG, [], __doc__, argv[:cut],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     rows = dict(ROWS)
     for spec in cfg["row"]:
         name, sep, flags = spec.partition("=")
         if not sep or not name.isidentifier():
-            raise data.SAUError(f"--row {spec}: write NAME=FLAGS, e.g. drop='--strategy drop'")
+            raise cli.SAUError(f"--row {spec}: write NAME=FLAGS, e.g. drop='--strategy drop'")
         rows[name] = flags
     unknown = [r for r in cfg["rows"] if r not in rows]
     if unknown:
-        raise data.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are {', '.join(rows)} (or add one "
-                            f"with --row NAME=FLAGS)")
+        raise cli.SAUError(
+            f"--rows {' '.join(unknown)}: no such row; the rows are {', '.join(rows)} (or add one "
+            f"with --row NAME=FLAGS)")
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
     return cfg, argv[cut + 1:]
 
 
 def plan(cfg, extra):
-    """Every run of the grid as (cell, row, seed, its train.py argv, its folder, its settings), in table order;
-    checked now, so that a bad combination is one line before anything starts."""
+    """Every run of the grid as (cell, row, seed, its train.py argv, its folder, its settings), in
+    table order; checked now, so that a bad combination is one line before anything starts."""
     runs = []
     for dataset in cfg["datasets"]:
         for imb in cfg["imbs"]:
@@ -86,26 +99,30 @@ def plan(cfg, extra):
                             *shlex.split(flags), "--seed", str(seed)]
                     try:
                         run_cfg = train.get_config(argv)
-                    except data.SAUError as e:
-                        raise data.SAUError(f"row {row} ({dataset}, --imb {imb:g}): {e}") from None
+                    except cli.SAUError as e:
+                        raise cli.SAUError(f"row {row} ({dataset}, --imb {imb:g}): {e}") from None
                     folder = os.path.join("runs", cfg["name"], train.run_name(run_cfg))
                     runs.append((f"{dataset}_imb{imb:g}", row, seed, argv, folder, run_cfg))
     folders = [r[4] for r in runs]
     if len(set(folders)) < len(folders):  # two rows with the same settings would share a folder
-        raise data.SAUError("two rows of the grid have the same settings: give each row different flags")
+        raise cli.SAUError(
+            "two rows of the grid have the same settings: give each row different flags")
     return runs
 
 
 def pools(cfg, runs):
-    """generate.py's command for every pool the grid needs and lacks: once per folder, for its largest fill."""
+    """generate.py's command for every pool the grid needs and lacks: once per folder, for its
+    largest fill."""
     need = {}
     for _, _, _, _, _, c in runs:
         if c["syn"] == "pool":
-            folder = c["pool"] or os.path.join(c["data_root"], "synthetic", c["dataset"])
+            folder = data.pool_folder(c)
             need.setdefault(folder, (c, []))[1].append(c["imb"])
-    return [(folder, ["generate.py", "--dataset", c["dataset"], "--imb", f"{max(imbs):g}", "--data-root",
-                      c["data_root"], "--pool", folder, *shlex.split(cfg["gen"])])
-            for folder, (c, imbs) in need.items() if not os.path.isfile(os.path.join(folder, "manifest.json"))]
+    return [(folder, [
+        "generate.py", "--dataset", c["dataset"], "--imb", f"{max(imbs):g}", "--data-root",
+        c["data_root"], "--pool", folder, *shlex.split(cfg["gen"])
+    ]) for folder, (c, imbs) in need.items()
+            if not os.path.isfile(os.path.join(folder, "manifest.json"))]
 
 
 def command(argv, folder):
@@ -115,13 +132,14 @@ def command(argv, folder):
 
 
 def _die_with_parent():  # a run ends with the runner, however the runner ends (Linux)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the runner, which stops the runs in order
+    # Ctrl-C stops the runner, which stops the runs in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def execute(jobs, devices, desc):
-    """Run (script argv, log file) jobs, one at a time per device (None: the CPU), with a progress bar; the jobs
-    that failed as (job, exit status)."""
+    """Run (script argv, log file) jobs, one at a time per device (None: the CPU), with a progress
+    bar; the jobs that failed as (job, exit status)."""
     todo, failed, lock = queue.Queue(), [], threading.Lock()
     for job in jobs:
         todo.put(job)
@@ -137,10 +155,14 @@ def execute(jobs, devices, desc):
                 return
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "a") as f:
-                f.write(f"$ {'' if device is None else f'CUDA_VISIBLE_DEVICES={device} '}python {shlex.join(argv)}\n")
+                f.write(
+                    f"$ {'' if device is None else f'CUDA_VISIBLE_DEVICES={device} '}python "
+                    f"{shlex.join(argv)}\n"
+                )
                 f.flush()
-                p = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], env=env, stdout=f,
-                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                p = subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], env=env, stdout=f,
+                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
                 with lock:
                     procs.add(p)
                 code = p.wait()
@@ -149,8 +171,10 @@ def execute(jobs, devices, desc):
                 if code:
                     failed.append(((argv, log), code))
                     tail = open(log).read().strip().splitlines()[-1:] or [""]
-                    tqdm.write(f"table.py: {shlex.join(argv[:3])}... failed (exit {code}): {tail[0][-160:]} "
-                               f"(all of it: {log})", file=sys.stderr)
+                    tqdm.write(
+                        f"table.py: {shlex.join(argv[:3])}... failed (exit {code}): "
+                        f"{tail[0][-160:]} "
+                        f"(all of it: {log})", file=sys.stderr)
                 bar.update(1)
                 bar.set_postfix(failed=len(failed))
 
@@ -163,10 +187,12 @@ def execute(jobs, devices, desc):
                 t.join(0.5)
     except KeyboardInterrupt:
         for p in list(procs):
-            p.terminate()  # the runs ignore SIGINT (the terminal's goes to them too); a killed run resumes exactly
+            # the runs ignore SIGINT (the terminal's goes to them too); a killed run resumes exactly
+            p.terminate()
         for p in list(procs):
             p.wait()
-        raise KeyboardInterrupt("the finished runs are kept: the same command again resumes the rest") from None
+        raise KeyboardInterrupt(
+            "the finished runs are kept: the same command again resumes the rest") from None
     finally:
         bar.close()
     return failed
@@ -177,28 +203,39 @@ def main(argv=None):
     runs = plan(cfg, extra)
     needed = pools(cfg, runs)
     pending = [(command(a, folder), os.path.join(folder, "log.txt"))
-               for _, _, _, a, folder, _ in runs if not os.path.isfile(os.path.join(folder, "final.json"))]
+               for _, _, _, a, folder, _ in runs
+               if not os.path.isfile(os.path.join(folder, "final.json"))]
     if cfg["dry_run"]:
         for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
-    gpus = [int(g) for g in cfg["gpus"].split(",")] if cfg["gpus"] else list(range(torch.cuda.device_count()))
+    gpus = [int(g) for g in cfg["gpus"].split(",")] if cfg["gpus"] else list(
+        range(torch.cuda.device_count()))
     devices = gpus or [None]
-    print(f"runs/{cfg['name']}: {len(runs)} runs ({len(cfg['datasets'])} datasets x {len(cfg['imbs'])} imbalance "
-          f"factors x {len(cfg['rows'])} rows x {len(cfg['seeds'])} seeds), {len(runs) - len(pending)} finished, "
-          f"{len(pending)} to run on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU, one at a time'}", flush=True)
-    made = execute([(a, os.path.join(folder, "generate_log.txt")) for folder, a in needed], devices[:1], "pools")
+    print(
+        f"runs/{cfg['name']}: {len(runs)} runs ({len(cfg['datasets'])} datasets x "
+        f"{len(cfg['imbs'])} imbalance "
+        f"factors x {len(cfg['rows'])} rows x {len(cfg['seeds'])} seeds), "
+        f"{len(runs) - len(pending)} finished, "
+        f"{len(pending)} to run on "
+        f"{', '.join(f'GPU {g}' for g in gpus) or 'the CPU, one at a time'}",
+        flush=True)
+    made = execute([(a, os.path.join(folder, "generate_log.txt")) for folder, a in needed],
+                   devices[:1], "pools")
     if made:
         (argv, log), _ = made[0]
-        raise data.SAUError(f"the pool {argv[argv.index('--pool') + 1]} could not be made (its log: {log}): no run "
-                            f"started")
+        raise cli.SAUError(
+            f"the pool {argv[argv.index('--pool') + 1]} could not be made (its log: {log}): no run "
+            f"started")
     failed = execute(pending, devices, "runs")
     report.write_table(os.path.join("runs", cfg["name"]), cfg, runs)
     if failed:
-        print(f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command again retries them",
-              file=sys.stderr)
+        print(
+            f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command "
+            "again retries them",
+            file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

@@ -1,4 +1,5 @@
-"""Offline CPU tests: tiny CIFAR files and pools written here, tiny widths, the real scripts as subprocesses."""
+"""Offline CPU tests: tiny CIFAR files and pools written here, tiny widths, the real scripts as
+subprocesses."""
 import argparse
 import contextlib
 import io
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils._python_dispatch
 
+import audit
+import cli
 import data
 import report
 import train
@@ -22,7 +25,9 @@ import views
 from model import param_counts, resnet32
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_NAMES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -55,16 +60,26 @@ def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
     return names
 
 
-def write_pool(folder, dataset, classes, n_per_class, dtype=np.uint8, shape=(32, 32, 3), shard=7, seed=1):
+def write_pool(folder, dataset, classes, n_per_class, dtype=np.uint8, shape=(32, 32, 3), shard=7,
+               seed=1):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump({"dataset": dataset, "classes": classes, "image_size": 32, "generator": {"name": "test"}}, f)
+        json.dump(
+            {
+                "dataset": dataset,
+                "classes": classes,
+                "image_size": 32,
+                "generator": {
+                    "name": "test"
+                }
+            }, f)
     for c in range(len(classes)):
         for start in range(0, n_per_class, shard):
             n = min(shard, n_per_class - start)
             imgs = rng.integers(0, 256, (n, *shape)).astype(dtype)
-            np.savez(os.path.join(folder, data.shard_name(c, start)), images=imgs, seeds=np.arange(start, start + n))
+            np.savez(os.path.join(folder, data.shard_name(c, start)), images=imgs,
+                     seeds=np.arange(start, start + n))
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +92,11 @@ def root(tmp_path_factory):
 
 
 def on_cpu(script, args):
-    """The script's argv with the CPU pinned first (a later --device wins): on a machine with a GPU the CPU tests
-    stay CPU tests, bit-exact as they expect."""
-    return [*(["--device", "cpu"] if script in ("train.py", "generate.py") else []), *map(str, args)]
+    """The script's argv with the CPU pinned first (a later --device wins): on a machine with a GPU
+    the CPU tests stay CPU tests, bit-exact as they expect."""
+    return [
+        *(["--device", "cpu"] if script in ("train.py", "generate.py") else []), *map(str, args)
+    ]
 
 
 def cpu_config(argv):
@@ -151,7 +168,8 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root):
     for c in range(10):
         planted = m.images[m.is_noisy & (m.labels == c)]
         assert len(planted) == m.n_noisy[c] and (m.labels[m.is_syn] == c).sum() == m.n_syn[c]
-        assert all(label_of[x.tobytes()] != c for x in planted)  # drawn from the other classes, labelled c
+        # drawn from the other classes, labelled c
+        assert all(label_of[x.tobytes()] != c for x in planted)
         kept = m.images[m.is_syn & ~m.is_noisy & (m.labels == c)]
         assert all(label_of[x.tobytes()] == c for x in kept)
     # the real images never change, and P = 0 is the set as it was built before --syn-noise existed
@@ -160,30 +178,39 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root):
     keep = data.long_tail_indices(labels, 10, 3)
     left, rng = np.setdiff1d(np.arange(len(labels)), keep), np.random.default_rng([3, 1])
     fill = [images[left[labels[left] == c]] for c in range(10)]
-    fill = [f[np.sort(rng.choice(len(f), 20 - n, replace=False))] for f, n in zip(fill, zero.n_real) if 20 - n]
-    assert np.array_equal(zero.images, np.concatenate([images[keep], *fill])) and not zero.is_noisy.any()
+    fill = [
+        f[np.sort(rng.choice(len(f), 20 - n, replace=False))] for f, n in zip(fill, zero.n_real)
+        if 20 - n
+    ]
+    assert np.array_equal(zero.images, np.concatenate([images[keep], *fill
+                                                       ])) and not zero.is_noisy.any()
     for a, b in ((zero, clean), (zero, data.build_mixed("cifar10", root, 10, 3, "heldout"))):
-        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("images", "labels", "is_syn", "is_noisy"))
+        assert all(
+            np.array_equal(getattr(a, k), getattr(b, k))
+            for k in ("images", "labels", "is_syn", "is_noisy"))
     pooled = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=1.0)
     assert pooled.n_noisy == pooled.n_syn and pooled.is_noisy.sum() == sum(pooled.n_syn)
-    with pytest.raises(data.SAUError, match=r"--syn-noise must be in \[0, 1\]"):
-        data.check_settings({"syn_noise": -0.1}, data.DATA_CONFIG)
+    with pytest.raises(cli.SAUError, match=r"--syn-noise must be in \[0, 1\]"):
+        cli.check_settings({"syn_noise": -0.1}, data.DATA_CONFIG)
 
 
 def test_planted_source_too_small_names_the_class_and_both_counts(root, tmp_path):
     folder = str(tmp_path / "pool")
     write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
-    for f in os.listdir(folder):  # keep class 1 alone: no other class can lend it wrong-class images
+    # keep class 1 alone: no other class can lend it wrong-class images
+    for f in os.listdir(folder):
         if f.startswith("c") and not f.startswith("c001_"):
             os.remove(os.path.join(folder, f))
     k = int(round(0.5 * (20 - data.lt_counts(20, 10, 10)[1])))
-    with pytest.raises(data.SAUError, match=rf"class 1 \(automobile\) needs {k} planted images .* holds 0"):
+    with pytest.raises(cli.SAUError,
+                       match=rf"class 1 \(automobile\) needs {k} planted images .* holds 0"):
         data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder, syn_noise=0.5, syn_ratio=1.0)
 
 
 def test_cifar100_layout(root):
     x, y = data.load_cifar("cifar100", root, train=True)
-    assert x.shape == (600, 32, 32, 3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [6] * 100
+    assert x.shape == (600, 32, 32,
+                       3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [6] * 100
     assert data.class_names("cifar100", root)[7] == "class_7"
 
 
@@ -192,8 +219,9 @@ def test_cifar100_layout(root):
     ("gap", "gap"), ("corrupt", "unreadable"), ("manifest", "malformed")])
 def test_bad_pools_are_refused(root, tmp_path, breakage, message):
     folder = str(tmp_path / "pool")
-    write_pool(folder, "cifar100" if breakage == "dataset" else "cifar10",
-               CIFAR10_NAMES, 5 if breakage == "small" else 20, dtype=np.float32 if breakage == "dtype" else np.uint8)
+    write_pool(folder, "cifar100" if breakage == "dataset" else "cifar10", CIFAR10_NAMES,
+               5 if breakage == "small" else 20,
+               dtype=np.float32 if breakage == "dtype" else np.uint8)
     if breakage == "gap":
         os.remove(os.path.join(folder, data.shard_name(3, 7)))
     if breakage == "corrupt":
@@ -202,7 +230,7 @@ def test_bad_pools_are_refused(root, tmp_path, breakage, message):
     if breakage == "manifest":
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             f.write("{")
-    with pytest.raises(data.SAUError, match=message):
+    with pytest.raises(cli.SAUError, match=message):
         data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder)
 
 
@@ -221,26 +249,30 @@ def test_views_shapes_and_cutout():
 def test_train_streams_are_two_independent_shuffles(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     batches = list(data.train_streams(m, 50, seed=5))
-    a_labels = torch.cat([a[-3] for a, _ in batches])
-    b_labels = torch.cat([b[-3] for _, b in batches])
-    a_index = torch.cat([a[-1] for a, _ in batches])
+    a_labels = torch.cat([a.y for a, _ in batches])
+    b_labels = torch.cat([b.y for _, b in batches])
+    a_index = torch.cat([a.index for a, _ in batches])
     assert sorted(a_index.tolist()) == list(range(len(m)))
     assert torch.equal(torch.from_numpy(m.labels)[a_index], a_labels)
-    assert len(batches) == 4 and len(batches[0][0]) == 6 and len(batches[0][1]) == 4  # views, y, is_syn, index
+    assert len(batches) == 4 and list(batches[0][0].views) == ["v1", "v2", "v3"]
+    assert list(batches[0][1].views) == ["v1"]
     assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
     assert not torch.equal(a_labels, b_labels)
 
 
-# ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
+# ---------------------------------------------------------------- the views as batched tensor ops
+# (--loader gpu)
 
 TF = views.T.functional
 SIGNED = {name for name, (_, signed) in views.T.AutoAugment._AUGMENTATION_SPACE.items() if signed}
 
 
 def smooth_images(n, seed=0):
-    """uint8 [n, 3, 32, 32] with structure at several scales (geometric ops move something), plus flat corner cases."""
+    """uint8 [n, 3, 32, 32] with structure at several scales (geometric ops move something), plus
+    flat corner cases."""
     g = torch.Generator().manual_seed(seed)
-    low = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False)
+    low = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode="bilinear",
+                        align_corners=False)
     x = (low * 200 + torch.rand(n, 3, 32, 32, generator=g) * 55).to(torch.uint8)
     x[0] = 7  # flat: autocontrast and equalize leave it alone
     x[1] = x[1] // 3 + 90  # low contrast
@@ -250,19 +282,25 @@ def smooth_images(n, seed=0):
 def policy_cases():
     op, _, mag, _ = views._aa_tables(32, 32)
     for i, name in enumerate(views.AA_OPS):
-        for m in sorted({float(v) for o, v in zip(op.flatten().tolist(), mag.flatten().tolist()) if o == i}):
+        for m in sorted(
+            {float(v)
+             for o, v in zip(op.flatten().tolist(),
+                             mag.flatten().tolist()) if o == i}):
             for sign in ((1, -1) if name in SIGNED else (1,)):
                 yield name, m * sign
 
 
 @pytest.mark.parametrize("name,magnitude", list(policy_cases()))
 def test_autoaugment_op_equals_torchvision(name, magnitude):
-    """Every (op, magnitude) of the CIFAR-10 policy, both signs: the same uint8 values as torchvision's kernel."""
+    """Every (op, magnitude) of the CIFAR-10 policy, both signs: the same uint8 values as
+    torchvision's kernel."""
     x = smooth_images(8)
     aa = views.AutoAugment()  # the reference's grey fill, through torchvision's own fill handling
-    ref = aa._apply_image_or_video_transform(x, name, magnitude, interpolation=TF.InterpolationMode.NEAREST,
+    ref = aa._apply_image_or_video_transform(x, name, magnitude,
+                                             interpolation=TF.InterpolationMode.NEAREST,
                                              fill=aa._fill)
-    ours = views.autoaugment_op(x, torch.full((8,), views.AA_OPS.index(name)), torch.full((8,), magnitude).double())
+    ours = views.autoaugment_op(x, torch.full((8, ), views.AA_OPS.index(name)),
+                                torch.full((8, ), magnitude).double())
     assert torch.equal(ours, ref)
 
 
@@ -270,18 +308,23 @@ def test_batched_ops_equal_torchvision_for_fixed_parameters():
     x, g = smooth_images(16), torch.Generator().manual_seed(1)
     rand = lambda *s: torch.rand(*s, generator=g)
     # per-sample ops mixed in one batch, against torchvision one image at a time
-    top, left, flip = torch.randint(9, (16,), generator=g), torch.randint(9, (16,), generator=g), rand(16) < 0.5
+    top, left, flip = torch.randint(9, (16, ),
+                                    generator=g), torch.randint(9, (16, ),
+                                                                generator=g), rand(16) < 0.5
     ref = [TF.crop(TF.pad(x[i], [4]), int(top[i]), int(left[i]), 32, 32) for i in range(16)]
     ref = torch.stack([TF.horizontal_flip(r) if f else r for r, f in zip(ref, flip)])
     assert torch.equal(views.crop_flip(x, top, left, flip), ref)
-    ops, _, mags, signed = (t.flatten() for t in views._aa_tables(32, 32))  # one policy entry per sample
+    # one policy entry per sample
+    ops, _, mags, signed = (t.flatten() for t in views._aa_tables(32, 32))
     pick = torch.randint(len(ops), (16,), generator=g)
     op = torch.where(rand(16) < 0.2, -1, ops[pick])
     mag = mags[pick] * torch.where(signed[pick] & (rand(16) < 0.5), -1.0, 1.0).double()
     aa = views.AutoAugment()
-    ref = torch.stack([x[i] if op[i] < 0 else aa._apply_image_or_video_transform(
-        x[i], views.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST, fill=aa._fill)
-        for i in range(16)])
+    ref = torch.stack([
+        x[i] if op[i] < 0 else aa._apply_image_or_video_transform(
+            x[i], views.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST,
+            fill=aa._fill) for i in range(16)
+    ])
     assert torch.equal(views.autoaugment_op(x, op, mag), ref)
     cy, cx = torch.randint(32, (16,), generator=g), torch.randint(32, (16,), generator=g)
     ref = x.clone()
@@ -289,15 +332,23 @@ def test_batched_ops_equal_torchvision_for_fixed_parameters():
         ref[i, :, max(cy[i] - 8, 0):cy[i] + 8, max(cx[i] - 8, 0):cx[i] + 8] = 0
     assert torch.equal(views.cutout(x, cy, cx), ref)
     top, left, ch, cw = views._resized_crop_params(g, 16, 32, 32)
-    box = lambda i, img: TF.resized_crop(img, int(top[i]), int(left[i]), int(ch[i]), int(cw[i]), [32, 32])
+    box = lambda i, img: TF.resized_crop(img, int(top[i]), int(left[i]), int(ch[i]), int(cw[i]),
+                                         [32, 32])
     ours = views.resized_crop(x, top, left, ch, cw, 32)
-    assert torch.equal(ours, torch.stack([box(i, x[i].float()).round().to(torch.uint8) for i in range(16)]))
-    diff = (ours.int() - torch.stack([box(i, x[i]) for i in range(16)]).int()).abs()  # torchvision's uint8 kernel
+    assert torch.equal(
+        ours, torch.stack([box(i, x[i].float()).round().to(torch.uint8) for i in range(16)]))
+    # torchvision's uint8 kernel
+    diff = (ours.int() - torch.stack([box(i, x[i]) for i in range(16)]).int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.3  # is fixed-point: within one level
     order = rand(16, 4).argsort(1)
-    bf, cf, sf, hf = rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.2 - 0.1
-    fns = [lambda y, i: TF.adjust_brightness(y, float(bf[i])), lambda y, i: TF.adjust_contrast(y, float(cf[i])),
-           lambda y, i: TF.adjust_saturation(y, float(sf[i])), lambda y, i: TF.adjust_hue(y, float(hf[i]))]
+    bf, cf, sf, hf = rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(
+        16) * 0.2 - 0.1
+    fns = [
+        lambda y, i: TF.adjust_brightness(y, float(bf[i])),
+        lambda y, i: TF.adjust_contrast(y, float(cf[i])),
+        lambda y, i: TF.adjust_saturation(y, float(sf[i])),
+        lambda y, i: TF.adjust_hue(y, float(hf[i]))
+    ]
     ref = []
     for i in range(16):
         y = x[i]
@@ -306,23 +357,30 @@ def test_batched_ops_equal_torchvision_for_fixed_parameters():
         ref.append(y)
     assert torch.equal(views.color_jitter(x, order, bf, cf, sf, hf), torch.stack(ref))
     sigma = rand(16) * 1.9 + 0.1
-    assert torch.equal(views.gaussian_blur(x, sigma), torch.stack([pil_blur(x[i], sigma[i]) for i in range(16)]))
+    assert torch.equal(views.gaussian_blur(x, sigma),
+                       torch.stack([pil_blur(x[i], sigma[i]) for i in range(16)]))
     assert torch.equal(views._u8(views._gray(x.float())).expand_as(x), TF.rgb_to_grayscale(x, 3))
 
 
 def pil_blur(img, sigma):  # uint8 [3, H, W] through PIL's GaussianBlur, the reference's v3 blur
     from PIL import Image, ImageFilter
-    out = Image.fromarray(img.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=float(sigma)))
+    out = Image.fromarray(img.permute(1, 2, 0).numpy()).filter(
+        ImageFilter.GaussianBlur(radius=float(sigma)))
     return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
 
 def test_blur_is_pils_gaussian_blur_bit_for_bit():
-    """Tolerance 0: every pixel equal to PIL's, over the whole sigma range, its ends included, in both loaders."""
-    x = torch.cat([smooth_images(24, seed=5), torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)])
+    """Tolerance 0: every pixel equal to PIL's, over the whole sigma range, its ends included, in
+    both loaders."""
+    x = torch.cat(
+        [smooth_images(24, seed=5),
+         torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)])
     sigma = torch.rand(46, generator=torch.Generator().manual_seed(2)) * 1.9 + 0.1
     sigma = torch.cat([torch.tensor([0.1, 2.0]), sigma])
-    assert torch.equal(views.gaussian_blur(x, sigma), torch.stack([pil_blur(x[i], s) for i, s in enumerate(sigma)]))
-    torch.manual_seed(3)  # the cpu loader's transform draws sigma ~ U(0.1, 2) from the global generator
+    assert torch.equal(views.gaussian_blur(x, sigma),
+                       torch.stack([pil_blur(x[i], s) for i, s in enumerate(sigma)]))
+    # the cpu loader's transform draws sigma ~ U(0.1, 2) from the global generator
+    torch.manual_seed(3)
     ours = views.random_blur(x[0])
     torch.manual_seed(3)
     assert torch.equal(ours, pil_blur(x[0], torch.empty(1).uniform_(0.1, 2.0)))
@@ -333,22 +391,30 @@ def test_blur_is_pils_gaussian_blur_bit_for_bit():
 
 def test_autoaugment_has_the_references_fill_and_solarize_thresholds():
     ops, _, mag, _ = views._aa_tables(32, 32)
-    thresholds = sorted({round(255 * m, 4) for o, m in zip(ops.flatten().tolist(), mag.flatten().tolist())
-                         if o == views.AA_OPS.index("Solarize")})
+    thresholds = sorted({
+        round(255 * m, 4)
+        for o, m in zip(ops.flatten().tolist(),
+                        mag.flatten().tolist()) if o == views.AA_OPS.index("Solarize")
+    })
     assert thresholds == sorted(round(float(v), 4) for v in np.linspace(256, 0, 10)[[2, 3, 5, 8]])
     x = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)
     op = lambda name: torch.full((2,), views.AA_OPS.index(name))
     rotated = views.autoaugment_op(x, op("Rotate"), torch.tensor([30.0, -30.0]).double())
-    assert (rotated[:, :, 0, 0] == 128).all() and (rotated[:, :, 16, 16] == 7).all()  # grey outside, not black
+    # grey outside, not black
+    assert (rotated[:, :, 0, 0] == 128).all() and (rotated[:, :, 16, 16] == 7).all()
     shifted = views.autoaugment_op(x, op("TranslateX"), torch.tensor([9.0, -9.0]).double())
     assert (shifted == 128).sum() == 2 * 3 * 32 * 9
-    solar = views.autoaugment_op(torch.tensor([199, 200], dtype=torch.uint8).reshape(2, 1, 1, 1).expand(2, 3, 4, 4),
-                                op("Solarize"), torch.full((2,), 256 * 7 / 9 / 255).double())
-    assert solar[:, 0, 0, 0].tolist() == [199, 55]  # threshold 199.1: 199 kept (255 * 7/9 = 198.3 would invert it)
+    solar = views.autoaugment_op(
+        torch.tensor([199, 200], dtype=torch.uint8).reshape(2, 1, 1, 1).expand(2, 3, 4, 4),
+        op("Solarize"),
+        torch.full((2, ), 256 * 7 / 9 / 255).double())
+    # threshold 199.1: 199 kept (255 * 7/9 = 198.3 would invert it)
+    assert solar[:, 0, 0, 0].tolist() == [199, 55]
 
 
 def test_normalisation_is_the_references():
-    assert views.MEAN_STD["cifar10"] == ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768))
+    assert views.MEAN_STD["cifar10"] == ((0.49139968, 0.48215827, 0.44653124),
+                                         (0.24703233, 0.24348505, 0.26158768))
     assert views.MEAN_STD["cifar100"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     x = torch.full((3, 32, 32), 128, dtype=torch.uint8)
     out = views.view_transforms("cifar10")["test"](x)
@@ -357,13 +423,17 @@ def test_normalisation_is_the_references():
 
 
 def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view would move
-    return torch.stack([v.mean(), v.std(), (v.diff(dim=-1).abs()).mean(), (v.diff(dim=-2).abs()).mean(),
-                        v[..., 8:24, 8:24].mean() - v.mean(), v[:, 0].mean() - v[:, 2].mean()])
+    return torch.stack([
+        v.mean(),
+        v.std(), (v.diff(dim=-1).abs()).mean(), (v.diff(dim=-2).abs()).mean(),
+        v[..., 8:24, 8:24].mean() - v.mean(), v[:, 0].mean() - v[:, 2].mean()
+    ])
 
 
 def test_device_views_match_the_cpu_views_in_distribution():
-    """The same 4 images, 256 draws each: the batched views' statistics against torchvision's per-image views.
-    The tolerance is 4x the spread of the statistics between two CPU runs; v1 against v2 or v3 must fail it."""
+    """The same 4 images, 256 draws each: the batched views' statistics against torchvision's
+    per-image views. The tolerance is 4x the spread of the statistics between two CPU runs; v1
+    against v2 or v3 must fail it."""
     x = smooth_images(4, seed=3).repeat(256, 1, 1, 1)
     cpu, dev = views.view_transforms("cifar10"), views.DeviceViews("cifar10", torch.device("cpu"))
     stats = {}
@@ -373,7 +443,7 @@ def test_device_views_match_the_cpu_views_in_distribution():
             torch.manual_seed(seed)
             runs.append(view_stats(torch.stack([cpu[v](img) for img in x])))
         noise = (runs[0] - runs[1]).abs() + 0.01
-        ours = view_stats(dev(x, (v,), torch.Generator().manual_seed(0))[0])
+        ours = view_stats(dev(x, (v,), torch.Generator().manual_seed(0))[v])
         assert ((ours - runs[0]).abs() < 4 * noise).all(), (v, ours, runs[0], noise)
         stats[v] = (runs[0], noise)
     for v in ("v2", "v3"):  # the check has teeth: another view is told apart
@@ -386,14 +456,20 @@ def test_gpu_loader_batches_like_the_cpu_loader(root):
     cpu = list(data.batch_maker(m, "cpu")(("v1", "v2", "v3"), 32, 7, order))
     dev = data.batch_maker(m, "gpu", "cpu")
     ours = list(dev(("v1", "v2", "v3"), 32, 7, order))
-    assert [tuple(t.shape) for t in cpu[0]] == [tuple(t.shape) for t in ours[0]] and len(cpu) == len(ours)
-    assert all(t.dtype == u.dtype for t, u in zip(cpu[0], ours[0]))
+    assert len(cpu) == len(ours) and list(cpu[0].views) == list(ours[0].views)
+    for v in ("v1", "v2", "v3"):
+        c, o = cpu[0].views[v], ours[0].views[v]
+        assert c.shape == o.shape and c.dtype == o.dtype
     for c, o in zip(cpu, ours):  # the same images (by index), labels and flags in the same order
-        assert all(torch.equal(c[k], o[k].cpu()) for k in (-3, -2, -1))
+        same = lambda k: torch.equal(getattr(c, k), getattr(o, k).cpu())
+        assert all(same(k) for k in ("y", "is_syn", "index"))
     again = list(dev(("v1", "v2", "v3"), 32, 7, order))
-    assert all(torch.equal(a, b) for x, y in zip(ours, again) for a, b in zip(x, y))  # a function of the seed
+    # a function of the seed
+    for x, y in zip(ours, again):
+        assert all(torch.equal(x.views[v], y.views[v]) for v in x.views)
+        assert torch.equal(x.index, y.index)
     other = list(dev(("v1",), 32, 8, order))
-    assert not torch.equal(other[0][0], ours[0][0])
+    assert not torch.equal(other[0].views["v1"], ours[0].views["v1"])
 
 
 # ---------------------------------------------------------------- model and losses
@@ -413,7 +489,9 @@ def test_forward_shapes_and_unit_z():
 @pytest.mark.quick
 def test_soft_ce_equals_cross_entropy_on_one_hot():
     logits, y = torch.randn(7, 5), torch.randint(5, (7,))
-    assert torch.allclose(train.soft_ce(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y), atol=1e-6)
+    assert torch.allclose(train.soft_ce(logits,
+                                        F.one_hot(y, 5).float()), F.cross_entropy(logits, y),
+                          atol=1e-6)
 
 
 def test_cutmix_weight_is_the_true_pasted_area():
@@ -425,7 +503,8 @@ def test_cutmix_weight_is_the_true_pasted_area():
 
 
 def test_cutmix_box_is_the_references():
-    """A continuous centre ~ U(0, W), the box's clipped edges rounded: side 10 centred at 15.6 covers 11..20."""
+    """A continuous centre ~ U(0, W), the box's clipped edges rounded: side 10 centred at 15.6
+    covers 11..20."""
     class Fixed:  # an rng whose uniform draws are given
         def __init__(self, *v):
             self.v = list(v)
@@ -434,7 +513,8 @@ def test_cutmix_box_is_the_references():
             return self.v.pop(0)
     xa, xb = torch.zeros(1, 1, 32, 32), torch.ones(1, 1, 32, 32)
     lam = 1 - (10 / 32) ** 2
-    x, w = train.cutmix(xa, xb, lam, Fixed(15.6, 3.2))  # rows 10.6..20.6 -> 11..21, columns -1.8..8.2 -> 0..8
+    # rows 10.6..20.6 -> 11..21, columns -1.8..8.2 -> 0..8
+    x, w = train.cutmix(xa, xb, lam, Fixed(15.6, 3.2))
     expect = torch.zeros(32, 32)
     expect[11:21, 0:8] = 1
     assert torch.equal(x[0, 0], expect) and w == 1 - 80 / 1024
@@ -450,7 +530,8 @@ def naive_supcon(feats, labels, is_anchor, t):
         others = [k for k in range(len(f)) if k != i]
         denom = sum(torch.exp(f[i] @ f[k] / t) for k in others)
         pos = [k for k in others if y[k] == y[i]]
-        losses.append(-sum(torch.log(torch.exp(f[i] @ f[p] / t) / denom) for p in pos) / max(len(pos), 1))
+        losses.append(-sum(torch.log(torch.exp(f[i] @ f[p] / t) / denom)
+                           for p in pos) / max(len(pos), 1))
     return torch.stack(losses).mean()
 
 
@@ -459,8 +540,8 @@ def test_supcon_matches_the_formula():
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(6, 2, 8), dim=-1)
     labels, is_anchor = torch.tensor([0, 1, 0, -1, 2, 1]), torch.tensor([1, 1, 1, 1, 0, 1]).bool()
-    assert torch.allclose(train.supcon(feats, labels, is_anchor, 0.1), naive_supcon(feats, labels, is_anchor, 0.1),
-                          atol=1e-4)
+    assert torch.allclose(train.supcon(feats, labels, is_anchor, 0.1),
+                          naive_supcon(feats, labels, is_anchor, 0.1), atol=1e-4)
 
 
 def e(i, d=4):
@@ -486,19 +567,20 @@ def test_supcon_member_mask_equals_leaving_members_out():
     anchor = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1, 1]).bool()
     member = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1]).bool()
     masked = train.supcon(feats, labels, anchor, t, member)
-    assert torch.allclose(masked, train.supcon(feats[member], labels[member], anchor[member], t), atol=1e-6)
+    assert torch.allclose(masked, train.supcon(feats[member], labels[member], anchor[member], t),
+                          atol=1e-6)
     assert not torch.allclose(masked, train.supcon(feats, labels, anchor, t))
 
 
 @pytest.mark.quick
 def test_relabel_finds_the_suspect():
     z, labels, is_syn, protos = relabel_case()
-    _, suspect = train.sau_contrastive_loss(z, labels, is_syn, protos, return_suspects=True)
+    suspect = train.paper_suspects(z, labels, is_syn, protos)
     assert suspect.tolist() == [False, True, False]  # the real sample is never a suspect
     # a neighbour of another class in one view only is enough
     z2 = z.clone()
     z2[2, 1] = e(0)
-    _, suspect = train.sau_contrastive_loss(z2, labels, is_syn, protos, return_suspects=True)
+    suspect = train.paper_suspects(z2, labels, is_syn, protos)
     assert suspect.tolist() == [False, True, True]
 
 
@@ -507,15 +589,21 @@ def test_strategies_change_the_loss_as_described():
     z, labels, is_syn, protos = relabel_case()
     members = torch.cat([z[:1], protos, z[1:]])  # real, prototypes, synthetic (the loss's order)
     t = 0.1
-    loss = {s: train.sau_contrastive_loss(z, labels, is_syn, protos, s, t) for s in ("pos_neg", "neg_only", "drop")}
+    suspect = train.paper_suspects(z, labels, is_syn, protos)
+    loss = {s: train.sau_contrastive_loss(z, labels, is_syn, protos, suspect, s, t)
+            for s in ("pos_neg", "neg_only", "drop")}
     every = torch.ones(5).bool()
-    assert torch.allclose(loss["pos_neg"], train.supcon(members, torch.tensor([0, 0, 1, -1, 1]), every, t))
+    assert torch.allclose(loss["pos_neg"],
+                          train.supcon(members, torch.tensor([0, 0, 1, -1, 1]), every, t))
     assert torch.allclose(loss["neg_only"], train.supcon(members, torch.tensor([0, 0, 1, -1, 1]),
                                                           torch.tensor([1, 1, 1, 0, 1]).bool(), t))
     keep = torch.tensor([0, 1, 2, 4])
-    assert torch.allclose(loss["drop"], train.supcon(members[keep], torch.tensor([0, 0, 1, 1]), every[:4], t))
-    off = train.sau_contrastive_loss(z, labels, is_syn, protos, "pos_neg", t, relabel=False)
-    assert torch.allclose(off, train.supcon(members, torch.tensor([0, 0, 1, 1, 1]), torch.ones(5).bool(), t))
+    assert torch.allclose(loss["drop"],
+                          train.supcon(members[keep], torch.tensor([0, 0, 1, 1]), every[:4], t))
+    off = train.sau_contrastive_loss(z, labels, is_syn, protos, None, "pos_neg", t)
+    assert torch.allclose(
+        off, train.supcon(members, torch.tensor([0, 0, 1, 1, 1]),
+                          torch.ones(5).bool(), t))
     assert len({round(v.item(), 5) for v in (*loss.values(), off)}) == 4
 
 
@@ -525,14 +613,17 @@ def test_no_suspects_means_every_strategy_agrees():
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     z = F.normalize(protos[labels] + 0.01 * torch.randn(6, 2, 16), dim=-1)
     is_syn = torch.tensor([0, 0, 0, 1, 1, 1]).bool()
-    losses = [train.sau_contrastive_loss(z, labels, is_syn, protos, s) for s in ("pos_neg", "neg_only", "drop")]
+    suspect = train.paper_suspects(z, labels, is_syn, protos)
+    assert not suspect.any()
+    losses = [train.sau_contrastive_loss(z, labels, is_syn, protos, suspect, s)
+              for s in ("pos_neg", "neg_only", "drop")]
     assert all(torch.allclose(losses[0], v) for v in losses[1:])
 
 
 def test_detector_figures_on_flags_with_a_known_answer():
-    """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; flagged: 2 planted, 1 clean and a real sample
-    (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per class from the labels. The step
-    adds its suspects to the per-sample counts, real ones never."""
+    """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; flagged: 2 planted, 1 clean and
+    a real sample (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per
+    class from the labels. The step adds its suspects to the per-sample counts, real ones never."""
     mixed = argparse.Namespace(labels=np.array([0, 1, 0, 0, 1, 1, 1, 0]), classes=["a", "b"],
                                is_syn=np.array([0, 0, 1, 1, 1, 1, 1, 1], bool),
                                is_noisy=np.array([0, 0, 1, 0, 1, 0, 1, 0], bool))
@@ -549,17 +640,20 @@ def test_detector_figures_on_flags_with_a_known_answer():
 
 @pytest.mark.quick
 def test_audit_scores_on_a_hand_built_batch():
-    """log p(label) and the prototype margin (own cosine minus the best other, the lower over the two views), checked
-    against numbers worked by hand."""
+    """log p(label) and the prototype margin (own cosine minus the best other, the lower over the
+    two views), checked against numbers worked by hand."""
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     s = 2 ** -0.5
-    protos = torch.tensor([[[1.0, 0.0], [s, s]], [[0.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]])  # C x V x D
-    scores = train.audit_scores(logits, z, torch.tensor([0, 2]), protos)
+    # C x V x D
+    protos = torch.tensor([[[1.0, 0.0], [s, s]], [[0.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0],
+                                                                            [-1.0, 0.0]]])
+    scores = audit.audit_scores(logits, z, torch.tensor([0, 2]), protos)
     e2 = np.exp(2.0)
-    assert torch.allclose(scores[:, 0], torch.tensor([np.log(e2 / (e2 + 2)), np.log(1 / 3)], dtype=torch.float))
-    # sample 0, label 0: view 0 own 1, best other 0 -> 1; view 1 own s, best other 0 -> s; the lower: s
-    # sample 1, label 2: view 0 own 0, best other 1 -> -1; view 1 own 0, best other 1 -> -1
+    assert torch.allclose(scores[:, 0],
+                          torch.tensor([np.log(e2 / (e2 + 2)), np.log(1 / 3)], dtype=torch.float))
+    # sample 0, label 0: view 0 own 1, best other 0 -> 1; view 1 own s, best other 0 -> s; the
+    # lower: s sample 1, label 2: view 0 own 0, best other 1 -> -1; view 1 own 0, best other 1 -> -1
     assert torch.allclose(scores[:, 1], torch.tensor([s, -1.0]))
 
 
@@ -568,40 +662,47 @@ def test_auc_is_the_share_of_pairs_ranked_right():
     score, pos = rng.integers(0, 6, 300).astype(float), rng.random(300) < 0.3  # many ties
     pairs = [(a > b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
     assert abs(report.auc(score, pos) - np.mean(pairs)) < 1e-12
-    assert report.auc(score, np.zeros(300, bool)) is None and report.auc([1.0, 2.0], [False, True]) == 1.0
+    assert report.auc(score, np.zeros(300, bool)) is None and report.auc([1.0, 2.0],
+                                                                         [False, True]) == 1.0
 
 
 @pytest.mark.quick
 def test_the_real_reference_flags_about_q_and_a_low_mode():
-    """Synthetic scores drawn like the class's real ones: about q of them rank below q. A low mode added (a fifth of
-    the synthetic samples, scoring far below): that mode flagged, the rest still at about q."""
+    """Synthetic scores drawn like the class's real ones: about q of them rank below q. A low mode
+    added (a fifth of the synthetic samples, scoring far below): that mode flagged, the rest still
+    at about q."""
     g, q = torch.Generator().manual_seed(0), 0.1
     labels = torch.arange(5).repeat_interleave(2000)
     real = (torch.arange(10000) % 2 == 0)
-    score = torch.randn(10000, generator=g) + labels  # each class its own scale: ranks are per class
+    # each class its own scale: ranks are per class
+    score = torch.randn(10000, generator=g) + labels
     low = ~real & (torch.arange(10000) % 10 == 1)
     for bad, expect in [(torch.zeros_like(real), q), (low, None)]:
         s = torch.where(bad, score - 8, score)
-        flag = train.reference_rank(s, labels, real) < q
+        flag = audit.reference_rank(s, labels, real) < q
         clean = ~real & ~bad
         assert abs(flag[clean].float().mean().item() - q) < 0.02
         assert flag[bad].all() if bad.any() else True
-        ranks = train.audit_ranks(torch.stack([s, s], 1), labels, real)
-        assert torch.equal(ranks[:, 0], train.reference_rank(s, labels, real)) and ranks.shape == (10000, 3)
+        ranks = audit.audit_ranks(torch.stack([s, s], 1), labels, real)
+        assert torch.equal(ranks[:, 0], audit.reference_rank(s, labels,
+                                                             real)) and ranks.shape == (10000, 3)
 
 
 def test_the_audit_resumes_bit_exact_and_relabels_its_suspects(root, tmp_path):
-    """--relabel audit --audit-cls on, --loader gpu: stopped after epoch 1 and resumed, the audit's scores, its
-    suspects, the weights and the metrics of an uninterrupted run (test_resume_gives_the_same_weights does the cpu
-    loader). Epoch 1 has no suspects (no audit yet); epoch 2's step flags exactly the samples the audit after epoch
-    1 flagged."""
-    flags = ["--epochs", 2, "--width", 4, "--syn-noise", 0.4, "--relabel", "audit", "--audit-cls", "on",
-             "--audit-score", "both", "--audit-q", 0.3, "--loader", "gpu"]
+    """--relabel audit --audit-cls on, --loader gpu: stopped after epoch 1 and resumed, the audit's
+    scores, its suspects, the weights and the metrics of an uninterrupted run
+    (test_resume_gives_the_same_weights does the cpu loader). Epoch 1 has no suspects (no audit
+    yet); epoch 2's step flags exactly the samples the audit after epoch 1 flagged."""
+    flags = [
+        "--epochs", 2, "--width", 4, "--syn-noise", 0.4, "--relabel", "audit", "--audit-cls", "on",
+        "--audit-score", "both", "--audit-q", 0.3, "--loader", "gpu"
+    ]
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     train.train(tiny_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
     first = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
     train.train(cpu_config(["--resume", str(tmp_path / "part")]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "part"))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "part"))
     assert torch.equal(a["audit"], b["audit"]) and torch.equal(a["suspects"], b["suspects"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
@@ -609,10 +710,13 @@ def test_the_audit_resumes_bit_exact_and_relabels_its_suspects(root, tmp_path):
     m1, m2 = a["metrics"]
     n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_noise=0.4).is_syn.sum()
     assert m1["suspect_frac"] == 0 and first["suspects"].any()  # no audit before the first epoch
-    assert torch.equal(b["flagged"] > 0, first["suspects"])  # epoch 2's step took exactly those as suspects
+    # epoch 2's step took exactly those as suspects
+    assert torch.equal(b["flagged"] > 0, first["suspects"])
     assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
-    assert abs(m2["audit"]["both"]["suspect_frac"] - b["suspects"].sum().item() / n_syn) < 1e-12  # the chosen score
-    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2) and (tmp_path / "full" / "audit.png").exists()
+    # the chosen score
+    assert abs(m2["audit"]["both"]["suspect_frac"] - b["suspects"].sum().item() / n_syn) < 1e-12
+    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"
+            } <= set(m2) and (tmp_path / "full" / "audit.png").exists()
 
 
 def test_contrastive_loss_backpropagates_to_z_only():
@@ -641,7 +745,8 @@ def test_data_script_prints_counts(root):
     assert r.returncode == 0 and [int(row[4]) for row in rows] == planted, r.stdout
     assert f"planted wrong-class images among the synthetic: {sum(planted)}" in r.stdout
     r = run("data.py", "--imb", 10, "--data-root", root, "--syn-noise", 2)
-    assert r.returncode == 2 and "--syn-noise must be in [0, 1]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--syn-noise must be in [0, 1]" in r.stderr
 
 
 @pytest.mark.quick
@@ -649,23 +754,26 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path):
     out = tmp_path / "run"
     r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn-noise", 0.5)
     assert r.returncode == 0, r.stderr
-    for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png", "per_class.png",
-              "confusion.png", "suspects.png", "audit.png"):
+    for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
+              "per_class.png", "confusion.png", "suspects.png", "audit.png"):
         assert (out / f).stat().st_size > 0, f
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["syn"] == "pool" and cfg["lr"] == 0.01 and cfg["temperature"] == 0.1
     (line,) = (out / "metrics.jsonl").read_text().splitlines()
     m = json.loads(line)
-    for k in ("loss", "loss_cls", "loss_con", "lr", "top1", "top5", "many", "medium", "few", "seconds", "images_per_s",
-              "suspect_frac", "suspect_frac_per_class", "recall", "false_flag_rate", "precision", "auc_p", "auc_margin",
-              "auc_both", "auc_flags", "audit", "audit_s"):
+    for k in ("loss", "loss_cls", "loss_con", "lr", "top1", "top5", "many", "medium", "few",
+              "seconds", "images_per_s", "suspect_frac", "suspect_frac_per_class", "recall",
+              "false_flag_rate", "precision", "auc_p", "auc_margin", "auc_both", "auc_flags",
+              "audit", "audit_s"):
         assert k in m
     assert set(m["audit"]["per_class"]["p"]) == {"real", "clean", "planted"} and "audit" in r.stdout
-    assert 0 <= m["suspect_frac"] <= 1 and len(m["suspect_frac_per_class"]) == 10 and 0 <= m["recall"] <= 1
+    assert 0 <= m["suspect_frac"] <= 1 and len(
+        m["suspect_frac_per_class"]) == 10 and 0 <= m["recall"] <= 1
     assert "recall" in r.stdout and "suspects" in r.stdout
     assert m["loss_con"] > 0 and m["loss_cls"] > 0 and 0 <= m["top1"] <= 100
     final = json.loads((out / "final.json").read_text())
-    assert final["final_epoch"]["top1"] == m["top1"] and len(final["final_epoch"]["per_class"]) == 10
+    assert final["final_epoch"]["top1"] == m["top1"] and len(
+        final["final_epoch"]["per_class"]) == 10
     assert "best_over_epochs_selected_on_test_set" in final
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
@@ -673,25 +781,30 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path):
     mixed = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=0.5)
     flagged = ckpt["flagged"].numpy()
     assert len(flagged) == len(mixed) and flagged.max() <= 1 and not flagged[~mixed.is_syn].any()
-    n_syn = mixed.is_syn.sum()  # the epoch's suspect fraction is the per-sample counts' mean over synthetic images
+    # the epoch's suspect fraction is the per-sample counts' mean over synthetic images
+    n_syn = mixed.is_syn.sum()
     assert abs(flagged[mixed.is_syn].sum() / n_syn - m["suspect_frac"]) < 1e-9
 
 
-@pytest.mark.parametrize("flags", [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0,
-                                                                     "--strategy", "drop"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0, "--strategy", "drop"]])
 def test_train_ablations_run(root, tmp_path, flags):
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY, *flags)
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY,
+            *flags)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls" in flags)
+    assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls"
+                                                                                     in flags)
 
 
 # the gpu loader: test_the_audit_resumes_bit_exact_and_relabels_its_suspects
 @pytest.mark.parametrize("loader", ["cpu"])
 def test_resume_gives_the_same_weights(root, tmp_path, loader):
-    """In-process runs (the CLI's --resume is exercised by the kill tests): stopped after epoch 1 and resumed, the
-    weights of an uninterrupted run; with the cpu loader, the stopped run is made to look older than --syn-noise and
-    --deterministic (their keys deleted) and resumes with their defaults."""
+    """In-process runs (the CLI's --resume is exercised by the kill tests): stopped after epoch 1
+    and resumed, the weights of an uninterrupted run; with the cpu loader, the stopped run is made
+    to look older than --syn-noise and --deterministic (their keys deleted) and resumes with their
+    defaults."""
     flags = ["--epochs", 2, "--width", 4, "--loader", loader]
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     part = tmp_path / "part"
@@ -703,87 +816,121 @@ def test_resume_gives_the_same_weights(root, tmp_path, loader):
             del ckpt["config"][k]
         torch.save(ckpt, part / "checkpoint.pt")
         cfg = json.loads((part / "config.json").read_text())
-        (part / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "syn_noise"}))
+        (part / "config.json").write_text(
+            json.dumps({
+                k: v
+                for k, v in cfg.items() if k != "syn_noise"
+            }))
     train.train(cpu_config(["--resume", str(part)]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "part"))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "part"))
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     lines = [json.loads(s) for s in (part / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
 
 
 def test_gpu_loader_run_and_bench(root, tmp_path):
-    """--loader gpu (batched views, here on CPU tensors) trains; --bench prints its figures and writes nothing."""
+    """--loader gpu (batched views, here on CPU tensors) trains; --bench prints its figures and
+    writes nothing."""
     out = tmp_path / "run"
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu", "--amp", "bf16")
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu",
+            "--amp", "bf16")
     assert r.returncode == 0, r.stderr
-    assert "loader gpu" in r.stdout and 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
-    r = run("train.py", "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs", 200, "--out",
-            tmp_path / "bench")
+    assert "loader gpu" in r.stdout and 0 <= json.loads(
+        (out / "final.json").read_text())["final_epoch"]["top1"] <= 100
+    r = run("train.py", "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs",
+            200, "--out", tmp_path / "bench")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.split("bench_json ")[1])
     assert res["step_images_per_s"] > 0 and res["data_images_per_s"] > res["step_images_per_s"]
     assert 0 < res["data_fraction"] < 1 and res["run_s"] == pytest.approx(200 * res["epoch_s"])
-    assert "whole step" in r.stdout and "projected" in r.stdout and not (tmp_path / "bench").exists()
+    assert "whole step" in r.stdout and "projected" in r.stdout and not (tmp_path /
+                                                                         "bench").exists()
 
 
 def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path):
-    """--compile on (inductor on this CPU, about a minute): the same losses as eager up to rounding, and a
-    checkpoint an eager run can resume (no torch.compile prefixes in the weights)."""
-    args = ["--data-root", root, "--epochs", 1, *TINY, "--amp", "off", "--syn", "heldout", "--lr", 1e-6]
+    """--compile on (inductor on this CPU, about a minute): the same losses as eager up to rounding,
+    and a checkpoint an eager run can resume (no torch.compile prefixes in the weights)."""
+    args = [
+        "--data-root", root, "--epochs", 1, *TINY, "--amp", "off", "--syn", "heldout", "--lr", 1e-6
+    ]
     for mode in ("off", "on"):
         r = run("train.py", *args, "--out", tmp_path / mode, "--compile", mode)
         assert r.returncode == 0, r.stderr
-    eager, compiled = (json.loads((tmp_path / m / "metrics.jsonl").read_text()) for m in ("off", "on"))
+    eager, compiled = (json.loads((tmp_path / m / "metrics.jsonl").read_text())
+                       for m in ("off", "on"))
     for k in ("loss", "loss_cls", "loss_con"):
         assert compiled[k] == pytest.approx(eager[k], rel=1e-4), k
-    keys = torch.load(tmp_path / "on" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"].keys()
-    assert keys == torch.load(tmp_path / "off" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"].keys()
+    keys = torch.load(tmp_path / "on" / "checkpoint.pt", map_location="cpu",
+                      weights_only=True)["model"].keys()
+    assert keys == torch.load(tmp_path / "off" / "checkpoint.pt", map_location="cpu",
+                              weights_only=True)["model"].keys()
 
 
-@pytest.mark.parametrize("case,message", [
-    ("loader", "invalid choice"), ("bench", "--bench must be >= 0"), ("syn_noise", "--syn-noise must be in [0, 1]"),
-    ("imb", "--imb must be >= 1"), ("dataset", "invalid choice"), ("strategy", "invalid choice"),
-    ("syn", "invalid choice"), ("no_data", "not found at"), ("other_pool", "made for cifar100"),
-    ("small_pool", "needs"), ("float_pool", "expected uint8"), ("resume_config", "another config"),
-    ("exists", "already holds a run")])
+@pytest.mark.parametrize("case,message", [("loader", "invalid choice"),
+                                          ("bench", "--bench must be >= 0"),
+                                          ("syn_noise", "--syn-noise must be in [0, 1]"),
+                                          ("imb", "--imb must be >= 1"),
+                                          ("dataset", "invalid choice"),
+                                          ("strategy", "invalid choice"), ("syn", "invalid choice"),
+                                          ("no_data", "not found at"),
+                                          ("other_pool", "made for cifar100"),
+                                          ("small_pool", "needs"), ("float_pool", "expected uint8"),
+                                          ("resume_config", "another config"),
+                                          ("exists", "already holds a run")])
 def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
     base = ["--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY]
-    flags = {"loader": ["--loader", "tpu"], "bench": ["--bench", -1], "syn_noise": ["--syn-noise", 1.5],
-             "imb": ["--imb", 0.5], "dataset": ["--dataset", "mnist"], "strategy": ["--strategy", "x"],
-             "syn": ["--syn", "gan"], "no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
+    flags = {
+        "loader": ["--loader", "tpu"],
+        "bench": ["--bench", -1],
+        "syn_noise": ["--syn-noise", 1.5],
+        "imb": ["--imb", 0.5],
+        "dataset": ["--dataset", "mnist"],
+        "strategy": ["--strategy", "x"],
+        "syn": ["--syn", "gan"],
+        "no_data": ["--data-root", tmp_path / "empty"]
+    }.get(case, [])
     if case.endswith("pool"):
-        write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10", CIFAR10_NAMES,
-                   3 if case == "small_pool" else 20, dtype=np.float32 if case == "float_pool" else np.uint8)
+        write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10",
+                   CIFAR10_NAMES, 3 if case == "small_pool" else 20,
+                   dtype=np.float32 if case == "float_pool" else np.uint8)
         flags = ["--pool", tmp_path / "pool"]
     if case in ("resume_config", "exists"):
         train.train(cpu_config([*map(str, base), "--stop-after", "1", "--epochs", "2"]))
-        flags = ["--resume", tmp_path / "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
+        flags = ["--resume", tmp_path /
+                 "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
     r = run("train.py", *base, *flags)
     assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(
+        r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------- generate.py
 
 def write_tiny_pipeline(folder):
-    """A Stable-Diffusion-shaped pipeline small enough to run in milliseconds, saved as a user's model would be."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A Stable-Diffusion-shaped pipeline small enough to run in milliseconds, saved as a user's
+    model would be."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
     import generate
     torch.manual_seed(0)
     tokenizer = generate.write_tokenizer(os.path.join(folder + "_tokenizer"))
-    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(4, 8), layers_per_block=1, cross_attention_dim=8,
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(4, 8), layers_per_block=1,
+                                cross_attention_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-                                norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2, sample_size=32)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-                                        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                attention_head_dim=2, norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D", ) * 2,
+                        up_block_types=("UpDecoderBlock2D", ) * 2, latent_channels=4,
+                        norm_num_groups=2, sample_size=32)
+    text = CLIPTextModel(
+        CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                       num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=1))
     StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                            scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
-                            feature_extractor=None, image_encoder=None,
+                            scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+                            safety_checker=None, feature_extractor=None, image_encoder=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return folder
 
@@ -797,18 +944,26 @@ GEN = ["--steps", 2, "--guidance", 0, "--batch-size", 8]
 
 
 def gen_argv(root, pipe_dir, pool, *args):
-    return ["--device", "cpu", "--data-root", root, "--model", pipe_dir, "--pool", str(pool), *map(str, GEN),
-            *map(str, args)]
+    return [
+        "--device", "cpu", "--data-root", root, "--model", pipe_dir, "--pool",
+        str(pool), *map(str, GEN), *map(str, args)
+    ]
 
 
 def gen_run(root, pipe_dir, pool, *args, env=None):
-    cmd = [sys.executable, os.path.join(HERE, "generate.py"), *gen_argv(root, pipe_dir, pool, *args)]
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "generate.py"), *gen_argv(root, pipe_dir, pool, *args)
+    ]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600, env={
+        **os.environ,
+        **(env or {})
+    })
 
 
 def gen_here(root, pipe_dir, pool, *args):
-    """generate.py in this process, for runs that must succeed: the script as a subprocess spends 8 s of each call
-    importing diffusers here (gen_pool and the refusals run it so). Its stdout."""
+    """generate.py in this process, for runs that must succeed: the script as a subprocess spends 8
+    s of each call importing diffusers here (gen_pool and the refusals run it so). Its stdout."""
     import generate
     with contextlib.redirect_stdout(io.StringIO()) as out:
         generate.main(gen_argv(root, pipe_dir, pool, *args))
@@ -816,7 +971,10 @@ def gen_here(root, pipe_dir, pool, *args):
 
 
 def pool_bytes(folder):
-    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".npz")}
+    return {
+        f: open(os.path.join(folder, f), "rb").read()
+        for f in sorted(os.listdir(folder)) if f.endswith(".npz")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -831,17 +989,27 @@ def gen_pool(root, pipe_dir, tmp_path_factory):
 def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
     import generate
     manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
-    assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest["image_size"] == 32
+    assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest[
+        "image_size"] == 32
     g = manifest["generator"]
-    assert (g["model"], g["steps"], g["guidance"], g["resolution"], g["resize"]) == (pipe_dir, 2, 0.0, 32, "lanczos")
+    assert (g["model"], g["steps"], g["guidance"], g["resolution"],
+            g["resize"]) == (pipe_dir, 2, 0.0, 32, "lanczos")
     assert g["rejected_images"] == 0 and len(g["prompts"]["built"]) == 64 and g["filter"] == "none"
     pool = data.read_pool(gen_pool, "cifar10", CIFAR10_NAMES)
     counts = data.lt_counts(20, 10, 10)
-    assert {c: len(v) for c, v in pool.items()} == {c: 20 - n for c, n in enumerate(counts) if 20 - n}
+    assert {
+        c: len(v)
+        for c, v in pool.items()
+    } == {
+        c: 20 - n
+        for c, n in enumerate(counts) if 20 - n
+    }
     with np.load(os.path.join(gen_pool, data.shard_name(9, 0))) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (32, 32, 3)
         assert z["seeds"].dtype == np.int64 and z["prompts"].tolist() == [
-            generate.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k] for k in range(len(z["seeds"]))]
+            generate.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k]
+            for k in range(len(z["seeds"]))
+        ]
     assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
     assert not [f for f in os.listdir(gen_pool) if ".tmp" in f]
 
@@ -864,24 +1032,34 @@ def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool
 
 
 def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
-    lines = [f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}" for name in CIFAR10_NAMES for i in (0, 1)]
+    lines = [
+        f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}" for name in CIFAR10_NAMES
+        for i in (0, 1)
+    ]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     pool = str(tmp_path / "pool")
     gen_here(root, pipe_dir, pool, "--per-class", 3, "--prompts", tmp_path / "prompts.txt")
     with np.load(os.path.join(pool, data.shard_name(3, 0))) as z:
-        assert z["prompts"].tolist() == ["cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
-                                         "cat. a cat seen from afar, number 0"]
-    assert json.load(open(os.path.join(pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
+        assert z["prompts"].tolist() == [
+            "cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
+            "cat. a cat seen from afar, number 0"
+        ]
+    assert json.load(open(os.path.join(
+        pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
 
 
-CIFAR100_SOME = ["apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman", "worm"]
+CIFAR100_SOME = [
+    "apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman",
+    "worm"
+]
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
-    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of class c takes
-    prompt k mod the count, the same on every call with the seed (a rerun, a resume and a shard split call it
-    alike: the pool bytes tests check the prompts stored with the images), another order with another seed."""
+    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of
+    class c takes prompt k mod the count, the same on every call with the seed (a rerun, a resume
+    and a shard split call it alike: the pool bytes tests check the prompts stored with the images),
+    another order with another seed."""
     import generate
     names = CIFAR10_NAMES if dataset == "cifar10" else list(generate.read_tables("cifar100")[0])
     if dataset == "cifar100":
@@ -893,22 +1071,26 @@ def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset
     assert prompts == generate.built_prompts(dataset, names, 0)
     other = generate.built_prompts(dataset, names, 1)
     assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
-    assert generate.class_prompts(names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
+    assert generate.class_prompts(
+        names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
 
 
 def write_tiny_clip(folder, blind=False):
-    """A CLIP small enough for tests, saved as a user's would be. Its image token carries no constant (class and
-    position embeddings zero, patch weights scaled up), so its classes rank differently from image to image rather
-    than in one order for all; blind: its image features are zero, so every class gets p = 1/C."""
+    """A CLIP small enough for tests, saved as a user's would be. Its image token carries no
+    constant (class and position embeddings zero, patch weights scaled up), so its classes rank
+    differently from image to image rather than in one order for all; blind: its image features are
+    zero, so every class gets p = 1/C."""
     from transformers import CLIPConfig, CLIPModel
     import generate
     torch.manual_seed(0)
     tokenizer = generate.write_tokenizer(folder)
     tokenizer.save_pretrained(folder)
     block = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                                  bos_token_id=0, eos_token_id=1, pad_token_id=1, **block),
-                                 vision_config=dict(image_size=32, patch_size=8, **block), projection_dim=8))
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
+                             eos_token_id=1, pad_token_id=1, **block),
+            vision_config=dict(image_size=32, patch_size=8, **block), projection_dim=8))
     with torch.no_grad():
         embeddings = model.vision_model.embeddings
         embeddings.class_embedding.zero_()
@@ -928,16 +1110,20 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
     assert g["filter"] == {"type": "clip", "model": clip, "top_k": 7, "min_p": 0.0}
     refused = g["clip_refused_per_class"]
     assert set(refused) == set(CIFAR10_NAMES) and sum(refused.values()) > 0
-    assert 0 < g["rejected_images"] <= sum(refused.values())  # images made again; refusals, counted per try
+    # images made again; refusals, counted per try
+    assert 0 < g["rejected_images"] <= sum(refused.values())
     counted, shards = {}, data.pool_shards(pool)
     for c, name in enumerate(CIFAR10_NAMES):
         for _, path in shards[c]:
             with np.load(path) as z:
-                assert z["clip_p"].shape == z["seeds"].shape and ((0 < z["clip_p"]) & (z["clip_p"] < 1)).all()
-                assert (z["rejected"] == (z["clip_refused"] > 0)).all()  # the tiny pipeline makes no black image
+                assert z["clip_p"].shape == z["seeds"].shape and ((0 < z["clip_p"]) &
+                                                                  (z["clip_p"] < 1)).all()
+                # the tiny pipeline makes no black image
+                assert (z["rejected"] == (z["clip_refused"] > 0)).all()
                 counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
     assert counted == refused
-    r = gen_run(root, pipe_dir, pool, "--per-class", 3)  # the same folder without the filter: other settings
+    # the same folder without the filter: other settings
+    r = gen_run(root, pipe_dir, pool, "--per-class", 3)
     assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
 
 
@@ -952,17 +1138,20 @@ def test_generate_refuses_settings_without_effect(flags, message, capsys):
 
 
 def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
-    clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)  # p = 0.1 for every class: never >= 0.5
-    r = gen_run(root, pipe_dir, str(tmp_path / "pool"), "--per-class", 1, "--filter", "clip", "--clip-model", clip,
-                "--clip-min-p", 0.5)
-    errors = [line for line in r.stderr.splitlines() if "error" in line]  # after the progress bar's line
+    # p = 0.1 for every class: never >= 0.5
+    clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)
+    r = gen_run(root, pipe_dir, str(tmp_path / "pool"), "--per-class", 1, "--filter", "clip",
+                "--clip-model", clip, "--clip-min-p", 0.5)
+    # after the progress bar's line
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "class 0 (airplane) image 0: 10 seeds in a row gave black or non-finite images (0) or images CLIP " \
-           "refused (11)" in errors[0]
+    assert ("class 0 (airplane) image 0: 10 seeds in a row gave black or non-finite images (0) "
+            "or images CLIP refused (11)") in errors[0]
 
 
 def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path):
-    r = run("train.py", "--data-root", root, "--pool", gen_pool, "--epochs", 1, "--out", tmp_path / "run", *TINY)
+    r = run("train.py", "--data-root", root, "--pool", gen_pool, "--epochs", 1, "--out",
+            tmp_path / "run", *TINY)
     assert r.returncode == 0, r.stderr
     assert "122 synthetic" in r.stdout
 
@@ -973,8 +1162,13 @@ def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path):
     ("other_dataset", "made for cifar100"), ("other_settings", "other generator settings (seed)")])
 def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, case, message):
     pool = str(tmp_path / "pool")
-    args = {"not_pipeline": ["--model", tmp_path], "offline_hub": ["--model", "nobody/no-such-model"],
-            "dataset": ["--dataset", "mnist"], "per_class": ["--per-class", -1], "other_settings": ["--seed", 1]}
+    args = {
+        "not_pipeline": ["--model", tmp_path],
+        "offline_hub": ["--model", "nobody/no-such-model"],
+        "dataset": ["--dataset", "mnist"],
+        "per_class": ["--per-class", -1],
+        "other_settings": ["--seed", 1]
+    }
     if case == "other_dataset":
         write_pool(pool, "cifar100", CIFAR10_NAMES, 2)
     if case == "other_settings":
@@ -989,36 +1183,46 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, case, message):
 
 # ---------------------------------------------------------------- generate.py --generator ddpm
 
-DDPM = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3, "--warmup", 1,
-        "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10]
+DDPM = [
+    "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3, "--warmup",
+    1, "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10
+]
 
 
 def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
     import generate
-    args = lambda steps: generate.parse_args(["--data-root", root, *map(str, DDPM), "--train-steps", str(steps),
-                                              "--ckpt-every", "4"])
+    args = lambda steps: generate.parse_args(
+        ["--data-root", root, *map(str, DDPM), "--train-steps",
+         str(steps), "--ckpt-every", "4"])
     cpu = torch.device("cpu")
     folder = str(tmp_path / "ddpm")
     _, settings, sha16, losses = generate.train_ddpm(args(16), folder, cpu, log=lambda *_: None)
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
-    assert settings["real_images"] == sum(data.lt_counts(20, 10, 10)) and settings["sampling"] == "balanced"
+    assert settings["real_images"] == sum(data.lt_counts(20, 10,
+                                                         10)) and settings["sampling"] == "balanced"
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
     assert state["step"] == 16 and os.path.isdir(os.path.join(folder, "ema"))
-    _, _, sha24, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)  # resumes at 16
+    # resumes at 16
+    _, _, sha24, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
     assert len(losses) == 8 and sha24 != sha16
-    _, _, again, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)  # finished: reused
+    # finished: reused
+    _, _, again, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
     assert losses == [] and again == sha24
-    _, _, straight, _ = generate.train_ddpm(args(24), str(tmp_path / "straight"), cpu, log=lambda *_: None)
+    _, _, straight, _ = generate.train_ddpm(args(24), str(tmp_path / "straight"), cpu,
+                                            log=lambda *_: None)
     assert straight == sha24  # 16 + 8 steps after a restart == 24 steps in one go
 
 
 def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path):
-    """The default cosine schedule once stored a numpy lr that weights_only refused: a second run and a resume
-    after kill -9 must read state.pt, and an unreadable one is a one-line error naming it."""
+    """The default cosine schedule once stored a numpy lr that weights_only refused: a second run
+    and a resume after kill -9 must read state.pt, and an unreadable one is a one-line error naming
+    it."""
     import signal
     import time
-    flags = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2, "--steps", 2,
-             "--batch-size", 64, "--imb", 10, "--data-root", root]
+    flags = [
+        "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2, "--steps", 2,
+        "--batch-size", 64, "--imb", 10, "--data-root", root
+    ]
     cmd = lambda pool, steps: [*script("generate.py"), "--pool", pool, *map(str, flags),
                                "--train-steps", str(steps), "--ckpt-every", "5"]
     pool = str(tmp_path / "killed")
@@ -1036,56 +1240,71 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path):
     assert f"steps {killed_at + 1}-60" in r.stdout + r.stderr
     s = torch.load(state, map_location="cpu", weights_only=True)
     assert s["step"] == 60 and all(type(g["lr"]) is float for g in s["optimizer"]["param_groups"])
-    r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)  # finished: reused
-    assert r.returncode == 0 and "training the class-conditional" not in r.stdout + r.stderr, r.stderr
+    # finished: reused
+    r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "training the class-conditional" not in r.stdout + r.stderr
     with open(state, "r+b") as f:
         f.truncate(100)
     r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "state.pt is unreadable" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "state.pt is unreadable" in r.stderr
 
 
 def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path):
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
-        r = subprocess.run([*script("generate.py"), "--data-root", root, "--pool", pool,
-                            *map(str, DDPM), "--train-steps", "4"], capture_output=True, text=True, timeout=600)
+        r = subprocess.run([
+            *script("generate.py"), "--data-root", root, "--pool", pool, *map(str, DDPM),
+            "--train-steps", "4"
+        ], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
     assert pool_bytes(pools[0]) == pool_bytes(pools[1]) and len(pool_bytes(pools[0])) >= 9
     g = json.load(open(os.path.join(pools[0], "manifest.json")))["generator"]
-    assert g["type"] == "ddpm" and g["training"]["train_steps"] == 4 and len(g["checkpoint_sha256"]) == 64
+    assert g["type"] == "ddpm" and g["training"]["train_steps"] == 4 and len(
+        g["checkpoint_sha256"]) == 64
     assert os.path.isfile(os.path.join(pools[0], "samples.png"))
     r = run("data.py", "--data-root", root, "--imb", 10, "--pool", pools[0])
     assert r.returncode == 0 and "= 200 images" in r.stdout, r.stderr
 
 
-# ---------------------------------------------------------------- several processes, reports, failures
+# ---------------------------------------------------------------- several processes, reports,
+# failures
 
 def test_every_stream_of_draws_has_its_own_seed(root):
-    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e once reused
-    stream A's seed of epoch e + 1), and train_streams seeds its orders and its views apart."""
+    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e
+    once reused stream A's seed of epoch e + 1), and train_streams seeds its orders and its views
+    apart."""
     seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
     assert len(set(seeds)) == len(seeds)
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     used = []
-    fake = lambda views, bs, seed, order: used.append(seed) or [(torch.zeros(1),) * (len(views) + 2)]
+    fake = lambda views, bs, seed, order: used.append(seed) or [(torch.zeros(1), ) *
+                                                                (len(views) + 2)]
     for e in (7, 8):
         list(data.train_streams(m, 50, e, batches=fake))
     assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
-    orders = [torch.randperm(len(m), generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
-              for s in ("order_a", "order_b")]
+    orders = [
+        torch.randperm(len(m),
+                       generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
+        for s in ("order_a", "order_b")
+    ]
     assert orders[0] != orders[1]
 
 
 def test_projection_head_batchnorm_sees_the_mixed_images():
-    """As the reference, the classification branch runs the whole model: the projection head's BatchNorm running
-    statistics count the mixup and cutmix batches too (prototypes are computed in eval mode with them)."""
+    """As the reference, the classification branch runs the whole model: the projection head's
+    BatchNorm running statistics count the mixup and cutmix batches too (prototypes are computed in
+    eval mode with them)."""
     torch.manual_seed(0)
     model = resnet32(3, width=4).train()
     cfg = {**{k: s.default for k, s in train.CONFIG.items()}, "w_con": 0.0}
     step = train.Step(model, cfg, torch.tensor([4, 2, 1]), torch.tensor([0, 2, 3]))
     x, t = torch.randn(8, 3, 32, 32), torch.softmax(torch.randn(8, 3), 1)
-    step(train.Batch(x_mix=x, t_mix=t, x_cut=x, t_cut=t, v2=None, v3=None, y=torch.zeros(8, dtype=torch.long),
-                     is_syn=torch.zeros(8, dtype=torch.bool), index=torch.arange(8), protos=None, epoch=0))
+    step(
+        train.StepInputs(x_mix=x, t_mix=t, x_cut=x, t_cut=t, v2=None, v3=None,
+                    y=torch.zeros(8, dtype=torch.long), is_syn=torch.zeros(8, dtype=torch.bool),
+                    index=torch.arange(8), protos=None, epoch=0))
     bn = model.proj[1]
     assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
 
@@ -1102,7 +1321,8 @@ RECORD_VIEW_SEEDS = """import json, os, sys
 sys.path.insert(0, {here!r})
 import data, train, views
 made = views.DeviceViews.__call__
-def record(self, x, names, g):  # the seed of the stream each batch of views is drawn from, per process
+# the seed of the stream each batch of views is drawn from, per process
+def record(self, x, names, g):
     with open(os.path.join({folder!r}, "seeds" + os.environ.get("RANK", "0")), "a") as f:
         f.write(json.dumps([list(names), g.initial_seed()]) + "\\n")
     return made(self, x, names, g)
@@ -1115,77 +1335,103 @@ def bn_stats(run):  # the BatchNorm statistics each process evaluates with, per 
     return out
 train.confusion_counts = bn_stats
 stepped, steps = train.train_step, []
-def nan_on_rank_1(run, batch, flagged):  # NAN_ON_RANK_1: that process's loss is NaN from its third step
+# NAN_ON_RANK_1: that process's loss is NaN from its third step
+def nan_on_rank_1(run, batch, flagged):
     parts = stepped(run, batch, flagged)
     steps.append(1)
-    return parts * float("nan") if os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3 else parts
+    nan = os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3
+    return parts * float("nan") if nan else parts
 train.train_step = nan_on_rank_1
 sys.argv[0] = "train.py"
-data.run_cli(train.main)
+cli.run_cli(train.main)
 """
 
 
 @pytest.mark.parametrize("loader,port", [("cpu", 29517), ("gpu", 29518)])
 def test_two_process_gloo_run(root, tmp_path, loader, port):
-    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each process draws its
-    views from its own streams, rank 0 from the seeds of a one-process run."""
+    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each
+    process draws its views from its own streams, rank 0 from the seeds of a one-process run."""
     out, wrapper = tmp_path / "ddp", tmp_path / "record_view_seeds.py"
     wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        wrapper, *map(str, ["--data-root", root, "--epochs", 2, "--out", out, "--device", "cpu", *TINY,
-                                            "--loader", loader])],
-                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    r = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={port}", wrapper, *map(str, [
+            "--data-root", root, "--epochs", 2, "--out", out, "--device", "cpu", *TINY, "--loader",
+            loader
+        ])
+    ], capture_output=True, text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone reports
+    # rank 0 alone reports
+    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
-    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images a class)
+    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images
+    # a class)
     final = json.loads((out / "final.json").read_text())["final_epoch"]
     assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
     bn = [(tmp_path / f"bn{rank}").read_text().splitlines() for rank in (0, 1)]
-    assert len(bn[0]) == 2 and bn[0] == bn[1]  # every process evaluates rank 0's BatchNorm statistics
+    # every process evaluates rank 0's BatchNorm statistics
+    assert len(bn[0]) == 2 and bn[0] == bn[1]
     if loader == "gpu":
-        seeds = [{s for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())}
-                 for rank in (0, 1)]
-        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]  # no stream of draws shared between the processes
+        seeds = [{
+            s
+            for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())
+        } for rank in (0, 1)]
+        # no stream of draws shared between the processes
+        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]
         one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")} | {
-            data.stream_seed(e, "prototypes") for e in range(3)}  # the last audit's: a third epoch's prototypes
-        assert seeds[0] == one  # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
+            # the last audit's: a third epoch's prototypes
+            data.stream_seed(e, "prototypes") for e in range(3)}
+        # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
+        assert seeds[0] == one
 
 
 def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, tmp_path):
-    """The check is decided over all processes: rank 1's NaN stops rank 0 too, each with the one line (before, rank 0
-    went on into the next all_reduce alone)."""
+    """The check is decided over all processes: rank 1's NaN stops rank 0 too, each with the one
+    line (before, rank 0 went on into the next all_reduce alone)."""
     wrapper = tmp_path / "record.py"
     wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                        wrapper, *map(str, ["--data-root", root, "--epochs", 2, "--out", tmp_path / "ddp", "--device",
-                                            "cpu", *TINY, "--loader", "gpu"])], capture_output=True, text=True,
-                       timeout=300, cwd=HERE, env={**os.environ, "NAN_ON_RANK_1": "1"})
-    assert r.returncode != 0 and r.stderr.count("error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
+    r = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+        wrapper, *map(str, [
+            "--data-root", root, "--epochs", 2, "--out", tmp_path / "ddp", "--device", "cpu", *TINY,
+            "--loader", "gpu"
+        ])
+    ], capture_output=True, text=True, timeout=300, cwd=HERE, env={
+        **os.environ, "NAN_ON_RANK_1": "1"
+    })
+    assert r.returncode != 0 and r.stderr.count(
+        "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
 
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path):
-    """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it), no temporary file
-    stays, and the resumed run ends with the weights of an uninterrupted one."""
+    """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it),
+    no temporary file stays, and the resumed run ends with the weights of an uninterrupted one."""
     import signal
     import time
-    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout", "--batch-size", 4]
+    args = [
+        "--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout", "--batch-size",
+        4
+    ]
     train.train(cpu_config([*map(str, args), "--out", str(tmp_path / "full")]))
     p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", tmp_path / "kill"],
                          cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "kill" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    while time.time() < deadline and not (metrics.exists() and
+                                          metrics.read_text().count("\n") >= 1):
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 2
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu",
+                      weights_only=True)["epoch"] == 1
     assert (tmp_path / "kill" / "lock").read_text().startswith(f"pid {p.pid} ")
     r = run("train.py", "--resume", tmp_path / "kill")
-    assert r.returncode == 0 and f"(pid {p.pid} on" in r.stdout and "ended without releasing it" in r.stdout, r.stderr
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "kill"))
+    assert r.returncode == 0, r.stderr
+    assert f"(pid {p.pid} on" in r.stdout and "ended without releasing it" in r.stdout
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "kill"))
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not [f for f in os.listdir(tmp_path / "kill") if f.endswith(".tmp")]
     assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
@@ -1193,16 +1439,21 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_pat
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path):
     out = tmp_path / "run"
-    train.train(cpu_config(["--data-root", root, "--epochs", "3", "--out", str(out), *map(str, TINY),
-                                  "--stop-after", "1"]))
+    train.train(
+        cpu_config([
+            "--data-root", root, "--epochs", "3", "--out",
+            str(out), *map(str, TINY), "--stop-after", "1"
+        ]))
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
     torch.save(ckpt, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
     r = run("train.py", "--resume", out)
     assert r.returncode == 2 and "non-finite loss at epoch 2, step " in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]  # beside the progress bar's lines
-    assert len(errors) == 1 and "Traceback" not in r.stderr and (out / "checkpoint.pt").read_bytes() == before
+    # beside the progress bar's lines
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in r.stderr and (
+        out / "checkpoint.pt").read_bytes() == before
 
 
 def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path):
@@ -1225,18 +1476,20 @@ def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path):
     top1 = [json.loads((d / "final.json").read_text())["final_epoch"]["top1"] for d in outs[:2]]
     summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]["top1"]
     assert summary["runs"] == 2 and abs(summary["mean"] - np.mean(top1)) < 1e-9
-    assert abs(summary["std"] - np.std(top1, ddof=1)) < 1e-9 and "±" in (tmp_path / "summary.md").read_text()
+    assert abs(summary["std"] - np.std(top1, ddof=1)) < 1e-9 and "±" in (tmp_path /
+                                                                         "summary.md").read_text()
     r = run("train.py", "--summarize", outs[0], outs[2])
     assert r.returncode == 2 and "differs from" in r.stderr and "--lr" in r.stderr
 
 
-# ---------------------------------------------------------------- settings, forks (one entry per flag)
+# ---------------------------------------------------------------- settings, forks (one entry per
+# flag)
 
 def in_process(fn, capsys):
     """(exit status, stderr lines) of fn under the scripts' own error handling."""
     capsys.readouterr()
     try:
-        data.run_cli(fn)
+        cli.run_cli(fn)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -1244,17 +1497,23 @@ def in_process(fn, capsys):
 
 
 def tiny_cfg(root, out, *flags):
-    return cpu_config(["--data-root", root, "--out", str(out), *map(str, TINY), "--syn", "heldout", *map(str, flags)])
+    return cpu_config([
+        "--data-root", root, "--out",
+        str(out), *map(str, TINY), "--syn", "heldout", *map(str, flags)
+    ])
 
 
 @pytest.mark.quick
 def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys):
-    """A fork adds one entry; the parser, the checks, the run name, config.json, --resume and --summarize follow,
-    and runs made before the entry existed still resume and summarise (they had its default)."""
-    old, fast = tmp_path / "old", ["--w-con", 0]  # the classifier alone: this test is about the settings
+    """A fork adds one entry; the parser, the checks, the run name, config.json, --resume and
+    --summarize follow, and runs made before the entry existed still resume and summarise (they had
+    its default)."""
+    # the classifier alone: this test is about the settings
+    old, fast = tmp_path / "old", ["--w-con", 0]
     train.train(tiny_cfg(root, old, "--epochs", 2, "--stop-after", 1, *fast))
-    monkeypatch.setitem(train.CONFIG, "la_tau", data.Setting(0.0, "logit adjustment", data.NON_NEGATIVE, tag="tau"))
-    assert "--la-tau" in data.settings_parser(train.CONFIG, "").format_help()
+    monkeypatch.setitem(train.CONFIG, "la_tau",
+                        cli.Setting(0.0, "logit adjustment", cli.NON_NEGATIVE, tag="tau"))
+    assert "--la-tau" in cli.settings_parser(train.CONFIG, "").format_help()
     code, err = in_process(lambda: cpu_config(["--la-tau", "-1"]), capsys)
     assert code == 2 and len(err) == 1 and "--la-tau must be >= 0, got -1.0" in err[0]
     cfg = cpu_config(["--la-tau", "0.5", "--syn", "heldout"])
@@ -1262,11 +1521,14 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     train.train(cpu_config(["--resume", str(old)]))  # made before la_tau: resumes with its default
     assert json.loads((old / "config.json").read_text())["la_tau"] == 0.0
     assert json.loads((old / "final.json").read_text())["epochs"] == 2
-    new = train.train(tiny_cfg(root, tmp_path / "new", "--epochs", 2, "--la-tau", 0.5, "--seed", 1, *fast))
+    new = train.train(
+        tiny_cfg(root, tmp_path / "new", "--epochs", 2, "--la-tau", 0.5, "--seed", 1, *fast))
     assert json.loads((tmp_path / "new" / "config.json").read_text())["la_tau"] == 0.5
-    code, err = in_process(lambda: train.train(cpu_config(["--resume", new, "--la-tau", "0.7"])), capsys)
+    code, err = in_process(lambda: train.train(cpu_config(["--resume", new, "--la-tau", "0.7"])),
+                           capsys)
     assert code == 2 and "--la-tau 0.5 (now 0.7)" in err[-1]
-    code, err = in_process(lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
+    code, err = in_process(
+        lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
     assert code == 2 and "--la-tau" in err[-1]
     same = train.train(tiny_cfg(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast))
     # the old run without the key, the new one with its default
@@ -1274,16 +1536,18 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--relabel", "off", "--strategy", "drop"], "--strategy drop has no effect with --relabel off"),
-    (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
-    (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
-    (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
-    (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
-    (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
-    (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
-    (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
-    (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--relabel", "off", "--strategy", "drop"
+       ], "--strategy drop has no effect with --relabel off"),
+     (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
+     (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
+     (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
+     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
+     (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
+     (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
+     (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
+     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
 @pytest.mark.quick
 def test_a_setting_without_effect_is_refused(flags, message, capsys):
     code, err = in_process(lambda: cpu_config(list(map(str, flags))), capsys)
@@ -1291,20 +1555,27 @@ def test_a_setting_without_effect_is_refused(flags, message, capsys):
 
 
 def test_sync_bn_on_a_cpu_is_refused_in_one_line(root, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: --sync-bn acts, but torch's SyncBatchNorm needs GPUs
-    cfg = cpu_config(["--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16"])
+    # as under torchrun: --sync-bn acts, but torch's SyncBatchNorm needs GPUs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = cpu_config(
+        ["--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16"])
     code, err = in_process(lambda: train.setup(cfg), capsys)
     assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
 
 
 def flag_cases():
-    """Every numeric and choice flag of the three scripts, from their parsers: a new flag is walked too."""
+    """Every numeric and choice flag of the three scripts, from their parsers: a new flag is walked
+    too."""
     import generate
-    data_parser = data.settings_parser(data.DATA_CONFIG, "")
-    parsers = {"train.py": (data.settings_parser(train.CONFIG, ""), train.CONFIG, train.get_config),
-               "data.py": (data_parser, data.DATA_CONFIG,
-                           lambda a: data.check_settings(vars(data_parser.parse_args(a)), data.DATA_CONFIG)),
-               "generate.py": (data.settings_parser(generate.CONFIG, ""), generate.CONFIG, generate.parse_args)}
+    data_parser = cli.settings_parser(data.DATA_CONFIG, "")
+    parsers = {
+        "train.py": (cli.settings_parser(train.CONFIG, ""), train.CONFIG, train.get_config),
+        "data.py": (
+            data_parser, data.DATA_CONFIG,
+            lambda a: cli.check_settings(vars(data_parser.parse_args(a)), data.DATA_CONFIG)),
+        "generate.py": (cli.settings_parser(generate.CONFIG,
+                                             ""), generate.CONFIG, generate.parse_args)
+    }
     for script, (parser, table, parse) in parsers.items():
         for action in parser._actions:
             key = action.dest
@@ -1314,21 +1585,29 @@ def flag_cases():
 
 
 NEGATIVE_OK = {"workers"}  # -1: the automatic choice
-ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},  # else refused
+# else refused
+ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},
              **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
 
 
 @pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
 def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, capsys):
-    """NaN, inf, a negative, zero and a wrong type: each refused in one line, exit 2, where it is wrong for the flag;
-    every numeric flag has a check, and refuses negatives unless named in NEGATIVE_OK."""
+    """NaN, inf, a negative, zero and a wrong type: each refused in one line, exit 2, where it is
+    wrong for the flag; every numeric flag has a check, and refuses negatives unless named in
+    NEGATIVE_OK."""
     flag = "--" + key.replace("_", "-")
     kind = setting.type or type(setting.default)
     if setting.choices:
         cases = {"not-a-choice": False, setting.choices[-1]: True}
     elif kind in (int, float):
         assert setting.check, f"{script} {flag} has no check"
-        cases = {"nan": False, "inf": False, "-inf": False, "abc": False, "1.5" if kind is int else "1e": False}
+        cases = {
+            "nan": False,
+            "inf": False,
+            "-inf": False,
+            "abc": False,
+            "1.5" if kind is int else "1e": False
+        }
         for v in (-1, 0):
             cases[str(v)] = bool(setting.check[0](v))
         assert key in NEGATIVE_OK or not cases["-1"], f"{script} {flag} takes a negative"
@@ -1339,7 +1618,8 @@ def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, ca
         code, err = in_process(lambda: parse(ACTS_WITH.get(key, []) + [flag, value]), capsys)
         assert (code == 0) == ok, (flag, value, err)
         if not ok:
-            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (flag, value, err)
+            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (
+                flag, value, err)
 
 
 @pytest.mark.quick
@@ -1352,17 +1632,23 @@ def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     t = F.one_hot(y, 3).float()
     protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
-    batch = train.Batch(x_mix=x, t_mix=t, x_cut=x.flip(-1), t_cut=t, v2=x, v3=x.flip(-2), y=y,
-                        is_syn=torch.arange(8) % 2 == 1, index=torch.arange(8), protos=protos, epoch=3)
+    batch = train.StepInputs(x_mix=x, t_mix=t, x_cut=x.flip(-1), t_cut=t, v2=x, v3=x.flip(-2), y=y,
+                        is_syn=torch.arange(8) % 2 == 1, index=torch.arange(8), protos=protos,
+                        epoch=3)
     loss, cls, con, suspect = step(batch)
     assert batch.epoch == 3 and torch.equal(step.n_real, n_real) and torch.equal(step.n_syn, n_syn)
-    model.eval()  # the same passes by hand (eval mode: BatchNorm statistics do not move between the two)
+    # the same passes by hand (eval mode: BatchNorm statistics do not move between the two)
+    model.eval()
     with torch.no_grad():
         loss, cls, con, suspect = step(batch)
         ref_cls = train.soft_ce(model(x)[0], t) + train.soft_ce(model(x.flip(-1))[0], t)
-        z = torch.stack([model.project(model.features(x)), model.project(model.features(x.flip(-2)))], 1)
-        ref_con = train.sau_contrastive_loss(z, y, batch.is_syn, protos)
-    assert torch.allclose(cls, ref_cls) and torch.allclose(con, ref_con) and torch.allclose(loss, cls + con)
+        z = torch.stack(
+            [model.project(model.features(x)),
+             model.project(model.features(x.flip(-2)))], 1)
+        suspect = train.paper_suspects(z, y, batch.is_syn, protos)
+        ref_con = train.sau_contrastive_loss(z, y, batch.is_syn, protos, suspect)
+    assert torch.allclose(cls, ref_cls) and torch.allclose(con, ref_con) and torch.allclose(
+        loss, cls + con)
 
 
 @pytest.mark.quick
@@ -1385,12 +1671,13 @@ def test_the_forking_section_points_at_names_that_exist():
 
 
 def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path):
-    """Each ```diff block of README's Forking section is the patch as a reader would copy it: git apply takes it on
-    a copy of the repo, and a tiny run trains with the flag it adds, named by its tag, its value in config.json. A
-    snippet that no longer applies fails here."""
+    """Each ```diff block of README's Forking section is the patch as a reader would copy it: git
+    apply takes it on a copy of the repo, and a tiny run trains with the flag it adds, named by its
+    tag, its value in config.json. A snippet that no longer applies fails here."""
     import re
     import shutil
-    section = open(os.path.join(HERE, "README.md")).read().split("## Forking", 1)[1].split("\n## ", 1)[0]
+    section = open(os.path.join(HERE, "README.md")).read().split("## Forking",
+                                                                 1)[1].split("\n## ", 1)[0]
     patches = re.findall(r"```diff\n(.*?)```", section, re.S)
     assert len(patches) >= 2
     for i, patch in enumerate(patches):
@@ -1398,20 +1685,26 @@ def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path):
         fork.mkdir()
         for name in os.listdir(HERE):
             if name.endswith(".py") or name == "prompts":
-                (shutil.copytree if name == "prompts" else shutil.copy)(os.path.join(HERE, name), fork / name)
+                (shutil.copytree if name == "prompts" else shutil.copy)(os.path.join(HERE, name),
+                                                                        fork / name)
         (tmp_path / f"{i}.patch").write_text(patch)
-        r = subprocess.run(["git", "apply", str(tmp_path / f"{i}.patch")], cwd=fork, capture_output=True, text=True)
+        r = subprocess.run(["git", "apply", str(tmp_path / f"{i}.patch")], cwd=fork,
+                           capture_output=True, text=True)
         assert r.returncode == 0, (i, r.stderr)
         key, tag = re.search(r'\+    "(\w+)": S\(.*tag="(\w+)"\)', patch).groups()
         flag = "--" + key.replace("_", "-")
-        r = subprocess.run([sys.executable, str(fork / "train.py"), "--device", "cpu", "--data-root", root, "--epochs",
-                            "2", *map(str, TINY), "--syn", "heldout", flag, "1"],
-                           cwd=fork, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([
+            sys.executable,
+            str(fork / "train.py"), "--device", "cpu", "--data-root", root, "--epochs", "2",
+            *map(str, TINY), "--syn", "heldout", flag, "1"
+        ], cwd=fork, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (key, r.stderr[-2000:])
         (run_dir,) = (fork / "runs").iterdir()
-        assert f"_{tag}1_" in run_dir.name and json.loads((run_dir / "config.json").read_text())[key] == 1
+        assert f"_{tag}1_" in run_dir.name and json.loads(
+            (run_dir / "config.json").read_text())[key] == 1
 
-# ---------------------------------------------------------------- run folders: kills, two runs, full disks, bad input
+# ---------------------------------------------------------------- run folders: kills, two runs,
+# full disks, bad input
 
 def final_without_timings(out):
     f = json.loads((out / "final.json").read_text())
@@ -1421,11 +1714,11 @@ def final_without_timings(out):
 def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
     mixed = data.build_mixed("cifar10", root, 10, 0, "none")
     bs = next(b for b in range(4, 64) if len(mixed) % b == 1)
-    sizes = [len(a[-1]) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
+    sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
     assert sum(sizes) == len(mixed) - 1 and min(sizes) >= 2
     out = tmp_path / "run"
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn", "none", "--w-con", 0,
-            "--batch-size", bs)
+    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn", "none",
+            "--w-con", 0, "--batch-size", bs)
     assert r.returncode == 0, r.stderr
 
 
@@ -1434,17 +1727,22 @@ class Killed(BaseException):
 
 
 def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, monkeypatch):
-    """The run is stopped right after each rename of its life in turn (every write of every epoch's end and of the
-    reports), then --resume: final.json and the weights are those of an uninterrupted run. The pictures are drawn
-    but not rendered (save_figure writes a stand-in through the same atomic write): this test is about the order."""
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: (data.write_atomic(path, "png"),
+    """The run is stopped right after each rename of its life in turn (every write of every epoch's
+    end and of the reports), then --resume: final.json and the weights are those of an uninterrupted
+    run. The pictures are drawn but not rendered (save_figure writes a stand-in through the same
+    atomic write): this test is about the order."""
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (cli.write_atomic(path, "png"),
                                                                   report.pyplot().close(fig)))
-    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32, "--loader", "gpu"]  # 139
-    # images, 5 steps; the batched views: the same writes, and faster here than DataLoader's (6.3-6.7 s a run against
-    # 7.2-9.0 s, two runs each, measured beside a training job)
+    # 139
+    flags = [
+        "--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32, "--loader", "gpu"
+    ]
+    # images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
+    # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     ref_final = final_without_timings(tmp_path / "full")
-    ref_w = torch.load(tmp_path / "full" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    ref_w = torch.load(tmp_path / "full" / "checkpoint.pt", map_location="cpu",
+                       weights_only=True)["model"]
     real_replace, k = os.replace, 0
     while True:
         k += 1
@@ -1468,15 +1766,16 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
         assert final_without_timings(out) == ref_final, k
         w = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
         assert all(torch.equal(w[n], ref_w[n]) for n in w), k
-        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png", "metrics.jsonl"} <= set(os.listdir(out))
+        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png",
+                "metrics.jsonl"} <= set(os.listdir(out))
     assert k >= 10  # config, metrics, 2 x (checkpoint, metrics), four pictures, final.json
 
 
 def test_resume_rebuilds_every_derived_file(root, tmp_path):
-    """config.json, metrics.jsonl, final.json and the pictures are derived from checkpoint.pt: deleted (or left
-    stale), --resume of the finished run writes them again, the same."""
-    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png", "per_class.png",
-                                    "confusion.png")
+    """config.json, metrics.jsonl, final.json and the pictures are derived from checkpoint.pt:
+    deleted (or left stale), --resume of the finished run writes them again, the same."""
+    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
+                                    "per_class.png", "confusion.png")
     train.train(tiny_cfg(root, out, "--epochs", 1, "--w-con", 0))
     ref, metrics = final_without_timings(out), (out / "metrics.jsonl").read_text()
     for f in files:
@@ -1497,17 +1796,20 @@ def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path
     codes = sorted(c for c, _ in results)
     assert codes == [0, 2], results
     err = next(e for c, e in results if c == 2)
-    assert len(err.strip().splitlines()) == 1 and ("in use by another run" in err or "already holds a run" in err)
+    assert len(err.strip().splitlines()) == 1 and ("in use by another run" in err or
+                                                   "already holds a run" in err)
     seed = json.loads((out / "config.json").read_text())["seed"]
     assert json.loads((out / "final.json").read_text())["seed"] == seed
-    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]["seed"] == seed
+    assert torch.load(out / "checkpoint.pt", map_location="cpu",
+                      weights_only=True)["config"]["seed"] == seed
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
     import resource
     out = tmp_path / "run"
-    assert run("train.py", "--data-root", root, "--epochs", 2, "--out", out, *TINY, "--stop-after", 1).returncode == 0
+    assert run("train.py", "--data-root", root, "--epochs", 2, "--out", out, *TINY, "--stop-after",
+               1).returncode == 0
     before = (out / "checkpoint.pt").read_bytes()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
     r = subprocess.run([*script("train.py"), "--resume", str(out)], capture_output=True,
@@ -1515,7 +1817,8 @@ def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert r.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], r.stderr
     assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
-    assert (out / "checkpoint.pt").read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert (out / "checkpoint.pt"
+            ).read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
@@ -1524,42 +1827,53 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
     out = tmp_path / "run"
     args = ["--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout"]
     p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", out], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # a suite started with & has
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT ignored: undo it
+                         # a suite started with & has
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         # SIGINT ignored: undo it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "config.json").exists():  # written once training begins
+    # written once training begins
+    while time.time() < deadline and not (out / "config.json").exists():
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert p.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert p.returncode == 130 and len(
+        lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
     assert run("train.py", "--resume", out).returncode == 0 and (out / "final.json").exists()
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])
 def test_ctrl_c_to_the_process_group_as_dataloader_workers_start_is_one_line(root, tmp_path, delay):
-    """Ctrl-C in a terminal reaches the workers too. Sent as epoch 1's workers start (the default on a GPU machine is
-    --loader cpu with workers): exit 130 and the one line, never a worker's crash report."""
+    """Ctrl-C in a terminal reaches the workers too. Sent as epoch 1's workers start (the default on
+    a GPU machine is --loader cpu with workers): exit 130 and the one line, never a worker's crash
+    report."""
     import signal
     import time
     out = tmp_path / "run"
-    p = subprocess.Popen([*script("train.py"), *map(str, ["--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout",
-                                                          "--loader", "cpu", "--workers", 2, "--out", out])],
-                         cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    p = subprocess.Popen([
+        *script("train.py"), *map(str, [
+            "--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout", "--loader", "cpu",
+            "--workers", 2, "--out", out
+        ])
+    ], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "config.json").exists():  # written just before epoch 1
+    # written just before epoch 1
+    while time.time() < deadline and not (out / "config.json").exists():
         time.sleep(0.01)
     time.sleep(delay)
     os.killpg(p.pid, signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert p.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert p.returncode == 130 and len(
+        lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
 
 
 def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys):
-    """An update that overflows on the epoch's last step: its loss (computed before the update) is finite, the weights
-    after it are not, and they are what would be saved."""
+    """An update that overflows on the epoch's last step: its loss (computed before the update) is
+    finite, the weights after it are not, and they are what would be saved."""
     real_step = train.train_step
 
     def overflowing_step(run, *args):
@@ -1570,8 +1884,10 @@ def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(train, "train_step", overflowing_step)
     out = tmp_path / "run"  # one step an epoch: 256 > the 78 images of the set
-    cfg = cpu_config(["--data-root", root, "--epochs", "2", "--out", str(out), *map(str, TINY), "--syn", "none",
-                            "--w-con", "0", "--batch-size", "256"])
+    cfg = cpu_config([
+        "--data-root", root, "--epochs", "2", "--out",
+        str(out), *map(str, TINY), "--syn", "none", "--w-con", "0", "--batch-size", "256"
+    ])
     code, err = in_process(lambda: train.train(cfg), capsys)
     errors = [line for line in err if "error:" in line]
     assert code == 2 and len(errors) == 1 and "non-finite weights after epoch 1" in errors[0], err
@@ -1601,12 +1917,14 @@ def test_malformed_cifar_files_are_one_line(tmp_path, what, breakage, message, c
 
 
 def pool_breakages():
-    yield "manifest a list", lambda f: open(os.path.join(f, "manifest.json"), "w").write("[1, 2]"), "malformed"
+    yield "manifest a list", lambda f: open(os.path.join(f, "manifest.json"), "w").write(
+        "[1, 2]"), "malformed"
     yield "classes not a list", lambda f: open(os.path.join(f, "manifest.json"), "w").write(
         json.dumps({"dataset": "cifar10", "classes": 3})), "malformed"
-    yield "manifest not JSON", lambda f: open(os.path.join(f, "manifest.json"), "wb").write(b"\xff\x00"), "not JSON"
-    yield "shard without seeds", lambda f: np.savez(os.path.join(f, data.shard_name(1, 0)),
-                                                    images=np.zeros((7, 32, 32, 3), np.uint8)), "unreadable"
+    yield "manifest not JSON", lambda f: open(os.path.join(f, "manifest.json"), "wb").write(
+        b"\xff\x00"), "not JSON"
+    yield "shard without seeds", lambda f: np.savez(os.path.join(f, data.shard_name(
+        1, 0)), images=np.zeros((7, 32, 32, 3), np.uint8)), "unreadable"
     yield "seeds of another length", lambda f: np.savez(os.path.join(f, data.shard_name(1, 0)),
                                                         images=np.zeros((7, 32, 32, 3), np.uint8),
                                                         seeds=np.zeros((7, 2))), "with n seeds"
@@ -1617,11 +1935,13 @@ def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, c
     folder = str(tmp_path / "pool")
     write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
     breakage(folder)
-    code, err = in_process(lambda: data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder), capsys)
+    code, err = in_process(lambda: data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder),
+                           capsys)
     assert code == 2 and len(err) == 1 and message in err[0]
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
+@pytest.mark.parametrize(
+    "case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
 def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case):
     (tmp_path / "file").write_text("x")
     (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)
@@ -1630,16 +1950,19 @@ def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_d
         r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY)
         message = "is a file" if case == "out is a file" else "is not writable"
     else:
-        extra = ["--pool", tmp_path / "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
+        extra = ["--pool", tmp_path /
+                 "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
         r = gen_run(root, pipe_dir, str(tmp_path / "pool"), *extra)  # the last --pool is the one
         message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert r.returncode == 2 and len(
+        r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 
 
 def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
     a = train.train(tiny_cfg(root, tmp_path / "a", "--epochs", 1))
     (tmp_path / "empty").mkdir()
-    for dirs, message in (([a, str(tmp_path / "empty")], "is not a run folder"), ([a, a], "names a run twice")):
+    for dirs, message in (([a, str(tmp_path / "empty")], "is not a run folder"),
+                          ([a, a], "names a run twice")):
         code, err = in_process(lambda: report.summarize(train.CONFIG, dirs), capsys)
         assert code == 2 and len(err) == 1 and message in err[0]
     final = json.loads((tmp_path / "a" / "final.json").read_text())
@@ -1652,10 +1975,11 @@ def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, ca
 # ---------------------------------------------------------------- the CUDA path, checked on the CPU
 
 class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op that would make a CUDA host wait for the device, with the line of ours it came from:
-    .item()/bool()/int() (_local_scalar_dense), nonzero, masked_select, boolean-mask indexing, and tensors made from
-    Python data (lift_fresh, and copy_ from a 0-d tensor: a number written into a tensor). AdamW's step count lives
-    on the host (not capturable), so its .item() is no device sync and is left out."""
+    """Records every op that would make a CUDA host wait for the device, with the line of ours it
+    came from: .item()/bool()/int() (_local_scalar_dense), nonzero, masked_select, boolean-mask
+    indexing, and tensors made from Python data (lift_fresh, and copy_ from a 0-d tensor: a number
+    written into a tensor). AdamW's step count lives on the host (not capturable), so its .item() is
+    no device sync and is left out."""
     OURS = ("train.py", "data.py", "generate.py", "model.py")
 
     def __init__(self):
@@ -1665,7 +1989,8 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         import traceback
         name = func.overloadpacket.__name__
-        bad = name in ("_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "is_nonzero", "equal")
+        bad = name in ("_local_scalar_dense", "nonzero", "masked_select", "lift_fresh",
+                       "is_nonzero", "equal")
         if name in ("index", "index_put", "index_put_"):
             bad = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
         if name == "copy_" and isinstance(args[1], torch.Tensor) and args[1].dim() == 0:
@@ -1673,26 +1998,32 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
         stack = traceback.extract_stack()[:-1]
         if bad and not any("/torch/optim/" in f.filename for f in stack):
             ours = [f for f in stack if os.path.basename(f.filename) in self.OURS]
-            self.found.append(f"{func} from {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} {ours[-1].line}"
-                              if ours else f"{func} from no line of ours")
+            self.found.append(
+                f"{func} from {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} "
+                f"{ours[-1].line}"
+                if ours else f"{func} from no line of ours")
         return func(*args, **(kwargs or {}))
 
 
 def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
-    """A CPU stand-in for test_cuda_step_makes_no_host_sync, which needs a GPU: after a warm-up step, two training
-    steps (--loader gpu, planted images, both branches), a prototype pass and two DDPM steps make no op that would
-    wait for a CUDA device."""
+    """A CPU stand-in for test_cuda_step_makes_no_host_sync, which needs a GPU: after a warm-up
+    step, two training steps (--loader gpu, planted images, both branches), a prototype pass and two
+    DDPM steps make no op that would wait for a CUDA device."""
     import generate
     from diffusers import DDPMScheduler
-    cfg = cpu_config(["--data-root", root, "--device", "cpu", "--imb", "10", "--width", "4", "--batch-size",
-                            "16", "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16"])
+    cfg = cpu_config([
+        "--data-root", root, "--device", "cpu", "--imb", "10", "--width", "4", "--batch-size", "16",
+        "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16"
+    ])
     run_ = train.setup(cfg)
     protos = train.prototypes(run_, 0)
     run_.model.train()
     flagged = torch.zeros(len(run_.mixed), dtype=torch.int32)
     batches, rng = iter(train.streams(run_, cfg, 0)), np.random.default_rng(0)
-    suspects = torch.arange(len(run_.mixed)) % 3 == 0  # as --relabel audit --audit-cls on hands them to the step
-    step = lambda a, b, s=None: train.train_step(run_, train.step_inputs(run_, cfg, a, b, rng, protos, 0, s), flagged)
+    # as --relabel audit --audit-cls on hands them to the step
+    suspects = torch.arange(len(run_.mixed)) % 3 == 0
+    step = lambda a, b, s=None: train.train_step(
+        run_, train.step_inputs(run_, cfg, a, b, rng, protos, 0, s), flagged)
     step(*next(batches))
     step(*next(batches), suspects)
     cfg["audit_cls"] = "on"
@@ -1704,7 +2035,8 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     unet, ema = generate.ddpm_unet(10, 8), generate.ddpm_unet(10, 8).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    x_all, y_all = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50,))
+    x_all, y_all = torch.randint(0, 256, (50, 3, 32, 32),
+                                 dtype=torch.uint8), torch.randint(0, 10, (50, ))
     g = torch.Generator().manual_seed(0)
     ddpm = lambda: generate.ddpm_step(unet, ema, opt, scheduler, generate.ddpm_batch(
         x_all, y_all, torch.ones(50), 8, 0.1, 10, g), 1e-3, 0.9)
@@ -1723,25 +2055,31 @@ def test_the_sync_recorder_finds_what_it_looks_for():
     names = " ".join(syncs.found)
     for op in ("_local_scalar_dense", "aten.index.Tensor", "lift_fresh", "nonzero", "copy_"):
         assert op in names, (op, names)
-    assert "test_sau.py" not in HostSyncs.OURS and all("from no line of ours" in f for f in syncs.found)
+    assert "test_sau.py" not in HostSyncs.OURS and all("from no line of ours" in f
+                                                       for f in syncs.found)
 
 
 def test_views_are_drawn_apart_on_each_process(root):
-    """--loader gpu: the same image at the same position of two processes' batches gets other crops, flips and
-    AutoAugment draws (each process has its stream of draws); one process draws as before."""
+    """--loader gpu: the same image at the same position of two processes' batches gets other crops,
+    flips and AutoAugment draws (each process has its stream of draws); one process draws as before.
+    """
     mixed = data.build_mixed("cifar10", root, 10, 0, "heldout")
     mixed.images[:] = mixed.images[0]  # every image the same: the views differ only by their draws
     batches = data.batch_maker(mixed, "gpu", "cpu")
-    drawn = [next(iter(data.train_streams(mixed, 16, 5, rank=r, world=2, batches=batches)))[0] for r in (0, 1)]
-    for v in range(3):
-        assert not torch.equal(drawn[0][v], drawn[1][v]), v
+    drawn = [
+        next(iter(data.train_streams(mixed, 16, 5, rank=r, world=2, batches=batches)))[0]
+        for r in (0, 1)
+    ]
+    for v in ("v1", "v2", "v3"):
+        assert not torch.equal(drawn[0].views[v], drawn[1].views[v]), v
     one = next(iter(data.train_streams(mixed, 8, 5, batches=batches)))[0]
     assert data.rank_seed(7, 0) == 7 and data.rank_seed(7, 1) != data.rank_seed(7, 2)
-    assert one[0].shape[0] == 8
+    assert one.views["v1"].shape[0] == 8
 
 
 def test_every_torch_load_names_map_location():
-    """A CUDA run's files must load on a CPU-only machine, and never put a whole model on the GPU by surprise."""
+    """A CUDA run's files must load on a CPU-only machine, and never put a whole model on the GPU by
+    surprise."""
     import ast
     for name in ("train.py", "data.py", "generate.py", "model.py", "test_sau.py"):
         tree = ast.parse(open(os.path.join(HERE, name)).read())
@@ -1755,19 +2093,26 @@ def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
     z = F.normalize(torch.randn(12, 2, 16), dim=-1)
     labels, is_syn = torch.randint(0, 3, (12,)), torch.arange(12) % 3 == 0
     protos = F.normalize(torch.randn(3, 2, 16), dim=-1)
-    plain = train.sau_contrastive_loss(z, labels, is_syn, protos, return_suspects=True)
+    both = lambda: (train.sau_contrastive_loss(z, labels, is_syn, protos, suspect),
+                    train.paper_suspects(z, labels, is_syn, protos))
+    suspect = train.paper_suspects(z, labels, is_syn, protos)
+    plain = both()
     with torch.autocast("cpu", torch.bfloat16):
-        inside = train.sau_contrastive_loss(z, labels, is_syn, protos, return_suspects=True)
+        inside = both()
         f = torch.randn(5, 2, 16)
-        assert (f @ f[:, 0].T).dtype == torch.bfloat16  # autocast is on: a bare product would be bf16
-    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0]) and torch.equal(inside[1], plain[1])
+        # autocast is on: a bare product would be bf16
+        assert (f @ f[:, 0].T).dtype == torch.bfloat16
+    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0]) and torch.equal(
+        inside[1], plain[1])
 
 
 @pytest.mark.quick
 def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
-    """--resume takes the run's runtime settings (finding: it used to drop --deterministic and --compile) unless
-    they are given again, and ends with the weights of an uninterrupted run."""
-    out, flags = tmp_path / "run", ["--epochs", 2, "--deterministic", "on", "--channels-last", "off"]
+    """--resume takes the run's runtime settings (finding: it used to drop --deterministic and
+    --compile) unless they are given again, and ends with the weights of an uninterrupted run."""
+    out, flags = tmp_path / "run", [
+        "--epochs", 2, "--deterministic", "on", "--channels-last", "off"
+    ]
     train.train(tiny_cfg(root, out, *flags, "--stop-after", 1))
     cfg = cpu_config(["--resume", str(out), "--deterministic", "off"])
     assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
@@ -1780,17 +2125,19 @@ def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ---------------------------------------------------------------- the CUDA stand-in: every CUDA branch runs here
-# Two layers. (a) Emulation: torch.cuda reports one device, whatever is asked for on "cuda" is made on the CPU, and
-# the torch.cuda calls that touch a device check their arguments with torch's own device-index checks and do
-# nothing else: the scripts' CUDA branches run to the end, their arithmetic on the CPU. (b) Device propagation: the
-# forward passes under FakeTensorMode with their inputs on a fake "cuda" device, so that a CPU tensor meeting a
-# CUDA one, or a CPU index into a CUDA tensor, fails the test. Neither sees kernels, speed or rounding: the
-# test_cuda_* tests below do, on a GPU.
+# ---------------------------------------------------------------- the CUDA stand-in: every CUDA
+# branch runs here Two layers. (a) Emulation: torch.cuda reports one device, whatever is asked for
+# on "cuda" is made on the CPU, and the torch.cuda calls that touch a device check their arguments
+# with torch's own device-index checks and do nothing else: the scripts' CUDA branches run to the
+# end, their arithmetic on the CPU. (b) Device propagation: the forward passes under FakeTensorMode
+# with their inputs on a fake "cuda" device, so that a CPU tensor meeting a CUDA one, or a CPU index
+# into a CUDA tensor, fails the test. Neither sees kernels, speed or rounding: the test_cuda_* tests
+# below do, on a GPU.
 
 class StandInGenerator(torch._C.Generator):
-    """A generator whose state lives on the CPU and whose .device says what was asked for ("cuda" cannot be made
-    without a GPU): draws with device=g.device land on the CPU under emulation, on the fake device under (b)."""
+    """A generator whose state lives on the CPU and whose .device says what was asked for ("cuda"
+    cannot be made without a GPU): draws with device=g.device land on the CPU under emulation, on
+    the fake device under (b)."""
 
     def __new__(cls, device="cpu"):
         g = torch._C.Generator.__new__(cls, "cpu")
@@ -1804,7 +2151,8 @@ class StandInGenerator(torch._C.Generator):
 
 
 def _on_cpu(d):
-    return torch.device("cpu") if isinstance(d, (str, torch.device)) and torch.device(d).type == "cuda" else d
+    return torch.device("cpu") if isinstance(
+        d, (str, torch.device)) and torch.device(d).type == "cuda" else d
 
 
 class OnTheCPU(torch.overrides.TorchFunctionMode):
@@ -1819,12 +2167,14 @@ class OnTheCPU(torch.overrides.TorchFunctionMode):
 
 @pytest.fixture
 def emulated_cuda(monkeypatch):
-    """Layer (a). Yields the list of (call, argument) of every torch.cuda call that touched a device."""
+    """Layer (a). Yields the list of (call, argument) of every torch.cuda call that touched a
+    device."""
     calls = []
 
     def device_call(name, result=None, optional=True):
         def call(device=None, *_, **__):
-            index = torch.cuda._utils._get_device_index(device, optional=optional)  # torch's own check: no "cuda"
+            # torch's own check: no "cuda"
+            index = torch.cuda._utils._get_device_index(device, optional=optional)
             if not 0 <= index < 1:
                 raise ValueError(f"{name}: invalid device index {index} (one device)")
             calls.append((name, device))
@@ -1836,47 +2186,57 @@ def emulated_cuda(monkeypatch):
             raise RuntimeError(f"invalid value of debug_mode {mode}")
         calls.append(("set_sync_debug_mode", mode))
 
-    for name, value in [("is_available", lambda: True), ("device_count", lambda: 1), ("current_device", lambda: 0),
-                        ("is_bf16_supported", lambda *_, **__: True),
+    for name, value in [("is_available", lambda: True), ("device_count", lambda: 1),
+                        ("current_device", lambda: 0), ("is_bf16_supported", lambda *_, **__: True),
                         ("set_device", device_call("set_device", optional=False)),
                         ("synchronize", device_call("synchronize")),
                         ("max_memory_allocated", device_call("max_memory_allocated", 0)),
                         ("get_device_name", device_call("get_device_name", "emulated CUDA device")),
                         ("set_sync_debug_mode", sync_debug_mode)]:
         monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(torch.accelerator, "current_stream", lambda *_: argparse.Namespace(is_capturing=lambda: False))
+    monkeypatch.setattr(torch.accelerator, "current_stream",
+                        lambda *_: argparse.Namespace(is_capturing=lambda: False))
     monkeypatch.setattr(torch, "Generator", StandInGenerator)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # DataLoader's pinning thread
+    # DataLoader's pinning thread
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
     with OnTheCPU():
         yield calls
 
 
 class OneDevice(torch.overrides.TorchFunctionMode):
-    """Layer (b)'s check on top of FakeTensorMode's own: no op takes a CPU tensor (0-d scalars aside) beside a CUDA
-    one, indexing included (a real GPU would copy or sync for it)."""
+    """Layer (b)'s check on top of FakeTensorMode's own: no op takes a CPU tensor (0-d scalars
+    aside) beside a CUDA one, indexing included (a real GPU would copy or sync for it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        found = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if any(t.device.type == "cuda" for t in found) and any(t.device.type == "cpu" and t.dim() for t in found):
+        found = [
+            t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        ]
+        if any(t.device.type == "cuda" for t in found) and any(t.device.type == "cpu" and t.dim()
+                                                               for t in found):
             raise AssertionError(f"{func.__name__}: a CPU tensor meets a CUDA one")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def fake_cuda(monkeypatch):
-    """Layer (b): FakeTensorMode (real host tensors taken in as fake CPU ones) with "cuda" the default device."""
+    """Layer (b): FakeTensorMode (real host tensors taken in as fake CPU ones) with "cuda" the
+    default device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setattr(torch, "Generator", StandInGenerator)
-    with FakeTensorMode(allow_non_fake_inputs=True), OneDevice(), torch.device("cuda"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "CUDA is not available")  # autocast("cuda") turns itself off: no CUDA
+    with FakeTensorMode(allow_non_fake_inputs=True), OneDevice(), torch.device(
+            "cuda"), warnings.catch_warnings():
+        # autocast("cuda") turns itself off: no CUDA
+        warnings.filterwarnings("ignore", "CUDA is not available")
         yield
 
 
 @pytest.fixture(autouse=True)
 def global_settings_restored():
-    """Each test leaves torch's global settings as it found them (train.setup sets deterministic mode and the
-    fp32 precisions, for the process a run is)."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+    """Each test leaves torch's global settings as it found them (train.setup sets deterministic
+    mode and the fp32 precisions, for the process a run is)."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.get_num_threads())
     yield
@@ -1888,8 +2248,9 @@ def global_settings_restored():
 
 
 def test_the_settings_a_test_changes_are_restored(root, tmp_path):
-    """The fixture itself: a --deterministic on run in this process turns deterministic mode on; the next test
-    (below, in file order) finds it off again. On its own this one checks the run did turn it on."""
+    """The fixture itself: a --deterministic on run in this process turns deterministic mode on; the
+    next test (below, in file order) finds it off again. On its own this one checks the run did turn
+    it on."""
     train.setup(tiny_cfg(root, tmp_path / "r", "--deterministic", "on"))
     assert torch.are_deterministic_algorithms_enabled()
 
@@ -1900,58 +2261,78 @@ def test_the_settings_a_test_changes_are_restored_after(root):
 
 
 def emulated_cfg(root, out, *flags):
-    """A tiny run with the defaults a GPU user gets (--device auto: cuda, so the gpu loader and bf16)."""
-    return train.get_config(["--data-root", root, "--out", str(out), "--width", "4", "--batch-size", "16", "--imb",
-                             "10", "--syn", "heldout", "--syn-noise", "0.3", *map(str, flags)])
+    """A tiny run with the defaults a GPU user gets (--device auto: cuda, so the gpu loader and
+    bf16)."""
+    return train.get_config([
+        "--data-root", root, "--out",
+        str(out), "--width", "4", "--batch-size", "16", "--imb", "10", "--syn", "heldout",
+        "--syn-noise", "0.3", *map(str, flags)
+    ])
 
 
 @pytest.mark.quick
-def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(root, tmp_path, emulated_cuda, capsys):
-    """The default command's CUDA branches (the crash of set_device(torch.device("cuda")) among them), a stop and
-    --resume, every file, the start line of a GPU run, the precision settings."""
+def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
+        root, tmp_path, emulated_cuda, capsys):
+    """The default command's CUDA branches (the crash of set_device(torch.device("cuda")) among
+    them), a stop and --resume, every file, the start line of a GPU run, the precision settings."""
     train.train(emulated_cfg(root, tmp_path / "part", "--epochs", 2, "--stop-after", 1))
     assert "cuda bf16, loader gpu" in capsys.readouterr().out
     train.train(train.get_config(["--resume", str(tmp_path / "part")]))
     ckpt = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["config"]["device"] == "auto"
-    for f in ("config.json", "metrics.jsonl", "final.json", "curves.png", "suspects.png", "audit.png"):
+    for f in ("config.json", "metrics.jsonl", "final.json", "curves.png", "suspects.png",
+              "audit.png"):
         assert (tmp_path / "part" / f).stat().st_size > 0, f
     assert ("set_device", 0) in emulated_cuda  # the current GPU, by index
-    assert torch.backends.cudnn.conv.fp32_precision == "tf32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
-def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(root, tmp_path, emulated_cuda):
-    """--deterministic on with --relabel audit, stopped and resumed: the weights of an uninterrupted run; and
-    --loader cpu, whose DataLoader pins memory on CUDA."""
+def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(
+        root, tmp_path, emulated_cuda):
+    """--deterministic on with --relabel audit, stopped and resumed: the weights of an uninterrupted
+    run; and --loader cpu, whose DataLoader pins memory on CUDA."""
     flags = ["--epochs", 2, "--deterministic", "on", "--relabel", "audit"]
     train.train(emulated_cfg(root, tmp_path / "full", *flags))
     assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
     train.train(emulated_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
     train.train(train.get_config(["--resume", str(tmp_path / "part")]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "part"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["audit"], b["audit"])
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k])
+               for k in a["model"]) and torch.equal(a["audit"], b["audit"])
     assert json.loads((tmp_path / "full" / "final.json").read_text())["audit_last_epoch"]
-    train.train(emulated_cfg(root, tmp_path / "c", "--epochs", 1, "--loader", "cpu", "--workers", 0))
+    train.train(emulated_cfg(root, tmp_path / "c", "--epochs", 1, "--loader", "cpu", "--workers",
+                             0))
 
 
-def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(root, emulated_cuda, capsys, monkeypatch):
-    """--bench: sync debug mode is on for the timed steps only, not for the warm-up's one-time copies."""
+def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(
+        root, emulated_cuda, capsys, monkeypatch):
+    """--bench: sync debug mode is on for the timed steps only, not for the warm-up's one-time
+    copies."""
     steps, made = [], train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *a: steps.append(("set_sync_debug_mode", "warn") in emulated_cuda
-                                                                     and emulated_cuda[-1][1] == "warn") or made(*a))
+    monkeypatch.setattr(
+        train, "train_step", lambda *a: steps.append(
+            ("set_sync_debug_mode", "warn") in emulated_cuda and emulated_cuda[-1][1] == "warn") or
+        made(*a))
     res = train.bench(emulated_cfg(root, "unused", "--bench", 2))
     assert steps == [False] * 3 + [True] * 2  # 3 warm-up steps, then the 2 timed ones in "warn"
-    assert [c for c in emulated_cuda if c[0] == "set_sync_debug_mode"][-1] == ("set_sync_debug_mode", "default")
+    assert [c for c in emulated_cuda
+            if c[0] == "set_sync_debug_mode"][-1] == ("set_sync_debug_mode", "default")
     assert res["device"] == "emulated CUDA device" and res["host_syncs_in_timed_steps"] == 0
     assert "GiB on the GPU" in res["peak"]
 
 
 def test_emulated_cuda_both_generators(root, pipe_dir, tmp_path, emulated_cuda):
-    """generate.py's CUDA branches: the text-to-image pipeline in bf16 and the DDPM, trained and sampled."""
+    """generate.py's CUDA branches: the text-to-image pipeline in bf16 and the DDPM, trained and
+    sampled."""
     import generate
     with contextlib.redirect_stdout(io.StringIO()):
         generate.main(gen_argv(root, pipe_dir, tmp_path / "t2i", "--imb", 10, "--device", "auto"))
-        generate.main(["--data-root", root, "--pool", str(tmp_path / "ddpm"), *map(str, DDPM), "--train-steps", "2"])
+        generate.main([
+            "--data-root", root, "--pool",
+            str(tmp_path / "ddpm"), *map(str, DDPM), "--train-steps", "2"
+        ])
     assert json.load(open(tmp_path / "t2i" / "manifest.json"))["generator"]["dtype"] == "bfloat16"
     assert data.read_pool(str(tmp_path / "ddpm"), "cifar10", CIFAR10_NAMES)
     assert ("set_device", 0) in emulated_cuda
@@ -1961,47 +2342,54 @@ def test_generate_under_torchrun_takes_its_local_gpu(monkeypatch, emulated_cuda)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert data.pick_device("auto") == torch.device("cuda", 1)
+    assert cli.pick_device("auto") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="invalid device index 1"):  # the stand-in has one device
-        data.use_device("auto")
+        cli.use_device("auto")
     assert emulated_cuda == []
 
 
 @pytest.mark.quick
-def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audit(root, monkeypatch):
-    """Layer (b): every forward pass of a run with its inputs on a fake CUDA device. Backward cannot run here (the
-    autograd engine asks for a real CUDA context): the step's backward and SGD step run under emulation (above)."""
-    cfg = train.get_config(["--data-root", root, "--imb", "10", "--width", "4", "--batch-size", "16", "--syn",
-                            "heldout", "--syn-noise", "0.3", "--relabel", "audit", "--audit-cls", "on"])
+def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audit(
+        root, monkeypatch):
+    """Layer (b): every forward pass of a run with its inputs on a fake CUDA device. Backward cannot
+    run here (the autograd engine asks for a real CUDA context): the step's backward and SGD step
+    run under emulation (above)."""
+    cfg = train.get_config([
+        "--data-root", root, "--imb", "10", "--width", "4", "--batch-size", "16", "--syn",
+        "heldout", "--syn-noise", "0.3", "--relabel", "audit", "--audit-cls", "on"
+    ])
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    tables = views._aa_tables(32, 32)  # host-side set-up from torchvision's Python floats: made before, moved inside
+    # host-side set-up from torchvision's Python floats: made before, moved inside
+    tables = views._aa_tables(32, 32)
     monkeypatch.setattr(views, "_aa_tables", lambda h, w: tables)
     with fake_cuda(monkeypatch):
         device = torch.device("cuda")
         model = resnet32(len(mixed.classes), 4)
         view_fn = views.DeviceViews("cifar10", device)
         x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-        v1, v2, v3 = view_fn(x, ("v1", "v2", "v3"), torch.Generator(device).manual_seed(0))
-        assert v1.device.type == "cuda" and v3.shape == (16, 3, 32, 32)
+        made = view_fn(x, ("v1", "v2", "v3"), torch.Generator(device).manual_seed(0))
+        assert made["v1"].device.type == "cuda" and made["v3"].shape == (16, 3, 32, 32)
         fmt = torch.channels_last
-        run = argparse.Namespace(model=model, device=device, mixed=mixed, rank=0, world=1, amp=True, loader="gpu",
-                                 prep=lambda t: t.to(device, non_blocking=True).contiguous(memory_format=fmt),
-                                 batches=data.batch_maker(mixed, "gpu", device),
-                                 real_share=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
-                                 x_test=torch.zeros(40, 3, 32, 32, dtype=torch.uint8),
-                                 y_test=torch.arange(40) % 10, y_train=torch.from_numpy(mixed.labels).to(device),
-                                 mean=view_fn.mean, std=view_fn.std, use_cls=True, use_con=True)
+        run = argparse.Namespace(
+            model=model, device=device, mixed=mixed, rank=0, world=1, amp=True, loader="gpu",
+            prep=lambda t: t.to(device, non_blocking=True).contiguous(memory_format=fmt),
+            batches=data.batch_maker(mixed, "gpu", device),
+            real_share=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
+            x_test=torch.zeros(40, 3, 32, 32, dtype=torch.uint8), y_test=torch.arange(40) % 10,
+            y_train=torch.from_numpy(mixed.labels).to(device), mean=view_fn.mean, std=view_fn.std,
+            use_cls=True, use_con=True)
         run.x_train = run.batches.images
         protos = train.prototypes(run, 0)
         confusion, hits = train.confusion_counts(run)
-        scores = train.audit(run, protos)
+        scores = audit.score_mixed_set(run, protos)
         assert protos.device.type == confusion.device.type == scores.device.type == "cuda"
         n = torch.tensor(mixed.n_real, device=device), torch.tensor(mixed.n_syn, device=device)
         step = train.Step(model, cfg, *n)
         model.train()
         suspects = torch.zeros(len(mixed), dtype=torch.bool, device=device)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
-        with unset_fake_temporarily(), torch.device("cpu"):  # the epoch's orders are drawn on the host, as Python lists
+        # the epoch's orders are drawn on the host, as Python lists
+        with unset_fake_temporarily(), torch.device("cpu"):
             pairs = iter(train.streams(run, cfg, 0))
         a, b = next(pairs)
         batch = train.step_inputs(run, cfg, a, b, np.random.default_rng(0), protos, 0, suspects)
@@ -2021,12 +2409,16 @@ def test_the_device_check_finds_a_cpu_tensor_or_index_meeting_a_cuda_one(monkeyp
 
 
 def test_a_ddpm_trained_on_one_device_type_samples_on_another(root, tmp_path):
-    """A finished DDPM's state.pt from a GPU (a CUDA generator state: 16 bytes) is used for sampling on a CPU."""
+    """A finished DDPM's state.pt from a GPU (a CUDA generator state: 16 bytes) is used for sampling
+    on a CPU."""
     import generate
     import shutil
     pool = tmp_path / "ddpm"
-    argv = lambda pool, steps: ["--device", "cpu", "--data-root", root, "--pool", str(pool), *map(str, DDPM),
-                                "--train-steps", str(steps)]
+    argv = lambda pool, steps: [
+        "--device", "cpu", "--data-root", root, "--pool",
+        str(pool), *map(str, DDPM), "--train-steps",
+        str(steps)
+    ]
     args = argv(pool, 2)
     with contextlib.redirect_stdout(io.StringIO()) as said:
         generate.main(args)
@@ -2044,16 +2436,18 @@ def test_a_ddpm_trained_on_one_device_type_samples_on_another(root, tmp_path):
     assert torch.load(state_file, map_location="cpu", weights_only=True)["step"] == 3
 
 
-# ---------------------------------------------------------------- CUDA (skipped without a GPU; the GPU check runs them)
+# ---------------------------------------------------------------- CUDA (skipped without a GPU; the
+# GPU check runs them)
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
-                          reason="no CUDA GPU here: the GPU check runs these (pytest -k cuda; docs/gpus.md)")
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU here: the GPU check runs these (pytest -k cuda; docs/gpus.md)")
 
 
 def same_u8(cpu, gpu, what, exact):
-    """uint8 [B, C, H, W] from the CPU and from CUDA for the same parameters. exact: integer arithmetic (or float64
-    holding integers) must agree bit for bit; float blends and nearest sampling may round the other way at an exact
-    tie, on at most 0.1% of the values."""
+    """uint8 [B, C, H, W] from the CPU and from CUDA for the same parameters. exact: integer
+    arithmetic (or float64 holding integers) must agree bit for bit; float blends and nearest
+    sampling may round the other way at an exact tie, on at most 0.1% of the values."""
     gpu = gpu.cpu()
     diff = cpu != gpu
     if exact:
@@ -2067,42 +2461,53 @@ def test_cuda_batched_views_equal_the_cpu_views_for_fixed_parameters():
     x, g, dev = smooth_images(64, seed=6), torch.Generator().manual_seed(7), torch.device("cuda")
     rand = lambda *s: torch.rand(*s, generator=g)
     on = lambda d, *ts: [t.to(d) for t in ts]
-    top, left, flip = torch.randint(9, (64,), generator=g), torch.randint(9, (64,), generator=g), rand(64) < 0.5
-    same_u8(views.crop_flip(x, top, left, flip), views.crop_flip(*on(dev, x, top, left, flip)), "crop+flip", True)
+    top, left, flip = torch.randint(9, (64, ),
+                                    generator=g), torch.randint(9, (64, ),
+                                                                generator=g), rand(64) < 0.5
+    same_u8(views.crop_flip(x, top, left, flip), views.crop_flip(*on(dev, x, top, left, flip)),
+            "crop+flip", True)
     for name, magnitude in policy_cases():  # every AutoAugment op and magnitude, grey fill included
         op, mag = torch.full((64,), views.AA_OPS.index(name)), torch.full((64,), magnitude).double()
         exact = name in ("Posterize", "Solarize", "Invert", "Equalize")
-        same_u8(views.autoaugment_op(x, op, mag), views.autoaugment_op(*on(dev, x, op, mag)), (name, magnitude), exact)
+        same_u8(views.autoaugment_op(x, op, mag), views.autoaugment_op(*on(dev, x, op, mag)),
+                (name, magnitude), exact)
     cy, cx = torch.randint(32, (64,), generator=g), torch.randint(32, (64,), generator=g)
     same_u8(views.cutout(x, cy, cx), views.cutout(*on(dev, x, cy, cx)), "cutout", True)
     order = rand(64, 4).argsort(1)
     factors = [rand(64) * 0.8 + 0.6 for _ in range(3)] + [rand(64) * 0.2 - 0.1]
-    same_u8(views.color_jitter(x, order, *factors), views.color_jitter(*on(dev, x, order, *factors)), "jitter", False)
+    same_u8(views.color_jitter(x, order, *factors),
+            views.color_jitter(*on(dev, x, order, *factors)), "jitter", False)
     gray = lambda y: views._u8(views._gray(y.float())).expand_as(y)
     same_u8(gray(x), gray(x.to(dev)), "grayscale", False)
     sigma = rand(64) * 1.9 + 0.1
     same_u8(views.gaussian_blur(x, sigma), views.gaussian_blur(*on(dev, x, sigma)), "blur", True)
     box = views._resized_crop_params(g, 64, 32, 32)
-    same_u8(views.resized_crop(x, *box, 32), views.resized_crop(*on(dev, x, *box), 32), "resized crop", False)
+    same_u8(views.resized_crop(x, *box, 32), views.resized_crop(*on(dev, x, *box), 32),
+            "resized crop", False)
 
 
 def cuda_run(root, *flags):
-    """A tiny CUDA run's config and setup, with one epoch's stream iterator (its first batch already made)."""
-    cfg = train.get_config(["--data-root", root, "--device", "cuda", "--imb", "10", "--width", "4", "--batch-size",
-                            "16", "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16",
-                            *map(str, flags)])
+    """A tiny CUDA run's config and setup, with one epoch's stream iterator (its first batch already
+    made)."""
+    cfg = train.get_config([
+        "--data-root", root, "--device", "cuda", "--imb", "10", "--width", "4", "--batch-size",
+        "16", "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16",
+        *map(str, flags)
+    ])
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     run.model.train()
     flagged = torch.zeros(len(run.mixed), dtype=torch.int32, device="cuda")
-    step = lambda a, b, rng: train.train_step(run, train.step_inputs(run, cfg, a, b, rng, protos), flagged)
+    step = lambda a, b, rng: train.train_step(run, train.step_inputs(run, cfg, a, b, rng, protos),
+                                              flagged)
     return run, iter(train.streams(run, cfg, 0)), step
 
 
 @CUDA
 def test_cuda_step_makes_no_host_sync(root):
-    """Views, mixing, the four passes, both losses, the detector counts and the SGD step under sync debug mode
-    'error': any host sync raises. The first step (the epoch's order copied to the device, cuDNN set-up) runs before."""
+    """Views, mixing, the four passes, both losses, the detector counts and the SGD step under sync
+    debug mode 'error': any host sync raises. The first step (the epoch's order copied to the
+    device, cuDNN set-up) runs before."""
     run, batches, step = cuda_run(root)
     rng = np.random.default_rng(0)
     step(*next(batches), rng)
@@ -2118,9 +2523,10 @@ def test_cuda_step_makes_no_host_sync(root):
 
 @CUDA
 def test_cuda_compiled_step_matches_eager(root):
-    """--compile on: the same first-step losses as eager within 2% (bf16 autocast, fused kernels round differently).
-    --relabel off: the paper's rule takes an argmax over near-equal cosines at width 4, where one flip moves the
-    contrastive loss by 1-2%; without it the comparison sees rounding alone."""
+    """--compile on: the same first-step losses as eager within 2% (bf16 autocast, fused kernels
+    round differently). --relabel off: the paper's rule takes an argmax over near-equal cosines at
+    width 4, where one flip moves the contrastive loss by 1-2%; without it the comparison sees
+    rounding alone."""
     losses = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
@@ -2131,21 +2537,25 @@ def test_cuda_compiled_step_matches_eager(root):
 
 @CUDA
 def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_path):
-    """--deterministic on: cuDNN and cuBLAS pick deterministic kernels, so a run stopped after epoch 1 and resumed
-    ends with the weights of an uninterrupted one."""
-    args = ["--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout",
-            "--syn-noise", 0.3, "--deterministic", "on"]
+    """--deterministic on: cuDNN and cuBLAS pick deterministic kernels, so a run stopped after epoch
+    1 and resumed ends with the weights of an uninterrupted one."""
+    args = [
+        "--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn",
+        "heldout", "--syn-noise", 0.3, "--deterministic", "on"
+    ]
     r = run("train.py", *args, "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr
-    for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png", "per_class.png",
-              "confusion.png", "suspects.png"):
+    for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
+              "per_class.png", "confusion.png", "suspects.png"):
         assert (tmp_path / "full" / f).stat().st_size > 0, f
     assert "cuda bf16, loader gpu" in r.stdout
     r = run("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
     assert r.returncode == 0, r.stderr
-    r = run("train.py", "--resume", tmp_path / "part", "--device", "cuda")  # run() pins the CPU unless told
+    # run() pins the CPU unless told
+    r = run("train.py", "--resume", tmp_path / "part", "--device", "cuda")
     assert r.returncode == 0, r.stderr
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in ("full", "part"))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "part"))
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["flagged"], b["flagged"])
 
@@ -2160,27 +2570,34 @@ def test_cuda_generate_bf16_pool_is_valid_and_reproducible(root, pipe_dir, tmp_p
     pool = data.read_pool(pools[0], "cifar10", CIFAR10_NAMES)
     fill = {c: 20 - n for c, n in enumerate(data.lt_counts(20, 10, 10)) if 20 - n}
     assert {c: len(v) for c, v in pool.items()} == fill
-    assert json.load(open(os.path.join(pools[0], "manifest.json")))["generator"]["dtype"] == "bfloat16"
+    assert json.load(open(os.path.join(pools[0],
+                                       "manifest.json")))["generator"]["dtype"] == "bfloat16"
 
 
 @CUDA
 def test_cuda_ddpm_trains_and_samples(root, tmp_path):
     pool = str(tmp_path / "ddpm")
-    r = subprocess.run([*script("generate.py"), "--data-root", root, "--pool", pool,
-                        "--device", "cuda", *map(str, DDPM), "--train-steps", "8"], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([
+        *script("generate.py"), "--data-root", root, "--pool", pool, "--device", "cuda",
+        *map(str, DDPM), "--train-steps", "8"
+    ], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert torch.load(os.path.join(pool, "ddpm", "state.pt"), map_location="cpu", weights_only=True)["step"] == 8
+    assert torch.load(os.path.join(pool, "ddpm", "state.pt"), map_location="cpu",
+                      weights_only=True)["step"] == 8
     pool_images = data.read_pool(pool, "cifar10", CIFAR10_NAMES)
-    assert sum(len(v) for v in pool_images.values()) == sum(20 - n for n in data.lt_counts(20, 10, 10))
+    assert sum(len(v) for v in pool_images.values()) == sum(20 - n
+                                                            for n in data.lt_counts(20, 10, 10))
 
 
 # ---------------------------------------------------------------- table.py: the grid runner
 
 def table_run(cwd, root, name, *args, extra=(), wait=True):
-    """table.py in folder cwd on the tiny data: every run at width 2, one epoch unless extra says otherwise."""
-    argv = [*script("table.py"), "--name", name, *map(str, args), "--", "--data-root", root, "--device", "cpu",
-            "--width", "2", "--batch-size", "16", "--epochs", "1", *map(str, extra)]
+    """table.py in folder cwd on the tiny data: every run at width 2, one epoch unless extra says
+    otherwise."""
+    argv = [
+        *script("table.py"), "--name", name, *map(str, args), "--", "--data-root", root, "--device",
+        "cpu", "--width", "2", "--batch-size", "16", "--epochs", "1", *map(str, extra)
+    ]
     if not wait:
         return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -2191,7 +2608,8 @@ def grid_runs(folder):
     return sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("cifar"))
 
 
-GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper", "--seeds", 0, 1, "--syn", "heldout")
+GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper", "--seeds", 0, 1,
+        "--syn", "heldout")
 
 
 @pytest.fixture(scope="module")
@@ -2204,18 +2622,24 @@ def grid(root, tmp_path_factory):
 def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(grid):
     cwd, r = grid
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "8 runs (1 datasets x 2 imbalance factors x 2 rows x 2 seeds), 0 finished, 8 to run" in r.stdout
+    assert ("8 runs (1 datasets x 2 imbalance factors x 2 rows x 2 seeds), 0 finished, 8 to run"
+            in r.stdout)
     folder = cwd / "runs" / "g"
     table = json.loads((folder / "table.json").read_text())["table"]
-    assert set(table) == {"baseline", "paper"} and set(table["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
+    assert set(table) == {"baseline", "paper"} and set(
+        table["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
     for row, cells in table.items():
         for cell, entry in cells.items():
-            finals = [json.loads((cwd / run / "final.json").read_text())["final_epoch"] for run in entry["runs"]]
+            finals = [
+                json.loads((cwd / run / "final.json").read_text())["final_epoch"]
+                for run in entry["runs"]
+            ]
             top1 = np.array([f["top1"] for f in finals])
             assert entry["seeds"] == [0, 1] and len(finals) == 2 and not entry["missing_seeds"]
             assert abs(entry["top1"]["mean"] - top1.mean()) < 1e-9
             assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
-            assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in (folder / "table.md").read_text()
+            assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in (folder /
+                                                                     "table.md").read_text()
     assert (folder / "table.png").stat().st_size > 0 and len(grid_runs(folder)) == 8
 
 
@@ -2224,53 +2648,65 @@ def test_table_again_runs_nothing_and_dry_run_prints_what_is_left(root, grid):
     logs = {d: open(os.path.join(d, "log.txt")).read() for d in grid_runs(cwd / "runs" / "g")}
     r = table_run(cwd, root, "g", *GRID)
     assert r.returncode == 0 and "8 finished, 0 to run" in r.stdout, r.stderr
-    assert logs == {d: open(os.path.join(d, "log.txt")).read() for d in grid_runs(cwd / "runs" / "g")}
+    assert logs == {
+        d: open(os.path.join(d, "log.txt")).read()
+        for d in grid_runs(cwd / "runs" / "g")
+    }
     r = table_run(cwd, root, "g", *GRID[:8], "--seeds", 0, 1, 2, "--syn", "heldout", "--dry-run")
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 4 and all("--seed 2 --out runs/g/" in line for line in lines), r.stdout
+    assert r.returncode == 0 and len(lines) == 4 and all("--seed 2 --out runs/g/" in line
+                                                         for line in lines), r.stdout
 
 
 def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
-    """kill -9 of the runner's process group in its first run's second epoch: the next invocation resumes that run
-    and runs the other; the table equals an uninterrupted grid's."""
+    """kill -9 of the runner's process group in its first run's second epoch: the next invocation
+    resumes that run and runs the other; the table equals an uninterrupted grid's."""
     import signal
     import time
-    args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--seeds", 0, 1, "--syn", "heldout")
+    args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--seeds", 0, 1, "--syn",
+            "heldout")
     p = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2], wait=False)
-    run0 = tmp_path / "runs" / "killed" / train.run_name(cpu_config(["--imb", "10", "--syn", "heldout", "--epochs", "2",
-                                                                     "--width", "2", "--batch-size", "16"]))
+    run0 = tmp_path / "runs" / "killed" / train.run_name(
+        cpu_config([
+            "--imb", "10", "--syn", "heldout", "--epochs", "2", "--width", "2", "--batch-size", "16"
+        ]))
     deadline = time.time() + 300
     while time.time() < deadline and not ((run0 / "metrics.jsonl").exists() and
                                           (run0 / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (run0 / "final.json").exists() and not (tmp_path / "runs" / "killed" / "table.json").exists()
+    assert not (run0 / "final.json").exists() and not (tmp_path / "runs" / "killed" /
+                                                       "table.json").exists()
     for name in ("killed", "whole"):
         r = table_run(tmp_path, root, name, *args, extra=["--epochs", 2])
         assert r.returncode == 0, r.stderr[-2000:]
     assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
-    a, b = (json.loads((tmp_path / "runs" / n / "table.json").read_text())["table"]["paper"]["cifar10_imb10"]
+    a, b = (json.loads(
+        (tmp_path / "runs" / n / "table.json").read_text())["table"]["paper"]["cifar10_imb10"]
             for n in ("killed", "whole"))
     assert [a[k] for k in ("top1", "many", "few")] == [b[k] for k in ("top1", "many", "few")]
 
 
 def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path):
-    r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline", "blowup", "--row",
-                  "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
+    r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
+                  "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
     failures = [line for line in r.stderr.splitlines() if "failed (exit 2)" in line]
-    assert r.returncode == 1 and len(failures) == 1 and "non-finite loss" in failures[0], r.stderr[-2000:]
+    assert r.returncode == 1 and len(
+        failures) == 1 and "non-finite loss" in failures[0], r.stderr[-2000:]
     table = json.loads((tmp_path / "runs" / "f" / "table.json").read_text())["table"]
-    assert table["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1 and table["blowup"]["cifar10_imb10"]["top1"] is None
+    assert table["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1 and table["blowup"][
+        "cifar10_imb10"]["top1"] is None
     assert "| blowup `--lr 1e30` | missing |" in (tmp_path / "runs" / "f" / "table.md").read_text()
     r = table_run(tmp_path, root, "f", "--rows", "nosuch")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such row" in r.stderr
 
 
 def test_table_on_two_given_gpus_runs_two_at_once_in_their_own_folders(root, tmp_path):
-    """--gpus 0,1 on the CPU: two workers, each run pinned with CUDA_VISIBLE_DEVICES, two runs at the same time."""
-    r = table_run(tmp_path, root, "two", "--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--seeds", 0, 1,
-                  "--syn", "heldout", "--gpus", "0,1", extra=["--epochs", 2])
+    """--gpus 0,1 on the CPU: two workers, each run pinned with CUDA_VISIBLE_DEVICES, two runs at
+    the same time."""
+    r = table_run(tmp_path, root, "two", "--datasets", "cifar10", "--imbs", 10, "--rows", "paper",
+                  "--seeds", 0, 1, "--syn", "heldout", "--gpus", "0,1", extra=["--epochs", 2])
     assert r.returncode == 0 and "to run on GPU 0, GPU 1" in r.stdout, r.stderr[-2000:]
     runs = grid_runs(tmp_path / "runs" / "two")
     pinned = sorted(open(os.path.join(d, "log.txt")).readline().split()[1] for d in runs)
@@ -2281,12 +2717,13 @@ def test_table_on_two_given_gpus_runs_two_at_once_in_their_own_folders(root, tmp
 
 
 def test_table_makes_each_pool_once_for_the_largest_fill(root, pipe_dir, tmp_path):
-    """Two imbalance factors from one pool made for the larger fill: generate.py runs once, and not again."""
+    """Two imbalance factors from one pool made for the larger fill: generate.py runs once, and not
+    again."""
     pool = str(tmp_path / "pool")
     gen = f"--model {pipe_dir} --steps 2 --guidance 0 --batch-size 8 --device cpu"
     for _ in range(2):
-        r = table_run(tmp_path, root, "p", "--datasets", "cifar10", "--imbs", 5, 10, "--rows", "paper", "--seeds", 0,
-                      "--gen", gen, extra=["--pool", pool])
+        r = table_run(tmp_path, root, "p", "--datasets", "cifar10", "--imbs", 5, 10, "--rows",
+                      "paper", "--seeds", 0, "--gen", gen, extra=["--pool", pool])
         assert r.returncode == 0, r.stderr[-2000:]
     log = open(os.path.join(pool, "generate_log.txt")).read()
     assert log.count("$ python generate.py") == 1 and "--imb 10 " in log

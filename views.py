@@ -1,90 +1,133 @@
-"""The three augmentation views of an image: torchvision's, one image at a time on the CPU (--loader cpu, as the
-paper), and the same views as batched tensor ops on the device with per-sample random parameters (--loader gpu).
+"""The three augmentation views of an image: torchvision's, one image at a time on the CPU (--loader
+cpu, as the paper), and the same views as batched tensor ops on the device with per-sample random
+parameters (--loader gpu).
 
     v1: random crop 32 (4-pixel zero padding), horizontal flip
     v2: v1, AutoAugment (CIFAR-10 policy, the reference's numbers), Cutout 16x16
-    v3: random resized crop (0.2-1), flip, colour jitter (p 0.8), grayscale (p 0.2), PIL's Gaussian blur (p 0.5)
+    v3: random resized crop (0.2-1), flip, colour jitter (p 0.8), grayscale (p 0.2),
+        PIL's Gaussian blur (p 0.5)
 
 All end normalised with the reference's constants (MEAN_STD).
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; torchvision pinned
 
-MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),  # the reference's
+# the reference's
+MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
             "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 SEED_MIX = 1_000_003  # a seed and an index mixed into one seed: seed * SEED_MIX + i
 
 
-# ---------------------------------------------------------------- the CPU views: torchvision, one image at a time
+class Batch(NamedTuple):
+    """A batch of the mixed set, as both loaders yield it."""
+    views: dict  # view name -> B x 3 x 32 x 32, normalised
+    y: torch.Tensor  # B labels
+    is_syn: torch.Tensor  # B bool
+    index: torch.Tensor  # B: each sample's position in the mixed set
 
 
-def random_cutout(x, length=16):  # uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
-    return cutout(x[None], torch.randint(x.shape[-2], (1,)), torch.randint(x.shape[-1], (1,)), length)[0]
+def mean_std(dataset, device="cpu"):
+    """The dataset's normalisation constants as [3, 1, 1] tensors on the device."""
+    return (torch.tensor(s, device=device)[:, None, None] for s in MEAN_STD[dataset])
 
 
-def random_blur(x):  # uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
+def normalize(x, mean, std):
+    """A plain (unaugmented) uint8 batch normalised: the evaluation's and the audit's input. It
+    divides by 255 where the views multiply by 1/255 (torchvision's rounding): the last bit of
+    every evaluation so far depends on it."""
+    return (x.float() / 255 - mean) / std
+
+
+# ---------------------------------------------------------------- the CPU views: torchvision, one
+# image at a time
+
+
+# uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
+def random_cutout(x, length=16):
+    return cutout(x[None], torch.randint(x.shape[-2], (1, )), torch.randint(x.shape[-1], (1, )),
+                  length)[0]
+
+
+# uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
+def random_blur(x):
     return gaussian_blur(x[None], torch.empty(1).uniform_(0.1, 2.0))[0]
 
 
-AA_FILL = 128  # the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
+# the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
+AA_FILL = 128
 
 
 class AutoAugment(T.AutoAugment):
-    """torchvision's CIFAR-10 AutoAugment with the reference's numbers (its utils/autoaug.py): grey fill for the
-    geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the reference shears bicubic)."""
+    """torchvision's CIFAR-10 AutoAugment with the reference's numbers (its utils/autoaug.py): grey
+    fill for the geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the
+    reference shears bicubic)."""
 
-    _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE,
-                           "Solarize": (lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255,
-                                        False)}  # x 255 (torchvision's bound) = the reference's thresholds
+    _AUGMENTATION_SPACE = {
+        **T.AutoAugment._AUGMENTATION_SPACE,
+        "Solarize": (
+            lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255,
+            # x 255 (torchvision's bound) = the reference's thresholds
+            False)
+    }
 
     def __init__(self):
         super().__init__(T.AutoAugmentPolicy.CIFAR10, fill=AA_FILL)
 
 
 def view_transforms(dataset):
-    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor (the module docstring)."""
+    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor (the module
+    docstring)."""
     mean, std = MEAN_STD[dataset]
     finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     return {
         "v1": T.Compose(v1 + finish),
         "v2": T.Compose(v1 + [AutoAugment(), random_cutout] + finish),
-        "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                         T.RandomApply([random_blur], p=0.5)] + finish),
+        "v3": T.Compose([
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([random_blur], p=0.5)
+        ] + finish),
         "test": T.Compose(finish),
     }
 
 
 class Views(torch.utils.data.Dataset):
-    """Item i -> (view_1, ..., view_k, label, is_syn, i) for the named views."""
+    """Item i -> a Batch of one (the DataLoader stacks them) with the named views."""
 
     def __init__(self, images, labels, is_syn, dataset, views, seed=None):
         self.seed = seed
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # N x 3 x 32 x 32, a view, no copy
+        # N x 3 x 32 x 32, a view, no copy
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
         self.labels, self.is_syn = torch.from_numpy(labels), torch.from_numpy(is_syn)
         transforms = view_transforms(dataset)
-        self.transforms = [transforms[v] for v in views]
+        self.transforms = {v: transforms[v] for v in views}
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        if self.seed is not None:  # augmentation a function of (seed, i) alone, whatever --workers is
+        # augmentation a function of (seed, i) alone, whatever --workers is
+        if self.seed is not None:
             torch.default_generator.manual_seed(self.seed * SEED_MIX + int(i))
         x = self.images[i]
-        return (*[t(x) for t in self.transforms], self.labels[i], self.is_syn[i], i)
+        views = {v: t(x) for v, t in self.transforms.items()}
+        return Batch(views, self.labels[i], self.is_syn[i], i)
 
 
-# ---------------------------------------------------------------- the views as batched tensor ops (--loader gpu)
-# The same three views, made on the device for a whole batch with per-sample random parameters. torchvision v2 draws
-# one parameter set per call, and kornia 0.9 one AutoAugment sub-policy and one colour-jitter order per batch, so each
-# op here is ours; test_sau.py checks each against torchvision's kernel for fixed parameters, and the views' pixel
-# statistics against the CPU views.
+# ---------------------------------------------------------------- the views as batched tensor ops
+# (--loader gpu) The same three views, made on the device for a whole batch with per-sample random
+# parameters. torchvision v2 draws one parameter set per call, and kornia 0.9 one AutoAugment
+# sub-policy and one colour-jitter order per batch, so each op here is ours; test_sau.py checks each
+# against torchvision's kernel for fixed parameters, and the views' pixel statistics against the CPU
+# views.
 
 
 def _col(v):  # [B] -> [B, 1, 1, 1]
@@ -99,12 +142,14 @@ def _gray(xf):  # [B, 3, H, W] float -> [B, 1, H, W], torchvision's weights and 
     return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114)[:, None]
 
 
-def _blend(xf, other, f):  # xf * f + other * (1 - f) per sample, f float64 [B], rounded as torchvision's _blend
+# xf * f + other * (1 - f) per sample, f float64 [B], rounded as torchvision's _blend
+def _blend(xf, other, f):
     return _u8(torch.addcmul(xf * _col(f.float()), other, _col((1 - f).float())))
 
 
 def crop_flip(x, top, left, flip, pad=4):
-    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W]."""
+    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W].
+    """
     b, _, h, w = x.shape
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     rows = top[:, None] + ar_h  # B x H
@@ -115,8 +160,8 @@ def crop_flip(x, top, left, flip, pad=4):
 
 
 def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
-    """torchvision's affine (nearest, constant fill) with per-sample float64 parameters [B]; (cx, cy) is the centre
-    relative to the image centre. x uint8 [B, C, H, W]."""
+    """torchvision's affine (nearest, constant fill) with per-sample float64 parameters [B]; (cx,
+    cy) is the centre relative to the image centre. x uint8 [B, C, H, W]."""
     b, _, h, w = x.shape
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
     a = torch.cos(rot - sy) / torch.cos(sy)
@@ -124,24 +169,32 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
     c = torch.sin(rot - sy) / torch.cos(sy)
     d = torch.cos(rot) - c * torch.tan(sx)
     theta = torch.stack([d, -bb, cx - d * (cx + tx) + bb * (cy + ty),
-                         -c, a, cy + c * (cx + tx) - a * (cy + ty)], 1).float().reshape(b, 2, 3)  # the inverse map
+                         # the inverse map
+                         -c, a, cy + c * (cx + tx) - a * (cy + ty)], 1).float().reshape(b, 2, 3)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)  # H x W x 3
-    theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)  # to grid units; no host tensor
+    # H x W x 3
+    base = torch.stack(
+        [xs.expand(h, w), ys[:, None].expand(h, w),
+         torch.ones(h, w, device=x.device)], -1)
+    # to grid units; no host tensor
+    theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)
     grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2))  # B x HW x 2
-    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w, 2), mode="nearest", padding_mode="zeros",
+    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w,
+                                                       2), mode="nearest", padding_mode="zeros",
                         align_corners=False)  # outside the image: 0, so fill after adding it back
     return (out + fill).round().to(torch.uint8)
 
 
 def _sharpness(xf, f):
-    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness. Its kernel
-    (1 1 1 / 1 5 1 / 1 1 1) / 13 is summed in whole numbers: no constant copied to the device, no TF32 convolution,
-    and the same rounding as torchvision's, since S / 13 never lies within 1/26 of a half."""
+    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness.
+    Its kernel (1 1 1 / 1 5 1 / 1 1 1) / 13 is summed in whole numbers: no constant copied to the
+    device, no TF32 convolution, and the same rounding as torchvision's, since S / 13 never lies
+    within 1/26 of a half."""
     h, w = xf.shape[-2:]
     inner = xf[..., 1:-1, 1:-1]
-    blurred = (sum(xf[..., i:h - 2 + i, j:w - 2 + j] for i in range(3) for j in range(3)) + 4 * inner).div(13).round()
+    blurred = (sum(xf[..., i:h - 2 + i, j:w - 2 + j] for i in range(3)
+                   for j in range(3)) + 4 * inner).div(13).round()
     out = xf.clone()
     out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred - inner, _col((1 - f).float()))
     return _u8(out)
@@ -154,31 +207,41 @@ def _autocontrast(xf):
     return ((xf - torch.where(flat, 0.0, lo)) / scale).clamp(0, 255).to(torch.uint8)
 
 
-AA_OPS = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness",
-          "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"]
+AA_OPS = [
+    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+    "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"
+]
 
 
 def autoaugment_op(x, op, mag):
-    """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B] float64 signed
-    magnitude. Every op is computed for the whole batch and selected per sample: no host sync, fixed shapes."""
+    """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B]
+    float64 signed magnitude. Every op is computed for the whole batch and selected per sample: no
+    host sync, fixed shapes."""
     is_op = {name: op == i for i, name in enumerate(AA_OPS)}
     zero, w, h = torch.zeros_like(mag), x.shape[-1], x.shape[-2]
-    shear = is_op["ShearX"] | is_op["ShearY"]  # sheared about the top-left corner, as torchvision's AutoAugment
+    # sheared about the top-left corner, as torchvision's AutoAugment
+    shear = is_op["ShearX"] | is_op["ShearY"]
     sheared = torch.rad2deg(torch.atan(mag))
-    geo = affine_nearest(x, torch.where(is_op["Rotate"], -mag, zero), torch.where(is_op["ShearX"], sheared, zero),
+    geo = affine_nearest(x, torch.where(is_op["Rotate"], -mag, zero),
+                         torch.where(is_op["ShearX"], sheared, zero),
                          torch.where(is_op["ShearY"], sheared, zero),
                          torch.where(is_op["TranslateX"], mag.trunc(), zero),
-                         torch.where(is_op["TranslateY"], mag.trunc(), zero), torch.where(shear, -w / 2, zero),
-                         torch.where(shear, -h / 2, zero), AA_FILL)
+                         torch.where(is_op["TranslateY"], mag.trunc(), zero),
+                         torch.where(shear, -w / 2, zero), torch.where(shear, -h / 2, zero),
+                         AA_FILL)
     xf, f = x.float(), 1 + mag
     gray = _gray(xf).floor()
     shift = (8 - mag.clamp(0, 8)).long()  # posterize keeps the top mag bits
     results = {
-        "Brightness": _u8(xf * _col(f.float())), "Color": _blend(xf, gray, f),
-        "Contrast": _blend(xf, gray.mean((1, 2, 3), keepdim=True), f), "Sharpness": _sharpness(xf, f),
+        "Brightness": _u8(xf * _col(f.float())),
+        "Color": _blend(xf, gray, f),
+        "Contrast": _blend(xf, gray.mean((1, 2, 3), keepdim=True), f),
+        "Sharpness": _sharpness(xf, f),
         "Posterize": x & _col((255 << shift) & 255).to(torch.uint8),
         "Solarize": torch.where(xf >= _col((255 * mag).float()), 255 - x, x),
-        "AutoContrast": _autocontrast(xf), "Equalize": T.functional.equalize(x), "Invert": 255 - x,
+        "AutoContrast": _autocontrast(xf),
+        "Equalize": T.functional.equalize(x),
+        "Invert": 255 - x,
     }
     out = torch.where(_col(op <= AA_OPS.index("Rotate")) & _col(op >= 0), geo, x)
     for name, y in results.items():
@@ -187,7 +250,8 @@ def autoaugment_op(x, op, mag):
 
 
 def _aa_tables(h, w):
-    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy (AutoAugment above)."""
+    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy (AutoAugment
+    above)."""
     aa = AutoAugment()
     rows = []
     for policy in aa._policies:
@@ -197,7 +261,8 @@ def _aa_tables(h, w):
             rows.append((AA_OPS.index(name), p, 0.0 if mags is None else float(mags[idx]), signed))
     op, p, mag, signed = zip(*rows)
     return (torch.tensor(op).reshape(-1, 2), torch.tensor(p, dtype=torch.float64).reshape(-1, 2),
-            torch.tensor(mag, dtype=torch.float64).reshape(-1, 2), torch.tensor(signed).reshape(-1, 2))
+            torch.tensor(mag, dtype=torch.float64).reshape(-1,
+                                                           2), torch.tensor(signed).reshape(-1, 2))
 
 
 def cutout(x, cy, cx, length=16):
@@ -210,28 +275,34 @@ def cutout(x, cy, cx, length=16):
 
 
 def resized_crop(x, top, left, ch, cw, size):
-    """Crop the box (top, left, ch, cw) per sample and resize it to size x size, bilinear as torch's upsampling."""
+    """Crop the box (top, left, ch, cw) per sample and resize it to size x size, bilinear as torch's
+    upsampling."""
     b, c = x.shape[:2]
 
     def axis(start, length):  # B x size: the two source indices and the weight of the second
-        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) - 0.5).clamp(min=0)
+        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) -
+               0.5).clamp(min=0)
         i0 = src.floor().long().minimum(length[:, None] - 1)
         return start[:, None] + i0, start[:, None] + (i0 + 1).minimum(length[:, None] - 1), src - i0
 
     y0, y1, wy = axis(top, ch)
     x0, x1, wx = axis(left, cw)
     xf = x.float()
-    rows = lambda i: xf.gather(2, i[:, None, :, None].expand(b, c, size, xf.shape[-1]))  # B x C x size x W
+    # B x C x size x W
+    rows = lambda i: xf.gather(2, i[:, None, :, None].expand(b, c, size, xf.shape[-1]))
     r = rows(y0) + (rows(y1) - rows(y0)) * wy[:, None, :, None]
     cols = lambda i: r.gather(3, i[:, None, None, :].expand(b, c, size, size))
     return (cols(x0) + (cols(x1) - cols(x0)) * wx[:, None, None, :]).round().to(torch.uint8)
 
 
 def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """torchvision's RandomResizedCrop.get_params for b samples: the first of 10 tries that fits, else the image."""
+    """torchvision's RandomResizedCrop.get_params for b samples: the first of 10 tries that fits,
+    else the image."""
     dev = g.device
-    area = h * w * (torch.rand(b, tries, generator=g, device=dev) * (scale[1] - scale[0]) + scale[0])
-    log_r = torch.rand(b, tries, generator=g, device=dev) * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])
+    area = h * w * (torch.rand(b, tries, generator=g, device=dev) *
+                    (scale[1] - scale[0]) + scale[0])
+    log_r = torch.rand(b, tries, generator=g, device=dev) * math.log(
+        ratio[1] / ratio[0]) + math.log(ratio[0])
     cw, ch = (area * log_r.exp()).sqrt().round().long(), (area / log_r.exp()).sqrt().round().long()
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = ok.int().argmax(1, keepdim=True)
@@ -242,23 +313,27 @@ def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tri
     return top, left, ch, cw
 
 
-HSV_SELECT = [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]  # per hue sector: R, G, B from (v p q t)
+# per hue sector: R, G, B from (v p q t)
+HSV_SELECT = [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]
 
 
 def _hsv_to_rgb(hsv, select):
-    """torchvision's _hsv_to_rgb, op for op, with its table (HSV_SELECT) already on the device: no host copy."""
+    """torchvision's _hsv_to_rgb, op for op, with its table (HSV_SELECT) already on the device: no
+    host copy."""
     h, s, v = hsv.unbind(-3)
     h6 = h * 6
     i = h6.floor()
     sxf = s * (h6 - i)
-    q, t, p = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1), ((1.0 - s) * v).clamp(0, 1)
-    return torch.stack((v, p, q, t), -3).gather(-3, select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3))
+    q, t, p = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1), ((1.0 - s) *
+                                                                                   v).clamp(0, 1)
+    return torch.stack((v, p, q, t),
+                       -3).gather(-3, select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3))
 
 
 def color_jitter(x, order, bf, cf, sf, hf, select=None):
-    """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0 brightness, 1 contrast,
-    2 saturation, 3 hue). x uint8 [B, 3, H, W]. Each of the four passes computes all four ops and keeps one per
-    sample: fixed shapes, no host sync."""
+    """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0
+    brightness, 1 contrast, 2 saturation, 3 hue). x uint8 [B, 3, H, W]. Each of the four passes
+    computes all four ops and keeps one per sample: fixed shapes, no host sync."""
     select = torch.tensor(HSV_SELECT, device=x.device) if select is None else select
     for k in range(4):
         xf = x.float()
@@ -269,44 +344,50 @@ def color_jitter(x, order, bf, cf, sf, hf, select=None):
         ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
               _blend(xf, gray, sf.double()), hue]
         o = _col(order[:, k])
-        x = torch.where(o == 0, ys[0], torch.where(o == 1, ys[1], torch.where(o == 2, ys[2], ys[3])))
+        x = torch.where(o == 0, ys[0], torch.where(o == 1, ys[1], torch.where(o == 2, ys[2],
+                                                                              ys[3])))
     return x
 
 
 def _pil_box_radius(sigma, passes=3):
-    """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance sigma^2,
-    computed in float32 (and float64 where PIL's C does)."""
+    """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance
+    sigma^2, computed in float32 (and float64 where PIL's C does)."""
     s2 = sigma.float() ** 2 / passes
-    n = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()  # PIL's l: the whole-pixel radius
+    # PIL's l: the whole-pixel radius
+    n = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()
     return n + (2 * n + 1) * (n * (n + 1) - 3 * s2) / (6 * (s2 - (n + 1) * (n + 1)))
 
 
 def gaussian_blur(x, sigma, passes=3):
-    """PIL's GaussianBlur(radius=sigma) with a per-sample sigma [B] (up to 2.4), bit for bit: three extended box
-    blurs along the width, then three along the height, edge pixels repeated, PIL's 24-bit fixed-point weights
-    and rounding to uint8 after every pass. x uint8 [B, C, H, W]."""
+    """PIL's GaussianBlur(radius=sigma) with a per-sample sigma [B] (up to 2.4), bit for bit: three
+    extended box blurs along the width, then three along the height, edge pixels repeated, PIL's
+    24-bit fixed-point weights and rounding to uint8 after every pass. x uint8 [B, C, H, W]."""
     r = _pil_box_radius(sigma, passes)
     n = r.floor()  # PIL's l
     ww = (float(1 << 24) / (2 * r + 1)).floor().double()  # weight of the 2n + 1 whole pixels
     fw = ((1 << 24) - (2 * n.double() + 1) * ww).div(2).floor()  # weight of the two fractional ones
     d = torch.arange(-2, 3, device=x.device).abs()  # offsets; n <= 1 for sigma < 2.45
-    k = torch.where(d <= n[:, None], ww[:, None], torch.where(d == n[:, None] + 1, fw[:, None], 0.0))  # B x 5
+    # B x 5
+    k = torch.where(d <= n[:, None], ww[:, None], torch.where(d == n[:, None] + 1, fw[:, None],
+                                                              0.0))
     y, (h, w) = x.double(), x.shape[-2:]  # integers below 2^33: exact in float64
     for dim, n, pad in ((3, w, (2, 2, 0, 0)), (2, h, (0, 0, 2, 2))):
         for _ in range(passes):
             yp = F.pad(y, pad, mode="replicate")
-            y = sum(_col(k[:, i]) * yp.narrow(dim, i, n) for i in range(5)).add_(1 << 23).div_(1 << 24).floor_()
+            y = sum(_col(k[:, i]) * yp.narrow(dim, i, n)
+                    for i in range(5)).add_(1 << 23).div_(1 << 24).floor_()
     return y.to(torch.uint8)
 
 
 class DeviceViews:
-    """view name -> the batched view of uint8 [B, 3, 32, 32] images on their device, random draws from generator g."""
+    """view name -> the batched view of uint8 [B, 3, 32, 32] images on their device, random draws
+    from generator g."""
 
     def __init__(self, dataset, device, size=32):
-        mean, std = MEAN_STD[dataset]
-        self.mean, self.std = (torch.tensor(s, device=device)[:, None, None] for s in (mean, std))
+        self.mean, self.std = mean_std(dataset, device)
         self.aa = [t.to(device) for t in _aa_tables(size, size)]
-        self.hsv_select = torch.tensor(HSV_SELECT, device=device)  # constants made once, not in every batch
+        # constants made once, not in every batch
+        self.hsv_select = torch.tensor(HSV_SELECT, device=device)
 
     def finish(self, x):
         return (x.float() * (1 / 255) - self.mean) / self.std
@@ -319,29 +400,35 @@ class DeviceViews:
     def __call__(self, x, views, g):
         b, _, h, w = x.shape
         rand = lambda *shape: torch.rand(*shape, generator=g, device=g.device)
-        out = []
+        out = {}
         for v in views:
             if v == "v1":
-                out.append(self.finish(self.v1(x, g)))
+                out[v] = self.finish(self.v1(x, g))
             elif v == "v2":
                 y, (op, p, mag, signed) = self.v1(x, g), self.aa
-                k = torch.randint(len(op), (b,), generator=g, device=g.device)  # one sub-policy per sample
+                # one sub-policy per sample
+                k = torch.randint(len(op), (b,), generator=g, device=g.device)
                 for j in range(2):
                     sign = torch.where(signed[k, j] & (rand(b) <= 0.5), -1.0, 1.0).double()
-                    y = autoaugment_op(y, torch.where(rand(b) <= p[k, j], op[k, j], -1), mag[k, j] * sign)
+                    y = autoaugment_op(y, torch.where(rand(b) <= p[k, j], op[k, j], -1),
+                                       mag[k, j] * sign)
                 y = cutout(y, torch.randint(h, (b,), generator=g, device=g.device),
                            torch.randint(w, (b,), generator=g, device=g.device))
-                out.append(self.finish(y))
+                out[v] = self.finish(y)
             elif v == "v3":
                 top, left, ch, cw = _resized_crop_params(g, b, h, w)
                 y = resized_crop(x, top, left, ch, cw, h)
                 y = torch.where(_col(rand(b) < 0.5), y.flip(-1), y)
-                jittered = color_jitter(y, rand(b, 4).argsort(1), rand(b) * 0.8 + 0.6, rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.8 + 0.6, rand(b) * 0.2 - 0.1, self.hsv_select)
+                jittered = color_jitter(y,
+                                        rand(b, 4).argsort(1),
+                                        rand(b) * 0.8 + 0.6,
+                                        rand(b) * 0.8 + 0.6,
+                                        rand(b) * 0.8 + 0.6,
+                                        rand(b) * 0.2 - 0.1, self.hsv_select)
                 y = torch.where(_col(rand(b) < 0.8), jittered, y)
                 y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
                 y = torch.where(_col(rand(b) < 0.5), gaussian_blur(y, rand(b) * 1.9 + 0.1), y)
-                out.append(self.finish(y))
+                out[v] = self.finish(y)
             else:
                 raise ValueError(f"unknown view {v!r}")
         return out

@@ -1,0 +1,332 @@
+"""What every script shares at the command line: the settings table's machinery, one-line errors,
+Ctrl-C, atomic writes, the run folder's lock and the device. It imports none of the scripts: it is
+the floor they stand on.
+"""
+import argparse
+import fcntl
+import glob
+import json
+import math
+import os
+import re
+import signal
+import socket
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+class SAUError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like ours."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- settings: one entry per flag
+
+
+class Setting(NamedTuple):
+    """One flag. check: (predicate, what a value must be); named: in the run name "always", when
+    it differs from the default ("changed"), or "never", as tag + value (tag None: the key);
+    scope: "run" shapes the results (compared on --resume and --summarize), "runtime" only their
+    speed or rounding (kept on --resume unless given), "call" belongs to one command (--out,
+    --resume, --stop-after, --bench)."""
+    default: object
+    help: str
+    check: tuple = None
+    choices: tuple = None
+    tag: str = None
+    named: str = "changed"
+    scope: str = "run"
+    type: type = None  # the default's, unless the default is None
+    nargs: str = None  # "+": a list of values (--summarize RUN ...)
+
+
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+AT_LEAST_1, FRACTION = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+DEVICE = Setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N",
+                 (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"),
+                 scope="runtime")
+# seeds derived from a seed (seed x 10^6 x 6 x 10^6 + i) stay in int64
+SEED = (lambda v: 0 <= v < 2**20, "in [0, 2^20)")
+
+
+def flag(key):
+    """The command-line spelling of a setting: batch_size -> --batch-size."""
+    return "--" + key.replace("_", "-")
+
+
+def settings_parser(table, description, defaults=True, **kw):
+    """argparse from a settings table; defaults=False leaves out flags not given (to tell what was
+    given)."""
+    p = Parser(description=description, argument_default=None if defaults else argparse.SUPPRESS,
+               **kw)
+    for key, s in table.items():
+        extra = dict(default=s.default) if defaults else {}
+        if s.default is False:
+            p.add_argument(flag(key), action="store_true", help=s.help, **extra)
+            continue
+        shown = f"{s.help} (default: {s.default})" if s.default not in (None, "") else s.help
+        p.add_argument(flag(key), type=s.type or type(s.default), choices=s.choices, help=shown,
+                       metavar=None if s.choices else key.upper(), nargs=s.nargs, **extra)
+    return p
+
+
+def parse_settings(table, ignored, description, argv=None, resumed=None, **kw):
+    """The settings of one command as a dict: parsed, checked, and refused where one cannot act
+    under another. ignored: [(key, when(cfg), "with --flag value")], a setting given with a value
+    other than its default where it has no effect is refused rather than silently named.
+    resumed(cfg, given): the settings of a run continued."""
+    cfg = vars(settings_parser(table, description, True, **kw).parse_args(argv))
+    given = vars(settings_parser(table, description, False, **kw).parse_args(argv))
+    cfg = resumed(cfg, given) if resumed else cfg
+    check_settings(cfg, table)
+    for key, when, because in ignored:
+        if key in given and cfg[key] != table[key].default and when(cfg):
+            raise SAUError(f"{flag(key)} {cfg[key]} has no effect {because}: leave it out")
+    return cfg
+
+
+def run_name(table, cfg, seed=True):
+    """The settings that shape the results, where they differ from the defaults, then the seed."""
+    value = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    named = lambda k, s: s.named == "always" or s.named == "changed" and cfg[k] != s.default
+    parts = [(k if s.tag is None else s.tag) + value(cfg[k]) for k, s in table.items()
+             if s.scope == "run" and named(k, s)]
+    return "_".join(parts + ([f"s{cfg['seed']}"] if seed else []))
+
+
+def config_diff(table, a, b, ignore=()):
+    """The settings that shape the results and differ between two configs; a setting newer than
+    a run had its default there."""
+    defaults = {k: s.default for k, s in table.items()}
+    a, b = {**defaults, **a}, {**defaults, **b}
+    return [k for k, s in table.items() if s.scope == "run" and k not in ignore and a[k] != b[k]]
+
+
+def read_json(path):
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise SAUError(f"{path} is unreadable or not JSON ({e.__class__.__name__}): restore or "
+                       f"delete it") from None
+
+
+def check_settings(cfg, table):
+    """One line for the first value that is not finite or fails its setting's check."""
+    for key, s in table.items():
+        v = cfg.get(key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SAUError(f"{flag(key)} must be a finite number, got {v}")
+        if v is not None and s.check and not s.check[0](v):
+            raise SAUError(f"{flag(key)} must be {s.check[1]}, got {v}")
+    return cfg
+
+
+def derived_seed(*parts, bits=32):
+    """One seed made of several numbers (numpy's SeedSequence): a function of them alone."""
+    if bits == 63:
+        return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def rank_and_world():
+    """(this process's rank, processes): torchrun's RANK and WORLD_SIZE, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---------------------------------------------------------------- the device: every torch.cuda call
+# of the scripts
+
+
+def pick_device(name):
+    """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad
+    input. Under torchrun (WORLD_SIZE > 1) each process takes GPU LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and rank_and_world()[1] > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SAUError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def use_device(name, deterministic=False):
+    """pick_device, then make it the process's current GPU (pinned memory, cuDNN handles and stray
+    allocations go there, not to GPU 0). Precision on CUDA: convolutions in TF32, every fp32 matmul
+    in full fp32 (the losses, the prototype products, the views' affine grids). deterministic: cuDNN
+    and cuBLAS pick deterministic kernels."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    if deterministic:  # an op that has no deterministic kernel warns
+        # read when cuBLAS starts: before any matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_debug(device, mode):
+    """CUDA's host-sync debug mode ("warn", "error" or "default"); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def device_figures(device):
+    """(name, peak memory) for a report: the GPU's, else the CPU's threads and the process's
+    resident peak."""
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.get_device_name(device), f"{peak:.2f} GiB on the GPU"
+    import resource
+    return (f"cpu, {torch.get_num_threads()} threads",
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (host)")
+
+
+def cpu_has_bf16():
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): without it bf16 autocast on a CPU is emulated
+    and slower."""
+    flags = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def own(out):
+    """Hold out/lock while this process lives: a second run on the folder is refused. The kernel
+    drops the lock when the process ends, however it ends, so a killed run blocks nothing; the pid
+    it wrote names it."""
+    f = open(os.path.join(writable_folder(out, "--out"), "lock"), "a+")
+    f.seek(0)
+    holder = f.read().strip()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SAUError(
+            f"{out} is in use by another run ({holder or 'starting'}): wait for it to end, or pass "
+            f"another --out") from None
+    if holder:
+        print(
+            f"{out}: the run that held it ({holder}) ended without releasing it (killed?); taking "
+            "it over"
+        )
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, "*.tmp")):  # half-written files of a killed run
+        os.remove(tmp)
+    return f
+
+
+# a Ctrl-C arrived; a fork is under way; the main process
+_SIGINT, _FORKING, _PID = [], [], os.getpid()
+os.register_at_fork(before=lambda: _FORKING.append(1), after_in_parent=_FORKING.clear)
+
+
+def _on_sigint(*_):
+    """run_cli's Ctrl-C: noted, and raised as KeyboardInterrupt, except in a forked DataLoader
+    worker that has not yet set itself to ignore it (the main process stops it) and during a fork,
+    where the exception would be lost in the fork's hooks: check_interrupt raises it at the next
+    step."""
+    if os.getpid() != _PID:
+        return
+    _SIGINT.append(1)
+    if not _FORKING:
+        raise KeyboardInterrupt
+
+
+def interrupted():
+    return bool(_SIGINT)
+
+
+def check_interrupt():
+    if _SIGINT:
+        raise KeyboardInterrupt
+
+
+def run_cli(main):
+    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130. A
+    KeyboardInterrupt's message says how to go on. A Ctrl-C can also surface as another error (a
+    DataLoader worker that it stopped first): that is an interrupt too."""
+    prog = os.path.basename(sys.argv[0])
+    # not where SIGINT is ignored (a background job)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        main()
+    except SAUError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        _say_interrupted(prog, e)
+    except Exception as e:
+        if not _SIGINT:
+            raise
+        _say_interrupted(prog, e)
+
+
+def _say_interrupted(prog, e):
+    how = "what was written is complete (each file is renamed into place)"
+    if isinstance(e, KeyboardInterrupt) and e.args:
+        how = e.args[0]
+    print(f"\n{prog}: interrupted; {how}", file=sys.stderr)
+    # a DataLoader iterator the Ctrl-C cut off in its set-up fails in __del__
+    sys.unraisablehook = lambda _: None
+    sys.exit(130)
+
+
+def write_atomic(path, text_or_save):
+    """Write to a temporary name of this process, then rename: a kill never leaves a half-written
+    file, two processes never share a temporary file, a failed write (a full disk) leaves the old
+    file and no temporary one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if isinstance(text_or_save, str):
+            with open(tmp, "w") as f:
+                f.write(text_or_save)
+        else:
+            text_or_save(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
+        raise SAUError(f"could not write {path} ({why}); the previous version, if any, is kept: "
+                       f"free space or fix the folder, then run the same command again") from None
+
+
+def writable_folder(path, flag):
+    """Make the folder, or say in one line why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SAUError(f"{flag} {path} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, f".probe.{os.getpid()}"), "w").close()
+        os.remove(os.path.join(path, f".probe.{os.getpid()}"))
+    except OSError as e:
+        raise SAUError(
+            f"{flag} {path} is not writable ({e.strerror}): pass another folder") from None
+    return path
+
+
+def ignore_sigint(_):
+    """A DataLoader worker leaves Ctrl-C to the main process, which stops them in order (else a
+    worker the signal ends first is reported as a crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
