@@ -22,11 +22,11 @@ class SAUError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit 2, like ours."""
+    """argparse whose errors are ours: one line and exit 2 (run_cli), and a caller can say where
+    the flags came from (table.py names the row)."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        raise SAUError(message)
 
 
 # ---------------------------------------------------------------- settings: one entry per flag
@@ -119,6 +119,24 @@ def read_json(path):
                        f"delete it") from None
 
 
+def wrong_value(setting, v):
+    """What is wrong with a value read from a file rather than parsed from the command line (its
+    type, or a choice it is not), or None: what argparse would have refused."""
+    want = setting.type or type(setting.default)
+    values = v if setting.nargs and isinstance(v, list) else [v]
+    for x in values:
+        ok = (isinstance(x, want) and not (want is int and isinstance(x, bool))
+              or want is float and isinstance(x, int) and not isinstance(x, bool))
+        if x is None and setting.default is None:
+            continue
+        if not ok:
+            kind = {int: "a whole number", float: "a number"}.get(want, "a " + want.__name__)
+            return "not " + kind
+        if setting.choices and x not in setting.choices:
+            return f"not one of {', '.join(map(str, setting.choices))}"
+    return None
+
+
 def check_settings(cfg, table):
     """One line for the first value that is not finite or fails its setting's check."""
     for key, s in table.items():
@@ -142,8 +160,7 @@ def rank_and_world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-# ---------------------------------------------------------------- the device: every torch.cuda call
-# of the scripts
+# ------------------------------------------------- the device: every torch.cuda call of the scripts
 
 
 def pick_device(name):
@@ -208,24 +225,21 @@ def cpu_has_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def own(out):
-    """Hold out/lock while this process lives: a second run on the folder is refused. The kernel
-    drops the lock when the process ends, however it ends, so a killed run blocks nothing; the pid
-    it wrote names it."""
-    f = open(os.path.join(writable_folder(out, "--out"), "lock"), "a+")
+def own(out, flag="--out", what="run"):
+    """Hold out/lock while this process lives: a second run (or runner) on the folder is refused.
+    The kernel drops the lock when the process ends, however it ends, so a killed run blocks
+    nothing; the pid it wrote names it."""
+    f = open(os.path.join(writable_folder(out, flag), "lock"), "a+")
     f.seek(0)
     holder = f.read().strip()
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise SAUError(
-            f"{out} is in use by another run ({holder or 'starting'}): wait for it to end, or pass "
-            f"another --out") from None
+        raise SAUError(f"{out} is in use by another {what} ({holder or 'starting'}): wait for it "
+                       f"to end, or pass another {flag}") from None
     if holder:
-        print(
-            f"{out}: the run that held it ({holder}) ended without releasing it (killed?); taking "
-            "it over"
-        )
+        print(f"{out}: the {what} that held it ({holder}) ended without releasing it (killed?); "
+              f"taking it over")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

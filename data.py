@@ -25,6 +25,9 @@ DATASETS = {
 }
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SYN_MODES = ("pool", "none", "heldout")
+SPLITS = ("seeded", "reference", "ldam")
+REFERENCE_SEED = 35180  # the SAU authors' main.py --seed, set before their data set draws
+LDAM_SEED = 0  # LDAM-DRW's rand_number
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
 # Each stream of random draws in an epoch has its own seed, epoch_seed * len(STREAMS) + its index:
 # no stream of one epoch repeats another stream's draws of this epoch or of any other.
@@ -50,7 +53,20 @@ DATA_CONFIG = {
     "pool": S("", "synthetic pool folder; empty: <data-root>/synthetic/<dataset>", named="never"),
     "data_root": S("./data", "folder holding the CIFAR python-layout files", scope="runtime"),
     "data_seed": S(0, "seed of the long-tailed subset and the synthetic draw", cli.SEED, tag="ds"),
+    "split": S("seeded", "the long-tailed subset: seeded (drawn by --data-seed, ours) | reference "
+               "(the SAU authors' exact subset) | ldam (LDAM-DRW's, the literature's standard one)",
+               choices=SPLITS, tag="split"),
 }
+# A setting that cannot act under another one is refused rather than silently named
+DATA_IGNORED = [
+    *[(k, lambda c: c["syn"] == "none", "with --syn none")
+      for k in ("syn_ratio", "syn_noise", "pool")],
+    ("pool", lambda c: c["syn"] == "heldout", "with --syn heldout"),
+    *[(k, lambda c: c["syn_ratio"] == 0, "with --syn-ratio 0 (no fill)")
+      for k in ("syn_noise", "pool")],
+    ("data_seed", lambda c: c["split"] != "seeded", "with --split reference or ldam (their subsets "
+     "have their own seeds)"),
+]
 
 
 
@@ -137,14 +153,36 @@ def lt_counts(n_max, num_classes, imb):
     return [int(n_max * (1 / imb) ** (c / (num_classes - 1))) for c in range(num_classes)]
 
 
-def long_tail_indices(labels, imb, seed):
-    """Indices of the long-tailed subset, drawn per class without replacement by the data seed."""
+def long_tail_indices(labels, imb, seed, split="seeded"):
+    """Positions of the long-tailed subset in the train set, per class in label order (each class
+    ascending), n_max * (1/imb)^(c/(C-1)) of class c:
+    seeded: drawn per class without replacement from a generator of the data seed (ours);
+    reference: the SAU authors' subset: numpy's global generator seeded 35180, then per class
+    choice(n, n_c) for the real images and choice(n, n_max - n_c) for the synthetic ones;
+    ldam: LDAM-DRW's (and most CIFAR-LT papers'): numpy seeded 0, each class's positions
+    shuffled in place and the first n_c kept."""
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1
     n_max = int(np.bincount(labels, minlength=num_classes).max())
-    rng = np.random.default_rng(seed)
-    keep = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
-            for c, n in enumerate(lt_counts(n_max, num_classes, imb))]
+    counts = lt_counts(n_max, num_classes, imb)
+    if split == "seeded":
+        rng = np.random.default_rng(seed)
+        keep = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
+                for c, n in enumerate(counts)]
+        return np.concatenate(keep)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: one of {SPLITS}")
+    # the legacy generator, as np.random.seed(...) then np.random.choice/shuffle draw from it
+    rs = np.random.RandomState(REFERENCE_SEED if split == "reference" else LDAM_SEED)
+    keep = []
+    for c, n in enumerate(counts):
+        of_c = np.flatnonzero(labels == c)
+        if split == "reference":
+            keep.append(np.sort(of_c[rs.choice(len(of_c), n, replace=False)]))
+            rs.choice(len(of_c), n_max - n, replace=False)  # their synthetic draw: consumed
+        else:
+            rs.shuffle(of_c)
+            keep.append(np.sort(of_c[:n]))
     return np.concatenate(keep)
 
 
@@ -352,11 +390,11 @@ def pool_folder(cfg):
 
 
 def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0,
-                pool=None, syn_noise=0.0):
+                pool=None, syn_noise=0.0, split="seeded"):
     """The mixed set of DATA_CONFIG's settings (checked by cli.check_settings)."""
     classes = class_names(dataset, data_root)
     images, labels = load_cifar(dataset, data_root, train=True)
-    keep = long_tail_indices(labels, imb, data_seed)
+    keep = long_tail_indices(labels, imb, data_seed, split)
     num_classes = len(classes)
     n_real = np.bincount(labels[keep], minlength=num_classes).tolist()
     n_max = int(np.bincount(labels).max())
@@ -368,7 +406,9 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
     plant_rng = np.random.default_rng([data_seed, 2])
     xs, ys = [images[keep]], [labels[keep]]
     ss, ns = [np.zeros(len(keep), bool)], [np.zeros(len(keep), bool)]
-    if syn == "heldout":
+    if not any(n_fill):  # --syn none, or --syn-ratio 0: no source is read
+        source = {}
+    elif syn == "heldout":
         left = np.setdiff1d(np.arange(len(labels)), keep)
         source = {c: images[left[labels[left] == c]] for c in range(num_classes)}
         hint = "lower --syn-ratio: heldout has only the real images the subset left out"
@@ -467,10 +507,26 @@ def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 
-def main():
-    parser = cli.settings_parser(DATA_CONFIG, "Per-class counts of the mixed training set.")
-    cfg = cli.check_settings(vars(parser.parse_args()), DATA_CONFIG)
-    m = build_mixed(**cfg)
+def main(argv=None):
+    table = {**DATA_CONFIG, "save_indices": cli.Setting(
+        "", "write the long-tailed subset's positions in the official train set to this file, "
+        "ascending, one a line (to hold it against another codebase's)", scope="call")}
+    cfg = cli.parse_settings(table, DATA_IGNORED, "Per-class counts of the mixed set.", argv)
+    settings = {k: cfg[k] for k in DATA_CONFIG}
+    note = ""
+    if cfg["syn"] == "pool" and cfg["syn_ratio"] and not os.path.isfile(
+            os.path.join(pool_folder(cfg), "manifest.json")):
+        # no pool yet: the counts of the real subset, and of the fill generate.py would make
+        note = f" (no pool at {pool_folder(cfg)} yet: the synthetic column is the fill to make)"
+        settings.update(syn="none", syn_noise=0.0)
+    m = build_mixed(**settings)
+    if note:
+        n_max = max(m.n_real)
+        m.n_syn = [int(round(cfg["syn_ratio"] * (n_max - n))) for n in m.n_real]
+    if cfg["save_indices"]:
+        _, labels = load_cifar(cfg["dataset"], cfg["data_root"], train=True)
+        keep = np.sort(long_tail_indices(labels, cfg["imb"], cfg["data_seed"], cfg["split"]))
+        cli.write_atomic(cfg["save_indices"], "".join(f"{i}\n" for i in keep))
     planted = lambda s: f" {s:>7}" if cfg["syn_noise"] else ""
     print(f"{'class':>5} {'name':<16} {'real':>6} {'synthetic':>9}{planted('planted')} "
           f"{'group':>6}")
@@ -479,8 +535,10 @@ def main():
               f"{shot_group(m.n_real[c]):>6}")
     groups = {g: sum(shot_group(n) == g for n in m.n_real) for g in GROUPS}
     noisy = f"; planted wrong-class images among the synthetic: {sum(m.n_noisy)}"
-    print(f"total: {sum(m.n_real)} real + {sum(m.n_syn)} synthetic = {len(m)} images; classes "
-          f"per group: {groups}" + (noisy if cfg["syn_noise"] else ""))
+    print(f"total: {sum(m.n_real)} real + {sum(m.n_syn)} synthetic = "
+          f"{sum(m.n_real) + sum(m.n_syn)} images; classes per group: {groups}"
+          + (noisy if cfg["syn_noise"] else "") + note
+          + (f"\nsubset ({cfg['split']}): {cfg['save_indices']}" if cfg["save_indices"] else ""))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Image k of class c is a function of (generator settings, seed, c, k): a rerun ma
 images, and a killed, resumed or split run writes the same bytes as an uninterrupted one.
 """
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from tqdm import tqdm
 
 import cli
 import data
+import ddpm
+import prompting
 import report
 
 MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
@@ -34,14 +35,8 @@ MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
     "stabilityai/sdxl-turbo": (1, 0.0),
 }
 GENERIC_DEFAULTS = (30, 7.5)
-TEMPLATES = [
-    "a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of a {}.",
-    "a bright photo of a {}.", "a cropped photo of a {}.", "a photo of the small {}.",
-    "a low resolution photo of a {}.", "a good photo of a {}."
-]
 MAX_RETRIES = 10
 # <dataset>.json, variation.json
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 # OpenAI CLIP's
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -56,6 +51,8 @@ CONFIG = {
     "per_class": S(None, "N images for every class instead", NON_NEGATIVE, type=int),
     "data_root": D["data_root"],
     "data_seed": D["data_seed"]._replace(help="the real subset the ddpm generator learns"),
+    "split": D["split"]._replace(help="the real subset the ddpm generator learns: seeded | "
+                                 "reference | ldam (train.py --split)"),
     "pool": D["pool"]._replace(help="output folder; empty: <data-root>/synthetic/<dataset>"),
     "generator": S(
         "text2image",
@@ -68,13 +65,16 @@ CONFIG = {
                   type=float),
     "resolution": S(None, "generation size in px, a multiple of 8 (default: the model's native)",
                     (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"), type=int),
-    "prompts": S(
-        "",
-        "file, one prompt per line beginning with the class name (your own; else --prompt-style)"),
-    "prompt_style": S(
-        "built", "built: each class's content in prompts/<dataset>.json crossed with "
-        "prompts/variation.json, >= 500 per class | templates: eight 'a photo of a {}.' forms (the "
-        "old behaviour)", choices=("built", "templates")),
+    "prompts": S("", "file, one prompt per line beginning with the class name (your own; else "
+                 "--prompt-model or --prompt-style)"),
+    "prompt_style": S("built", "built: each class's content in prompts/<dataset>.json crossed "
+                      "with prompts/variation.json, >= 500 per class | templates: eight 'a photo "
+                      "of a {}.' forms (the old behaviour)", choices=("built", "templates")),
+    "prompt_model": S("", "a transformers causal language model, hub id or folder, that first "
+                      "writes the prompts as the paper's were: --per-class (else 500) 30-50 word "
+                      "descriptions per class into <pool>/" + prompting.LM_FILE + ", reused and "
+                      "resumed (ours; the paper used gpt-3.5-turbo)"),
+    "prompt_batch": S(16, "descriptions per language-model call (--prompt-model)", AT_LEAST_1),
     "filter": S(
         "none",
         "clip: keep an image only if CLIP puts its class among the top --clip-top-k of all classes "
@@ -117,7 +117,13 @@ CONFIG = {
 IGNORED = [
     *[(k, lambda c: c["filter"] == "none", "without --filter clip")
       for k in ("clip_model", "clip_top_k", "clip_min_p")],
-    ("prompt_style", lambda c: bool(c["prompts"]), "with --prompts FILE")
+    ("prompt_style", lambda c: bool(c["prompts"] or c["prompt_model"]),
+     "with --prompts FILE or --prompt-model"),
+    ("prompt_model", lambda c: bool(c["prompts"]), "with --prompts FILE"),
+    ("prompt_batch", lambda c: not c["prompt_model"], "without --prompt-model"),
+    ("prompt_model", lambda c: c["generator"] == "ddpm", "with --generator ddpm (it draws from "
+     "class labels, not prompts)"),
+    *[x for x in data.DATA_IGNORED if x[0] == "data_seed"],
 ]
 
 
@@ -138,70 +144,6 @@ def shard_of(cfg):
 def image_seed(seed, label, index, attempt=0):
     """The seed of image `index` of class `label`: a function of these numbers alone."""
     return cli.derived_seed(seed, label, index, attempt, bits=63)
-
-
-def read_tables(dataset):
-    """(class content, variation) from prompts/: the data that builds the default prompts."""
-    tables = []
-    for name in (f"{dataset}.json", "variation.json"):
-        try:
-            with open(os.path.join(PROMPTS, name), encoding="utf-8") as f:
-                tables.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise cli.SAUError(
-                f"{os.path.join(PROMPTS, name)} is unreadable ({e.__class__.__name__}): restore it "
-                f"from the repository, or pass --prompts FILE") from None
-    return tables[0]["classes"], tables[1]
-
-
-def built_prompts(dataset, names, seed):
-    """{label: [prompt, ...]}: every class's content crossed with the variation tables, "<class>,
-    <content>, <viewpoint>, <light>, <style>", in an order shuffled by (seed, label): image k takes
-    prompt k mod the count, the same in every run, shard and resume."""
-    content, var = read_tables(dataset)
-    missing = [n for n in names if not content.get(n)]
-    if missing:
-        raise cli.SAUError(
-            f"prompts/{dataset}.json has no content for {', '.join(missing[:5])}: add it, or pass "
-            f"--prompts FILE or --prompt-style templates")
-    out = {}
-    for c, n in enumerate(names):
-        combos = [
-            ", ".join(p) for p in itertools.product([n.replace("_", " ")], content[n],
-                                                    var["viewpoint"], var["light"], var["style"])
-        ]
-        out[c] = [combos[i] for i in np.random.default_rng([seed, c]).permutation(len(combos))]
-    return out
-
-
-def class_prompts(names, prompts_file, style, dataset=None, seed=0):
-    """{label: [prompt, ...]}: the file's lines grouped by the class name they begin with, else by
-    style: "built" from prompts/ (needs dataset, seed) or "templates"."""
-    spoken = [n.replace("_", " ") for n in names]
-    if not prompts_file and style == "built":
-        return built_prompts(dataset, names, seed)
-    if not prompts_file:
-        return {c: [t.format(n) for t in TEMPLATES] for c, n in enumerate(spoken)}
-    if not os.path.isfile(prompts_file):
-        raise cli.SAUError(f"--prompts {prompts_file}: no such file")
-    out = {c: [] for c in range(len(names))}
-    # "maple tree" before "tree"
-    by_length = sorted(range(len(names)), key=lambda c: -len(spoken[c]))
-    try:
-        with open(prompts_file, encoding="utf-8") as f:
-            lines = [line for line in map(str.strip, f) if line]
-    except (UnicodeDecodeError, OSError) as e:
-        raise cli.SAUError(f"--prompts {prompts_file} is not a readable UTF-8 text file "
-                            f"({e.__class__.__name__})") from None
-    for line in lines:
-        low = line.lower()
-        c = next((c for c in by_length if low.startswith(spoken[c].lower())
-                  and not low[len(spoken[c]):len(spoken[c]) + 1].isalnum()), None)
-        if c is None:
-            raise cli.SAUError(
-                f"--prompts {prompts_file}: line {line[:40]!r} begins with no class name")
-        out[c].append(line)
-    return out
 
 
 def plan_batches(targets, batch_size):
@@ -458,190 +400,6 @@ class TextToImage(Maker):
         return out[:n].float()
 
 
-# ---------------------------------------------------------------- the offline generator (DiffuLT's
-# idea, ours)
-
-
-def ddpm_unet(num_classes, width):
-    """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of
-    guidance."""
-    from diffusers import UNet2DModel
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-        block_out_channels=(width, 2 * width, 2 * width, 2 * width), norm_num_groups=min(32, width),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_classes + 1)
-
-
-def save_ddpm(folder, unet, ema, state):
-    """Both networks by save_pretrained, plus the training state, swapped in whole: a kill keeps the
-    last one."""
-    import shutil
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"))
-    ema.save_pretrained(os.path.join(tmp, "ema"))
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def train_ddpm(cfg, folder, device, log=print):
-    """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset;
-    return the EMA network, the training settings and the sha256 of the EMA weights."""
-    from diffusers import DDPMScheduler, UNet2DModel
-    # killed between the two renames
-    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
-        os.replace(folder + ".old", folder)
-    names = data.class_names(cfg["dataset"], cfg["data_root"])
-    images, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
-    keep = data.long_tail_indices(labels, cfg["imb"], cfg["data_seed"])
-    # N x 3 x 32 x 32 uint8, on the device
-    x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)
-    y_all = torch.from_numpy(labels[keep]).to(device)
-    settings = {
-        "imb": cfg["imb"],
-        "data_seed": cfg["data_seed"],
-        "real_images": len(keep),
-        "width": cfg["ddpm_width"],
-        **{
-            k: cfg[k]
-            for k in ("train_steps", "train_batch")
-        }, "lr": cfg["train_lr"],
-        "warmup": cfg["warmup"],
-        "lr_schedule": cfg["lr_schedule"],
-        "ema": cfg["ema"],
-        "ema_warmup": "min(ema, (1+s)/(10+s))",
-        "label_dropout": cfg["label_dropout"],
-        "sampling": cfg["sampling"],
-        "hflip": True,
-        "seed": cfg["seed"]
-    }
-    torch.manual_seed(cfg["seed"])  # the initial weights
-    unet = ddpm_unet(len(names), cfg["ddpm_width"]).to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
-    step, rng = 0, torch.Generator(device).manual_seed(cfg["seed"])  # every draw on the device
-    if os.path.isfile(os.path.join(folder, "state.pt")):
-        try:
-            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu",
-                               weights_only=True)
-        except Exception as e:  # truncated, or holding what weights_only refuses: the same message
-            raise cli.SAUError(
-                f"{os.path.join(folder, 'state.pt')} is unreadable ({e.__class__.__name__}): "
-                "delete "
-                f"{folder} to train the model again") from None
-        differ = sorted(k for k in settings
-                        if k != "train_steps" and state["settings"].get(k) != settings[k])
-        if differ:
-            raise cli.SAUError(
-                f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
-                f"use the same flags or another --pool folder")
-        unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).to(device)
-        opt = torch.optim.AdamW(unet.parameters(), lr=cfg["train_lr"], weight_decay=0.0)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if step < cfg["train_steps"] and len(state["rng"]) == len(rng.get_state()):
-            rng.set_state(state["rng"])
-        # a CUDA generator's state is 16 bytes, a CPU one's 5056: not transferable
-        elif step < cfg["train_steps"]:
-            rng.manual_seed(cli.derived_seed(cfg["seed"], step))
-            log(f"{folder}: trained so far on another device type; its random stream goes on from "
-                "a seed of "
-                f"(--seed, step {step}), so the weights will differ from a run that never moved")
-    ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(
-        len(names), cfg["ddpm_width"])
-    ema = ema.to(device).requires_grad_(False)
-    if not step:
-        ema.load_state_dict(unet.state_dict())
-    if step < cfg["train_steps"] and shard_of(cfg)[1] > 1:
-        raise cli.SAUError(
-            "the class-conditional model is not trained yet: train it in one process (the same "
-            "command without torchrun or --shard), then sample with several")
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
-    cosine = cfg["lr_schedule"] == "cosine"
-    shape = (lambda s: 0.5 *
-             (1 + np.cos(np.pi * s / cfg["train_steps"]))) if cosine else (lambda s: 1.0)
-    counts = torch.bincount(y_all, minlength=len(names)).float()
-    weights = (1 / counts[y_all]) if cfg["sampling"] == "balanced" else torch.ones(
-        len(y_all), device=device)
-    if step < cfg["train_steps"]:
-        log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} "
-            "parameters) on "
-            f"{len(keep)} real images, steps {step + 1}-{cfg['train_steps']}")
-    losses, t0 = [], time.time()
-    bar = tqdm(total=cfg["train_steps"], initial=step, unit="step", desc="training",
-               dynamic_ncols=True, disable=step >= cfg["train_steps"])
-    unet.train()
-    while step < cfg["train_steps"]:
-        batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"],
-                           len(names), rng)
-        # warm-up: early EMA weights are not mostly the random init
-        decay = min(cfg["ema"], (1 + step) / (10 + step))
-        lr = float(cfg["train_lr"] * warm(step) * shape(step))
-        losses.append(ddpm_step(unet, ema, opt, scheduler, batch, lr, decay))
-        step += 1
-        bar.update(1)
-        # .item() waits for the device: only now and then
-        if step % 50 == 0 or step == cfg["train_steps"]:
-            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
-        if step % cfg["ckpt_every"] == 0 or step == cfg["train_steps"]:
-            save_ddpm(
-                folder, unet, ema, {
-                    "step": step,
-                    "settings": settings,
-                    "optimizer": opt.state_dict(),
-                    "rng": rng.get_state()
-                })
-    bar.close()
-    if losses:
-        n = len(losses)
-        seconds = time.time() - t0
-        log(f"trained {n} steps in {seconds:.1f}s ({n * cfg['train_batch'] / seconds:.1f} "
-            "images/s); "
-            f"loss {torch.stack(losses[:max(n // 10, 1)]).mean().item():.4f} (first tenth) -> "
-            f"{torch.stack(losses[-max(n // 10, 1):]).mean().item():.4f} (last tenth)")
-    weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema")))
-                        if f.endswith(".safetensors"))
-    with open(os.path.join(folder, "ema", weights_file), "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    return ema.eval(), settings, sha, [v.item() for v in losses]
-
-
-def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):
-    """(x_t, t, labels, noise) of one training batch, drawn on the device of the generator g."""
-    dev = g.device
-    idx = torch.multinomial(weights, n, replacement=True, generator=g)
-    x0 = x_all[idx].float() / 127.5 - 1
-    x0 = torch.where((torch.rand(n, generator=g, device=dev) < 0.5)[:, None, None, None],
-                     x0.flip(-1), x0)
-    y = torch.where(torch.rand(n, generator=g, device=dev) < label_dropout, null, y_all[idx])
-    noise = torch.randn(x0.shape, generator=g, device=dev)
-    return x0, y, noise, torch.randint(0, 1000, (n,), generator=g, device=dev)
-
-
-def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
-    """One AdamW step on the noise-prediction loss and the EMA update, without waiting for the
-    device; the loss."""
-    x0, y, noise, t = batch
-    # the scheduler keeps its table on the device after the first call
-    xt = scheduler.add_noise(x0, noise, t)
-    for group in opt.param_groups:
-        group["lr"] = lr  # a plain float: state.pt loads weights_only
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=x0.device.type == "cuda"):
-        pred = unet(xt, t, class_labels=y).sample
-    loss = F.mse_loss(pred.float(), noise)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-    return loss.detach()
-
-
 class ClassConditional(Maker):
     """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free
     guidance."""
@@ -690,12 +448,12 @@ class ClassConditional(Maker):
 def bench(cfg):
     device, dtype = pick(cfg)
     torch.manual_seed(0)
-    print(
-        f"building the stabilityai/sd-turbo architecture with random weights on {device} ({dtype})",
-        flush=True)
+    print(f"building the stabilityai/sd-turbo architecture with random weights on {device} "
+          f"({dtype})", flush=True)
     gen = TextToImage(sd_turbo_architecture(dtype), cfg, device, dtype)
-    prompts = [TEMPLATES[i % len(TEMPLATES)].format("cat") for i in range(cfg["batch_size"])]
-    items = [(3, k) for k in range(cfg["batch_size"])]
+    n, templates = cfg["batch_size"], prompting.TEMPLATES
+    prompts = [templates[i % len(templates)].format("cat") for i in range(n)]
+    items = [(3, k) for k in range(n)]
     t0 = time.time()
     gen.make(items, prompts)  # warm-up (and compilation)
     print(f"warm-up batch: {time.time() - t0:.1f}s", flush=True)
@@ -704,13 +462,24 @@ def bench(cfg):
     for _ in range(cfg["bench_batches"]):
         gen.make(items, prompts)
     cli.synchronize(device)
-    rate = cfg["bench_batches"] * cfg["batch_size"] / (time.time() - t0)
+    rate = cfg["bench_batches"] * n / (time.time() - t0)
     peak = f", peak memory {cli.device_figures(device)[1]}" if device.type == "cuda" else ""
-    print(
-        f"bench: {rate:.3g} images/s at batch {cfg['batch_size']}, {gen.resolution}px, {gen.steps} "
-        "step(s), "
-        f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
-        f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
+    print(f"bench: {rate:.3g} images/s at batch {n}, {gen.resolution}px, {gen.steps} step(s), "
+          f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
+          f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
+
+
+def prompt_settings(cfg):
+    """What the manifest records of the prompts: the file's hash (and the language model that
+    wrote it), the templates, or the tables'."""
+    sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
+    if cfg["prompts"]:
+        written = {"written_by": cfg["prompt_model"]} if cfg["prompt_model"] else {}
+        return {"file": os.path.basename(cfg["prompts"]), "sha256": sha(cfg["prompts"]), **written}
+    if cfg["prompt_style"] == "templates":
+        return {"templates": prompting.TEMPLATES}
+    tables = (f"{cfg['dataset']}.json", "variation.json")
+    return {"built": sha(*(os.path.join(prompting.PROMPTS, f) for f in tables))}
 
 
 def main(argv=None):
@@ -723,85 +492,77 @@ def main(argv=None):
     targets = ([cfg["per_class"]] * len(names) if cfg["per_class"] is not None
                else [n_max - n for n in data.lt_counts(n_max, len(names), cfg["imb"])])
     folder = data.pool_folder(cfg)
-    prompts = class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"], cfg["seed"])
+    rank, world = shard_of(cfg)
+    if cfg["prompt_model"]:  # the descriptions first, then the pool drawn from them
+        path = os.path.join(cli.writable_folder(folder, "--pool"), prompting.LM_FILE)
+        counts = [(cfg["per_class"] if cfg["per_class"] is not None else 500) if n else 0
+                  for n in targets]
+        prompting.write_lm_prompts(path, names, counts, cfg["prompt_model"], pick(cfg)[0],
+                                   cfg["seed"], cfg["prompt_batch"], world)
+        cfg = {**cfg, "prompts": path}
+    prompts = prompting.class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"],
+                                      cfg["seed"])
     empty = [names[c] for c, n in enumerate(targets) if n and not prompts[c]]
     if empty:
-        raise cli.SAUError(
-            f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: add lines "
-            "beginning "
-            f"with each class name")
+        raise cli.SAUError(f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: "
+                           f"add lines beginning with each class name")
     data.check_dataset(cli.writable_folder(folder, "--pool"), cfg["dataset"], names)
     device, dtype = pick(cfg)
     if cfg["generator"] == "ddpm":
-        gen = ClassConditional(*train_ddpm(cfg, os.path.join(folder, "ddpm"), device)[:3], cfg,
-                               device, dtype)
+        trained = ddpm.train_ddpm(cfg, os.path.join(folder, "ddpm"), device, world=world)
+        gen = ClassConditional(*trained[:3], cfg, device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:
         gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
-        sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read()
-                                                     for p in paths)).hexdigest()
-        tables = [os.path.join(PROMPTS, f) for f in (f"{cfg['dataset']}.json", "variation.json")]
-        gen.settings["prompts"] = ({
-            "file": os.path.basename(cfg["prompts"]),
-            "sha256": sha(cfg["prompts"])
-        } if cfg["prompts"] else {
-            "templates": TEMPLATES
-        } if cfg["prompt_style"] == "templates" else {
-            "built": sha(*tables)
-        })
+        gen.settings["prompts"] = prompt_settings(cfg)
     gen.names = names
     gen.clip = ClipFilter(cfg, names, device) if cfg["filter"] == "clip" else None
     gen.settings["filter"] = gen.clip.settings if gen.clip else "none"
-    manifest = {
-        "dataset": cfg["dataset"],
-        "classes": names,
-        "image_size": 32,
-        "generator": gen.settings
-    }
+    manifest = {"dataset": cfg["dataset"], "classes": names, "image_size": 32,
+                "generator": gen.settings}
     data.check_manifest(folder, manifest)
     have = data.present(folder)
-    rank, world = shard_of(cfg)
-    batches = [
-        b for j, b in enumerate(plan_batches(targets, cfg["batch_size"])) if j % world == rank
-    ]
+    batches = [b for j, b in enumerate(plan_batches(targets, cfg["batch_size"]))
+               if j % world == rank]
     todo = [b for b in batches if any(k not in have.get(c, ()) for c, k in b)]
-    n_todo = sum(len(b) for b in todo)
     if not todo:
         print(f"{folder}: nothing to make ({sum(targets)} images planned, all present)")
         return
     t0, made = time.time(), 0
-    bar = tqdm(total=n_todo, unit="img",
-               desc=f"generating{f' {rank}/{world}' if world > 1 else ''}", dynamic_ncols=True)
-    for batch in todo:
-        retries0 = gen.retries
-        images, seeds, refused, clip_p = gen.make(
-            batch, [prompts[c][k % len(prompts[c])] for c, k in batch])
-        for c in sorted({c for c, _ in batch}):
-            rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
-            for run in runs(rows):
-                ks = [batch[i][1] for i in run]
-                redone = np.array(
-                    [seeds[i] != image_seed(cfg["seed"], c, batch[i][1]) for i in run])
-                clip = {} if clip_p is None else {
-                    "clip_refused": np.array([refused[i] for i in run]),
-                    "clip_p": np.array([clip_p[i] for i in run], np.float32)
-                }
-                data.write_shard(
-                    folder, c, ks[0], images[run], [seeds[i] for i in run], None if cfg["generator"]
-                    == "ddpm" else [prompts[c][k % len(prompts[c])] for k in ks], rejected=redone,
-                    **clip)
-                made += len(run)
-        bar.update(len(batch))
-        bar.set_postfix(retried=gen.retries - retries0)
-    bar.close()
+    desc = f"generating{f' {rank}/{world}' if world > 1 else ''}"
+    # closed (its line ended) also when an error ends the run, so that the error has a line
+    with tqdm(total=sum(len(b) for b in todo), unit="img", desc=desc, dynamic_ncols=True) as bar:
+        for batch in todo:
+            retries0 = gen.retries
+            texts = [prompts[c][k % len(prompts[c])] for c, k in batch]
+            made += write_batch(folder, cfg, batch, have, texts, *gen.make(batch, texts))
+            bar.update(len(batch))
+            bar.set_postfix(retried=gen.retries - retries0)
     seconds = time.time() - t0
     total, rejected = data.count_rejected(folder, manifest)
     report.write_samples(folder, names)
-    print(
-        f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now holds "
-        f"{total} images, {rejected} made again after a black, non-finite or (--filter clip) "
-        "refused first try; "
-        f"samples.png written")
+    print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now "
+          f"holds {total} images, {rejected} made again after a black, non-finite or (--filter "
+          f"clip) refused first try; samples.png written")
+
+
+def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p):
+    """A made batch's new images as shards, one per class and run of consecutive indices; how
+    many."""
+    made = 0
+    for c in sorted({c for c, _ in batch}):
+        rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
+        for run in runs(rows):
+            ks = [batch[i][1] for i in run]
+            redone = np.array([seeds[i] != image_seed(cfg["seed"], c, k) for i, k in zip(run, ks)])
+            clip = {} if clip_p is None else {
+                "clip_refused": np.array([refused[i] for i in run]),
+                "clip_p": np.array([clip_p[i] for i in run], np.float32)}
+            prompts = None if cfg["generator"] == "ddpm" else [texts[i] for i in run]
+            data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run], prompts,
+                             rejected=redone, **clip)
+            made += len(run)
+    return made
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import data
 AUDIT_SCORES = ("p", "margin", "both")
 
 
-# ---------------------------------------------------------------- the figures of a detector of bad
-# synthetic images
+# ------------------------------------------------ the figures of a detector of bad synthetic images
 
 
 def detector(flag, mixed):
@@ -294,7 +293,7 @@ def write_samples(folder, names, per_row=8):
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
         for side in ax.spines.values():
             side.set_visible(False)
-    # prompts
+    # room below each strip for its prompts
     fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(),
                         hspace=0.9)
     cli.write_atomic(os.path.join(folder, "samples.png"),

@@ -189,19 +189,30 @@ class Folder:
 
     def __enter__(self):
         out, cfg = self.out, self.cfg
+        # the folders this run makes (runs/ and runs/<name>, say), to take back if it is refused
+        self.created = []
+        path = os.path.abspath(out)
+        while not os.path.exists(path):
+            self.created.append(path)
+            path = os.path.dirname(path)
         self.lock = cli.own(out) if self.main else None
         try:
             if not cfg["resume"] and os.path.exists(os.path.join(out, "checkpoint.pt")):
                 raise cli.SAUError(f"{out} already holds a run: continue it with --resume {out}, "
                                    f"or pass a new --out")
             self.ckpt = load_checkpoint(out, self.table, cfg) if cfg["resume"] else None
-        except BaseException:
-            self.release()
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
             raise
         return self
 
     def __exit__(self, kind, error, tb):
         self.release()
+        # a run refused before its first file (a missing pool, say) leaves no folder behind
+        if kind and self.created and self.main and os.listdir(self.out) == ["lock"]:
+            os.remove(os.path.join(self.out, "lock"))
+            for path in self.created:
+                os.rmdir(path)
         how = f"the last finished epoch is kept: continue with python train.py --resume {self.out}"
         # an error a Ctrl-C set off (a DataLoader worker it stopped first) is the interrupt too
         if kind and (issubclass(kind, KeyboardInterrupt)
@@ -284,17 +295,29 @@ def resumed(table):
     """parse_settings' hook for --resume: the flags not given now are the run's own, its runtime
     choices too (from config.json, or from the checkpoint where config.json is gone)."""
     def settings(cfg, given):
+        if "resume" in given and not cfg["resume"].strip():
+            raise cli.SAUError("--resume needs the run's folder, got an empty name (an unset "
+                               "variable?): pass --resume runs/<name>")
         if not cfg["resume"]:
             return cfg
         path = os.path.join(cfg["resume"], "config.json")
         if os.path.isfile(path):
             saved = cli.read_json(path)
         elif os.path.isfile(os.path.join(cfg["resume"], "checkpoint.pt")):
+            path = os.path.join(cfg["resume"], "checkpoint.pt")
             saved = load_checkpoint(cfg["resume"], table)["config"]
         else:
             raise cli.SAUError(f"--resume {cfg['resume']}: no config.json there, so no run to "
                                f"continue")
+        if not isinstance(saved, dict):
+            raise cli.SAUError(f"{path} holds a JSON {type(saved).__name__}, not a run's settings: "
+                               f"restore it (its run's checkpoint.pt holds them too)")
         kept = {k: v for k, v in saved.items() if k in table and table[k].scope != "call"}
+        for k, v in kept.items():
+            wrong = cli.wrong_value(table[k], v)
+            if wrong:
+                raise cli.SAUError(f"{path}: {k} is {v!r}, {wrong}: restore the value the run was "
+                                   f"made with")
         return {**cfg, **kept, **given, "out": cfg["resume"]}
     return settings
 

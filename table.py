@@ -71,7 +71,7 @@ def parse(argv):
     """(the runner's settings, the flags for every run): the two halves of argv around '--'."""
     cut = argv.index("--") if "--" in argv else len(argv)
     cfg = cli.parse_settings(CONFIG, [], __doc__, argv[:cut],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     rows = dict(ROWS)
     for spec in cfg["row"]:
         name, sep, flags = spec.partition("=")
@@ -80,11 +80,24 @@ def parse(argv):
         rows[name] = flags
     unknown = [r for r in cfg["rows"] if r not in rows]
     if unknown:
-        raise cli.SAUError(
-            f"--rows {' '.join(unknown)}: no such row; the rows are {', '.join(rows)} (or add one "
-            f"with --row NAME=FLAGS)")
+        raise cli.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are "
+                           f"{', '.join(rows)} (or add one with --row NAME=FLAGS)")
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
-    return cfg, argv[cut + 1:]
+    extra = argv[cut + 1:]
+    for where, flags in [("after --", extra), *((f"row {r}", shlex.split(f))
+                                                 for r, f in cfg["row_flags"].items())]:
+        refuse_call_flags(where, flags)
+    return cfg, extra
+
+
+def refuse_call_flags(where, flags):
+    """A grid run is a plain training run: flags that make a command of their own (--bench,
+    --summarize) or that the runner sets (--out, --resume, --stop-after) are refused."""
+    for token in flags:
+        key = token.split("=", 1)[0][2:].replace("-", "_") if token.startswith("--") else None
+        if key in train.CONFIG and train.CONFIG[key].scope == "call":
+            raise cli.SAUError(f"{where}: {token.split('=', 1)[0]} makes no training run of the "
+                               f"grid (the runner sets the folders and resumes): leave it out")
 
 
 def plan(cfg, extra):
@@ -104,9 +117,10 @@ def plan(cfg, extra):
                     folder = os.path.join("runs", cfg["name"], train.run_name(run_cfg))
                     runs.append((f"{dataset}_imb{imb:g}", row, seed, argv, folder, run_cfg))
     folders = [r[4] for r in runs]
-    if len(set(folders)) < len(folders):  # two rows with the same settings would share a folder
-        raise cli.SAUError(
-            "two rows of the grid have the same settings: give each row different flags")
+    # two rows with the same settings would share a folder
+    if len(set(folders)) < len(folders):
+        raise cli.SAUError("two rows of the grid have the same settings: give each row different "
+                           "flags")
     return runs
 
 
@@ -139,42 +153,52 @@ def _die_with_parent():  # a run ends with the runner, however the runner ends (
 
 def execute(jobs, devices, desc):
     """Run (script argv, log file) jobs, one at a time per device (None: the CPU), with a progress
-    bar; the jobs that failed as (job, exit status)."""
+    bar; the jobs that failed as (job, why). A job that cannot even start (its log cannot be
+    written) fails like one that ends in an error."""
     todo, failed, lock = queue.Queue(), [], threading.Lock()
     for job in jobs:
         todo.put(job)
     bar = tqdm(total=len(jobs), unit="run", desc=desc, dynamic_ncols=True)
     procs = set()
 
-    def worker(device):
+    def run_one(argv, log, device):
         env = dict(os.environ, **({} if device is None else {"CUDA_VISIBLE_DEVICES": str(device)}))
+        visible = "" if device is None else f"CUDA_VISIBLE_DEVICES={device} "
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"$ {visible}python {shlex.join(argv)}\n")
+            f.flush()
+            start = f.tell()
+            p = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
+                                 env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
+            with lock:
+                procs.add(p)
+            code = p.wait()
+        with lock:
+            procs.discard(p)
+        if not code:
+            return None
+        with open(log) as f:  # this run's own lines: the log may hold earlier runs' too
+            f.seek(start)
+            tail = f.read().strip().splitlines()[-1:] or [""]
+        return f"exit {code}: {tail[0][:240]} (all of it: {log})"
+
+    def worker(device):
         while True:
             try:
                 argv, log = todo.get_nowait()
             except queue.Empty:
                 return
-            os.makedirs(os.path.dirname(log), exist_ok=True)
-            with open(log, "a") as f:
-                f.write(
-                    f"$ {'' if device is None else f'CUDA_VISIBLE_DEVICES={device} '}python "
-                    f"{shlex.join(argv)}\n"
-                )
-                f.flush()
-                p = subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], env=env, stdout=f,
-                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-                with lock:
-                    procs.add(p)
-                code = p.wait()
+            try:
+                why = run_one(argv, log, device)
+            except OSError as e:
+                why = f"could not start ({e.strerror}: {e.filename})"
             with lock:
-                procs.discard(p)
-                if code:
-                    failed.append(((argv, log), code))
-                    tail = open(log).read().strip().splitlines()[-1:] or [""]
-                    tqdm.write(
-                        f"table.py: {shlex.join(argv[:3])}... failed (exit {code}): "
-                        f"{tail[0][-160:]} "
-                        f"(all of it: {log})", file=sys.stderr)
+                if why:
+                    failed.append(((argv, log), why))
+                    tqdm.write(f"table.py: {shlex.join(argv[:3])}... failed, {why}",
+                               file=sys.stderr)
                 bar.update(1)
                 bar.set_postfix(failed=len(failed))
 
@@ -191,11 +215,25 @@ def execute(jobs, devices, desc):
             p.terminate()
         for p in list(procs):
             p.wait()
-        raise KeyboardInterrupt(
-            "the finished runs are kept: the same command again resumes the rest") from None
+        raise KeyboardInterrupt("the finished runs are kept: the same command again resumes the "
+                                "rest") from None
     finally:
         bar.close()
     return failed
+
+
+def devices_of(gpus):
+    """(the devices to run on, None for the CPU, and how the start line names them)."""
+    seen = torch.cuda.device_count()
+    asked = [int(g) for g in gpus.split(",")] if gpus else list(range(seen))
+    past = [g for g in asked if g >= seen]
+    if past and seen:
+        raise cli.SAUError(f"--gpus {gpus}: torch sees {seen} GPU(s), numbered 0-{seen - 1}: "
+                           f"pass indices below {seen}")
+    if not asked:
+        return [None], "the CPU, one at a time"
+    names = ", ".join(f"GPU {g}" for g in asked)
+    return asked, names + (" (no GPU visible here: the runs train on the CPU)" if past else "")
 
 
 def main(argv=None):
@@ -209,31 +247,25 @@ def main(argv=None):
         for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
-    gpus = [int(g) for g in cfg["gpus"].split(",")] if cfg["gpus"] else list(
-        range(torch.cuda.device_count()))
-    devices = gpus or [None]
-    print(
-        f"runs/{cfg['name']}: {len(runs)} runs ({len(cfg['datasets'])} datasets x "
-        f"{len(cfg['imbs'])} imbalance "
-        f"factors x {len(cfg['rows'])} rows x {len(cfg['seeds'])} seeds), "
-        f"{len(runs) - len(pending)} finished, "
-        f"{len(pending)} to run on "
-        f"{', '.join(f'GPU {g}' for g in gpus) or 'the CPU, one at a time'}",
-        flush=True)
+    devices, where = devices_of(cfg["gpus"])
+    grid = os.path.join("runs", cfg["name"])
+    # one runner a grid: a second would run the same runs and write the same logs
+    lock = cli.own(grid, "--name", "runner")
+    print(f"{grid}: {len(runs)} runs ({len(cfg['datasets'])} datasets x {len(cfg['imbs'])} "
+          f"imbalance factors x {len(cfg['rows'])} rows x {len(cfg['seeds'])} seeds), "
+          f"{len(runs) - len(pending)} finished, {len(pending)} to run on {where}", flush=True)
     made = execute([(a, os.path.join(folder, "generate_log.txt")) for folder, a in needed],
                    devices[:1], "pools")
     if made:
         (argv, log), _ = made[0]
-        raise cli.SAUError(
-            f"the pool {argv[argv.index('--pool') + 1]} could not be made (its log: {log}): no run "
-            f"started")
+        raise cli.SAUError(f"the pool {argv[argv.index('--pool') + 1]} could not be made (its "
+                           f"log: {log}): no run started")
     failed = execute(pending, devices, "runs")
-    report.write_table(os.path.join("runs", cfg["name"]), cfg, runs)
+    report.write_table(grid, cfg, runs)
+    lock.close()
     if failed:
-        print(
-            f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command "
-            "again retries them",
-            file=sys.stderr)
+        print(f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command "
+              f"again retries them", file=sys.stderr)
         sys.exit(1)
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,8 @@ import torch.utils._python_dispatch
 import audit
 import cli
 import data
+import ddpm
+import prompting
 import report
 import train
 import views
@@ -92,11 +95,12 @@ def root(tmp_path_factory):
 
 
 def on_cpu(script, args):
-    """The script's argv with the CPU pinned first (a later --device wins): on a machine with a GPU
-    the CPU tests stay CPU tests, bit-exact as they expect."""
-    return [
-        *(["--device", "cpu"] if script in ("train.py", "generate.py") else []), *map(str, args)
-    ]
+    """The script's argv with the CPU and fp32 pinned first (a later flag wins): on a machine with
+    a GPU the CPU tests stay CPU tests, bit-exact as they expect, and on a CPU with native bf16
+    they do not run bf16 autocast, several times slower there (one test keeps a run that does:
+    test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench)."""
+    pinned = {"train.py": ["--device", "cpu", "--amp", "off"], "generate.py": ["--device", "cpu"]}
+    return [*pinned.get(script, []), *map(str, args)]
 
 
 def cpu_config(argv):
@@ -260,8 +264,7 @@ def test_train_streams_are_two_independent_shuffles(root):
     assert not torch.equal(a_labels, b_labels)
 
 
-# ---------------------------------------------------------------- the views as batched tensor ops
-# (--loader gpu)
+# --------------------------------------------------- the views as batched tensor ops (--loader gpu)
 
 TF = views.T.functional
 SIGNED = {name for name, (_, signed) in views.T.AutoAugment._AUGMENTATION_SPACE.items() if signed}
@@ -733,20 +736,21 @@ def test_model_script_prints_counts():
     assert r.returncode == 0 and "7,386,186" in r.stdout and "4,993,152" in r.stdout
 
 
-def test_data_script_prints_counts(root):
+def test_data_script_prints_counts(root, monkeypatch, capsys):
     r = run("data.py", "--dataset", "cifar10", "--imb", 10, "--data-root", root)
     assert r.returncode == 0, r.stderr
     real = sum(data.lt_counts(20, 10, 10))
     assert f"total: {real} real + {200 - real} synthetic = 200 images" in r.stdout
     assert "airplane" in r.stdout and r.stdout.count(" few") == 10 and "planted" not in r.stdout
-    r = run("data.py", "--imb", 10, "--data-root", root, "--syn", "heldout", "--syn-noise", 0.5)
+    capsys.readouterr()
+    data.main(["--imb", "10", "--data-root", root, "--syn", "heldout", "--syn-noise", "0.5"])
+    out = capsys.readouterr().out
     planted = [int(round(0.5 * (20 - n))) for n in data.lt_counts(20, 10, 10)]
-    rows = [line.split() for line in r.stdout.splitlines()[1:11]]
-    assert r.returncode == 0 and [int(row[4]) for row in rows] == planted, r.stdout
-    assert f"planted wrong-class images among the synthetic: {sum(planted)}" in r.stdout
-    r = run("data.py", "--imb", 10, "--data-root", root, "--syn-noise", 2)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "--syn-noise must be in [0, 1]" in r.stderr
+    rows = [line.split() for line in out.splitlines()[1:11]]
+    assert [int(row[4]) for row in rows] == planted, out
+    assert f"planted wrong-class images among the synthetic: {sum(planted)}" in out
+    code, err = in_process(lambda: data.main(["--data-root", root, "--syn-noise", "2"]), capsys)
+    assert code == 2 and "--syn-noise must be in [0, 1]" in err[0]
 
 
 @pytest.mark.quick
@@ -790,62 +794,36 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path):
     "flags",
     [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0, "--strategy", "drop"]])
 def test_train_ablations_run(root, tmp_path, flags):
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY,
-            *flags)
-    assert r.returncode == 0, r.stderr
+    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(tmp_path / "run"),
+                            *map(str, TINY), *map(str, flags)]))
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls"
                                                                                      in flags)
 
 
-# the gpu loader: test_the_audit_resumes_bit_exact_and_relabels_its_suspects
-@pytest.mark.parametrize("loader", ["cpu"])
-def test_resume_gives_the_same_weights(root, tmp_path, loader):
-    """In-process runs (the CLI's --resume is exercised by the kill tests): stopped after epoch 1
-    and resumed, the weights of an uninterrupted run; with the cpu loader, the stopped run is made
-    to look older than --syn-noise and --deterministic (their keys deleted) and resumes with their
-    defaults."""
-    flags = ["--epochs", 2, "--width", 4, "--loader", loader]
-    train.train(tiny_cfg(root, tmp_path / "full", *flags))
-    part = tmp_path / "part"
-    train.train(tiny_cfg(root, part, *flags, "--stop-after", 1))
-    assert torch.load(part / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 1
-    if loader == "cpu":
-        ckpt = torch.load(part / "checkpoint.pt", map_location="cpu", weights_only=True)
-        for k in ("syn_noise", "deterministic"):
-            del ckpt["config"][k]
-        torch.save(ckpt, part / "checkpoint.pt")
-        cfg = json.loads((part / "config.json").read_text())
-        (part / "config.json").write_text(
-            json.dumps({
-                k: v
-                for k, v in cfg.items() if k != "syn_noise"
-            }))
-    train.train(cpu_config(["--resume", str(part)]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "part"))
-    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    lines = [json.loads(s) for s in (part / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2]
-
-
-def test_gpu_loader_run_and_bench(root, tmp_path):
-    """--loader gpu (batched views, here on CPU tensors) trains; --bench prints its figures and
-    writes nothing."""
+def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, monkeypatch,
+                                                             capsys):
+    """The one run of the suite with bf16 autocast on the CPU (the others pin --amp off): --loader
+    gpu (batched views, here on CPU tensors) trains; --bench prints its figures and writes
+    nothing."""
     out = tmp_path / "run"
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu",
-            "--amp", "bf16")
-    assert r.returncode == 0, r.stderr
-    assert "loader gpu" in r.stdout and 0 <= json.loads(
-        (out / "final.json").read_text())["final_epoch"]["top1"] <= 100
-    r = run("train.py", "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs",
-            200, "--out", tmp_path / "bench")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.split("bench_json ")[1])
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["train.py", *on_cpu("train.py", [
+        "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu", "--amp",
+        "bf16"])])
+    train.main()
+    assert "cpu bf16, loader gpu" in capsys.readouterr().out
+    assert 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
+    monkeypatch.setattr(sys, "argv", ["train.py", *on_cpu("train.py", [
+        "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs", 200, "--out",
+        tmp_path / "bench"])])
+    train.main()
+    printed = capsys.readouterr().out
+    res = json.loads(printed.split("bench_json ")[1])
     assert res["step_images_per_s"] > 0 and res["data_images_per_s"] > res["step_images_per_s"]
     assert 0 < res["data_fraction"] < 1 and res["run_s"] == pytest.approx(200 * res["epoch_s"])
-    assert "whole step" in r.stdout and "projected" in r.stdout and not (tmp_path /
-                                                                         "bench").exists()
+    assert "whole step" in printed and "projected" in printed
+    assert not (tmp_path / "bench").exists()
 
 
 def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path):
@@ -867,29 +845,17 @@ def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path):
                               weights_only=True)["model"].keys()
 
 
-@pytest.mark.parametrize("case,message", [("loader", "invalid choice"),
-                                          ("bench", "--bench must be >= 0"),
-                                          ("syn_noise", "--syn-noise must be in [0, 1]"),
-                                          ("imb", "--imb must be >= 1"),
-                                          ("dataset", "invalid choice"),
-                                          ("strategy", "invalid choice"), ("syn", "invalid choice"),
-                                          ("no_data", "not found at"),
+@pytest.mark.parametrize("case,message", [("no_data", "not found at"),
                                           ("other_pool", "made for cifar100"),
                                           ("small_pool", "needs"), ("float_pool", "expected uint8"),
                                           ("resume_config", "another config"),
                                           ("exists", "already holds a run")])
-def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
+def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case, message):
+    """What is wrong beyond one flag's value (test_every_flag_refuses_what_is_wrong_for_it has
+    those): missing data, pools that do not fit, a resume or a folder that clash with the flags.
+    In this process: the command line is not what is under test."""
     base = ["--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY]
-    flags = {
-        "loader": ["--loader", "tpu"],
-        "bench": ["--bench", -1],
-        "syn_noise": ["--syn-noise", 1.5],
-        "imb": ["--imb", 0.5],
-        "dataset": ["--dataset", "mnist"],
-        "strategy": ["--strategy", "x"],
-        "syn": ["--syn", "gan"],
-        "no_data": ["--data-root", tmp_path / "empty"]
-    }.get(case, [])
+    flags = {"no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
     if case.endswith("pool"):
         write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10",
                    CIFAR10_NAMES, 3 if case == "small_pool" else 20,
@@ -899,10 +865,8 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, case, message):
         train.train(cpu_config([*map(str, base), "--stop-after", "1", "--epochs", "2"]))
         flags = ["--resume", tmp_path /
                  "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
-    r = run("train.py", *base, *flags)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(
-        r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    code, err = main_here(monkeypatch, capsys, "train.py", *base, *flags)
+    assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 # ---------------------------------------------------------------- generate.py
@@ -987,7 +951,6 @@ def gen_pool(root, pipe_dir, tmp_path_factory):
 
 
 def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
-    import generate
     manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
     assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest[
         "image_size"] == 32
@@ -1007,7 +970,7 @@ def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
     with np.load(os.path.join(gen_pool, data.shard_name(9, 0))) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (32, 32, 3)
         assert z["seeds"].dtype == np.int64 and z["prompts"].tolist() == [
-            generate.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k]
+            prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k]
             for k in range(len(z["seeds"]))
         ]
     assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
@@ -1060,18 +1023,17 @@ def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset
     class c takes prompt k mod the count, the same on every call with the seed (a rerun, a resume
     and a shard split call it alike: the pool bytes tests check the prompts stored with the images),
     another order with another seed."""
-    import generate
-    names = CIFAR10_NAMES if dataset == "cifar10" else list(generate.read_tables("cifar100")[0])
+    names = CIFAR10_NAMES if dataset == "cifar10" else list(prompting.read_tables("cifar100")[0])
     if dataset == "cifar100":
         assert len(names) == 100 and names == sorted(names) and set(CIFAR100_SOME) <= set(names)
-    prompts = generate.built_prompts(dataset, names, 0)
+    prompts = prompting.built_prompts(dataset, names, 0)
     for c, name in enumerate(names):
         assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
         assert all(p.startswith(name.replace("_", " ") + ", ") for p in prompts[c])
-    assert prompts == generate.built_prompts(dataset, names, 0)
-    other = generate.built_prompts(dataset, names, 1)
+    assert prompts == prompting.built_prompts(dataset, names, 0)
+    other = prompting.built_prompts(dataset, names, 1)
     assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
-    assert generate.class_prompts(
+    assert prompting.class_prompts(
         names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
 
 
@@ -1149,35 +1111,34 @@ def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
             "or images CLIP refused (11)") in errors[0]
 
 
-def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path):
-    r = run("train.py", "--data-root", root, "--pool", gen_pool, "--epochs", 1, "--out",
-            tmp_path / "run", *TINY)
-    assert r.returncode == 0, r.stderr
-    assert "122 synthetic" in r.stdout
+def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path, capsys):
+    train.train(cpu_config(["--data-root", root, "--pool", gen_pool, "--epochs", "1", "--out",
+                            str(tmp_path / "run"), *map(str, TINY)]))
+    assert "122 synthetic" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case,message", [
     ("not_pipeline", "not a diffusers text-to-image pipeline"), ("offline_hub", "could not fetch"),
-    ("dataset", "invalid choice"), ("per_class", "--per-class must be >= 0"),
     ("other_dataset", "made for cifar100"), ("other_settings", "other generator settings (seed)")])
-def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, case, message):
+def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, message):
+    """In this process, but for a hub that cannot be reached: the hub's offline switch is read
+    when the libraries are imported, so that case runs the script."""
+    import generate
     pool = str(tmp_path / "pool")
-    args = {
-        "not_pipeline": ["--model", tmp_path],
-        "offline_hub": ["--model", "nobody/no-such-model"],
-        "dataset": ["--dataset", "mnist"],
-        "per_class": ["--per-class", -1],
-        "other_settings": ["--seed", 1]
-    }
+    args = {"not_pipeline": ["--model", tmp_path], "other_settings": ["--seed", 1],
+            "offline_hub": ["--model", "nobody/no-such-model"]}.get(case, [])
     if case == "other_dataset":
         write_pool(pool, "cifar100", CIFAR10_NAMES, 2)
     if case == "other_settings":
         import shutil
         shutil.copytree(gen_pool, pool)
     before = pool_bytes(pool) if os.path.isdir(pool) else {}
-    r = gen_run(root, pipe_dir, pool, *args.get(case, []), env={"HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if case == "offline_hub":
+        r = gen_run(root, pipe_dir, pool, *args, env={"HF_HUB_OFFLINE": "1"})
+        code, err = r.returncode, r.stderr.strip().splitlines()
+    else:
+        code, err = in_process(lambda: generate.main(gen_argv(root, pipe_dir, pool, *args)), capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err
     assert (pool_bytes(pool) if os.path.isdir(pool) else {}) == before
 
 
@@ -1196,24 +1157,24 @@ def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
          str(steps), "--ckpt-every", "4"])
     cpu = torch.device("cpu")
     folder = str(tmp_path / "ddpm")
-    _, settings, sha16, losses = generate.train_ddpm(args(16), folder, cpu, log=lambda *_: None)
+    _, settings, sha16, losses = ddpm.train_ddpm(args(16), folder, cpu, log=lambda *_: None)
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
     assert settings["real_images"] == sum(data.lt_counts(20, 10,
                                                          10)) and settings["sampling"] == "balanced"
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
     assert state["step"] == 16 and os.path.isdir(os.path.join(folder, "ema"))
     # resumes at 16
-    _, _, sha24, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
+    _, _, sha24, losses = ddpm.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
     assert len(losses) == 8 and sha24 != sha16
     # finished: reused
-    _, _, again, losses = generate.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
+    _, _, again, losses = ddpm.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
     assert losses == [] and again == sha24
-    _, _, straight, _ = generate.train_ddpm(args(24), str(tmp_path / "straight"), cpu,
+    _, _, straight, _ = ddpm.train_ddpm(args(24), str(tmp_path / "straight"), cpu,
                                             log=lambda *_: None)
     assert straight == sha24  # 16 + 8 steps after a restart == 24 steps in one go
 
 
-def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path):
+def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, capsys):
     """The default cosine schedule once stored a numpy lr that weights_only refused: a second run
     and a resume after kill -9 must read state.pt, and an unreadable one is a one-line error naming
     it."""
@@ -1235,41 +1196,39 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path):
     p.wait()
     killed_at = torch.load(state, map_location="cpu", weights_only=True)["step"]
     assert 5 <= killed_at < 60 and not os.path.isfile(os.path.join(pool, "manifest.json"))
-    r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)  # resumes
-    assert r.returncode == 0, r.stderr
-    assert f"steps {killed_at + 1}-60" in r.stdout + r.stderr
+    # the rest in this process (the kill is what needs one of its own)
+    import generate
+    argv = lambda steps: cmd(pool, steps)[2:]
+    capsys.readouterr()
+    generate.main(argv(60))  # resumes
+    assert f"steps {killed_at + 1}-60" in "".join(capsys.readouterr())
     s = torch.load(state, map_location="cpu", weights_only=True)
     assert s["step"] == 60 and all(type(g["lr"]) is float for g in s["optimizer"]["param_groups"])
-    # finished: reused
-    r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "training the class-conditional" not in r.stdout + r.stderr
+    generate.main(argv(60))  # finished: reused
+    assert "training the class-conditional" not in "".join(capsys.readouterr())
     with open(state, "r+b") as f:
         f.truncate(100)
-    r = subprocess.run(cmd(pool, 60), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "state.pt is unreadable" in r.stderr
+    code, err = in_process(lambda: generate.main(argv(60)), capsys)
+    assert code == 2 and len(err) == 1 and "state.pt is unreadable" in err[0], err
 
 
-def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path):
+def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path, capsys):
+    import generate
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
-        r = subprocess.run([
-            *script("generate.py"), "--data-root", root, "--pool", pool, *map(str, DDPM),
-            "--train-steps", "4"
-        ], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
+        generate.main(on_cpu("generate.py", ["--data-root", root, "--pool", pool, *DDPM,
+                                             "--train-steps", 4]))
     assert pool_bytes(pools[0]) == pool_bytes(pools[1]) and len(pool_bytes(pools[0])) >= 9
     g = json.load(open(os.path.join(pools[0], "manifest.json")))["generator"]
-    assert g["type"] == "ddpm" and g["training"]["train_steps"] == 4 and len(
-        g["checkpoint_sha256"]) == 64
+    assert g["type"] == "ddpm" and g["training"]["train_steps"] == 4
+    assert len(g["checkpoint_sha256"]) == 64
     assert os.path.isfile(os.path.join(pools[0], "samples.png"))
-    r = run("data.py", "--data-root", root, "--imb", 10, "--pool", pools[0])
-    assert r.returncode == 0 and "= 200 images" in r.stdout, r.stderr
+    capsys.readouterr()
+    data.main(["--data-root", root, "--imb", "10", "--pool", pools[0]])
+    assert "= 200 images" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- several processes, reports,
-# failures
+# ------------------------------------------------------------- several processes, reports, failures
 
 def test_every_stream_of_draws_has_its_own_seed(root):
     """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e
@@ -1317,9 +1276,12 @@ def test_shares_are_disjoint_and_cover_the_epoch():
     assert data.share(order) == order
 
 
+# Two processes on two cores with two threads each spend most of their time waiting for each
+# other (60 s against 17 s for the gloo run, measured on 2 cores): one thread a process.
+ONE_THREAD_EACH = {**os.environ, "OMP_NUM_THREADS": "1"}
 RECORD_VIEW_SEEDS = """import json, os, sys
 sys.path.insert(0, {here!r})
-import data, train, views
+import cli, data, train, views
 made = views.DeviceViews.__call__
 # the seed of the stream each batch of views is drawn from, per process
 def record(self, x, names, g):
@@ -1356,10 +1318,10 @@ def test_two_process_gloo_run(root, tmp_path, loader, port):
     r = subprocess.run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={port}", wrapper, *map(str, [
-            "--data-root", root, "--epochs", 2, "--out", out, "--device", "cpu", *TINY, "--loader",
+            "--data-root", root, "--epochs", 2, "--out", out, *on_cpu("train.py", TINY), "--loader",
             loader
         ])
-    ], capture_output=True, text=True, timeout=600, cwd=HERE)
+    ], capture_output=True, text=True, timeout=600, cwd=HERE, env=ONE_THREAD_EACH)
     assert r.returncode == 0, r.stderr[-2000:]
     # rank 0 alone reports
     assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1
@@ -1394,11 +1356,11 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, 
     r = subprocess.run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
         wrapper, *map(str, [
-            "--data-root", root, "--epochs", 2, "--out", tmp_path / "ddp", "--device", "cpu", *TINY,
-            "--loader", "gpu"
+            "--data-root", root, "--epochs", 2, "--out", tmp_path / "ddp",
+            *on_cpu("train.py", TINY), "--loader", "gpu"
         ])
     ], capture_output=True, text=True, timeout=300, cwd=HERE, env={
-        **os.environ, "NAN_ON_RANK_1": "1"
+        **ONE_THREAD_EACH, "NAN_ON_RANK_1": "1"
     })
     assert r.returncode != 0 and r.stderr.count(
         "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
@@ -1466,24 +1428,33 @@ def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path):
-    outs = []
-    for seed, extra in ((0, []), (1, []), (2, ["--lr", 0.02])):
-        outs.append(tmp_path / f"s{seed}")
-        train.train(tiny_cfg(root, outs[-1], "--epochs", 1, "--seed", seed, *extra))
-    r = run("train.py", "--summarize", outs[0], outs[1], "--out", tmp_path / "summary")
-    assert r.returncode == 0, r.stderr
-    top1 = [json.loads((d / "final.json").read_text())["final_epoch"]["top1"] for d in outs[:2]]
-    summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]["top1"]
-    assert summary["runs"] == 2 and abs(summary["mean"] - np.mean(top1)) < 1e-9
-    assert abs(summary["std"] - np.std(top1, ddof=1)) < 1e-9 and "±" in (tmp_path /
-                                                                         "summary.md").read_text()
-    r = run("train.py", "--summarize", outs[0], outs[2])
-    assert r.returncode == 2 and "differs from" in r.stderr and "--lr" in r.stderr
+def finished_run(folder, cfg, top1):
+    """A run folder as a finished run leaves it, for what reads it: config.json and final.json."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "resume"}))
+    final = {"top1": top1, "top5": 90.0, "many": None, "medium": top1 + 1, "few": top1 - 1}
+    (folder / "final.json").write_text(json.dumps({"final_epoch": final}))
+    return folder
 
 
-# ---------------------------------------------------------------- settings, forks (one entry per
-# flag)
+def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeypatch, capsys):
+    runs = [finished_run(tmp_path / f"s{seed}", tiny_cfg(root, "x", "--seed", seed, *extra), top1)
+            for seed, extra, top1 in ((0, [], 41.5), (1, [], 47.0), (2, ["--lr", 0.02], 50.0))]
+    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], runs[1],
+                          "--out", tmp_path / "summary")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]
+    assert summary["top1"]["runs"] == 2 and abs(summary["top1"]["mean"] - 44.25) < 1e-9
+    assert abs(summary["top1"]["std"] - np.std([41.5, 47.0], ddof=1)) < 1e-9
+    assert "many" not in summary and "44.25 ± 3.89" in (tmp_path / "summary.md").read_text()
+    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], "--out",
+                          tmp_path / "one")
+    assert code == 0 and "41.50 (n = 1)" in (tmp_path / "one.md").read_text()
+    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], runs[2])
+    assert code == 2 and "differs from" in err[0] and "--lr" in err[0]
+
+
+# ------------------------------------------------------------- settings, forks (one entry per flag)
 
 def in_process(fn, capsys):
     """(exit status, stderr lines) of fn under the scripts' own error handling."""
@@ -1494,6 +1465,15 @@ def in_process(fn, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err.strip().splitlines()
+
+
+def main_here(monkeypatch, capsys, name, *args):
+    """(exit status, stderr lines) of a script's main in this process, given these command-line
+    arguments (the CPU pinned as for a subprocess): for what a run does, not its command line."""
+    import importlib
+    module = importlib.import_module(name[:-3])
+    monkeypatch.setattr(sys, "argv", [name, *on_cpu(name, args)])
+    return in_process(module.main, capsys)
 
 
 def tiny_cfg(root, out, *flags):
@@ -1657,7 +1637,8 @@ def test_the_forking_section_points_at_names_that_exist():
     import re
     readme = open(os.path.join(HERE, "README.md")).read()
     section = readme.split("## Forking", 1)[1].split("\n## ", 1)[0]
-    names = set(re.findall(r"`((?:train|data|model|generate)(?:\.\w+)+)`", section))
+    owners = "train|data|model|generate|cli|views|runner|audit"
+    names = set(re.findall(rf"`((?:{owners})(?:\.\w+)+)`", section))
     assert len(names) >= 5, names
     modules = {"train": train, "data": data}
     for name in names:
@@ -1695,16 +1676,16 @@ def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path):
         flag = "--" + key.replace("_", "-")
         r = subprocess.run([
             sys.executable,
-            str(fork / "train.py"), "--device", "cpu", "--data-root", root, "--epochs", "2",
-            *map(str, TINY), "--syn", "heldout", flag, "1"
+            str(fork / "train.py"),
+            *on_cpu("train.py", ["--data-root", root, "--epochs", 1, *TINY]),
+            "--syn", "heldout", flag, "1"
         ], cwd=fork, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (key, r.stderr[-2000:])
         (run_dir,) = (fork / "runs").iterdir()
         assert f"_{tag}1_" in run_dir.name and json.loads(
             (run_dir / "config.json").read_text())[key] == 1
 
-# ---------------------------------------------------------------- run folders: kills, two runs,
-# full disks, bad input
+# ---------------------------------------------- run folders: kills, two runs, full disks, bad input
 
 def final_without_timings(out):
     f = json.loads((out / "final.json").read_text())
@@ -1733,12 +1714,10 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     atomic write): this test is about the order."""
     monkeypatch.setattr(report, "save_figure", lambda fig, path: (cli.write_atomic(path, "png"),
                                                                   report.pyplot().close(fig)))
-    # 139
-    flags = [
-        "--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32, "--loader", "gpu"
-    ]
-    # images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
+    # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
     # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
+    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
+             "--loader", "gpu"]
     train.train(tiny_cfg(root, tmp_path / "full", *flags))
     ref_final = final_without_timings(tmp_path / "full")
     ref_w = torch.load(tmp_path / "full" / "checkpoint.pt", map_location="cpu",
@@ -1826,10 +1805,9 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
     import time
     out = tmp_path / "run"
     args = ["--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout"]
+    # a suite started with & has SIGINT ignored: the run undoes it
     p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", out], cwd=HERE,
-                         # a suite started with & has
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         # SIGINT ignored: undo it
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     # written once training begins
@@ -2009,7 +1987,6 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     """A CPU stand-in for test_cuda_step_makes_no_host_sync, which needs a GPU: after a warm-up
     step, two training steps (--loader gpu, planted images, both branches), a prototype pass and two
     DDPM steps make no op that would wait for a CUDA device."""
-    import generate
     from diffusers import DDPMScheduler
     cfg = cpu_config([
         "--data-root", root, "--device", "cpu", "--imb", "10", "--width", "4", "--batch-size", "16",
@@ -2032,17 +2009,17 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
             step(*next(batches), s)
         train.prototypes(run_, 1)
     assert not syncs.found, "\n".join(sorted(set(syncs.found)))
-    unet, ema = generate.ddpm_unet(10, 8), generate.ddpm_unet(10, 8).requires_grad_(False)
+    unet, ema = ddpm.ddpm_unet(10, 8), ddpm.ddpm_unet(10, 8).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     x_all, y_all = torch.randint(0, 256, (50, 3, 32, 32),
                                  dtype=torch.uint8), torch.randint(0, 10, (50, ))
     g = torch.Generator().manual_seed(0)
-    ddpm = lambda: generate.ddpm_step(unet, ema, opt, scheduler, generate.ddpm_batch(
+    ddpm_step = lambda: ddpm.ddpm_step(unet, ema, opt, scheduler, ddpm.ddpm_batch(
         x_all, y_all, torch.ones(50), 8, 0.1, 10, g), 1e-3, 0.9)
-    ddpm()
+    ddpm_step()
     with HostSyncs() as syncs:
-        ddpm(), ddpm()
+        ddpm_step(), ddpm_step()
     assert not syncs.found, "\n".join(sorted(set(syncs.found)))
 
 
@@ -2125,14 +2102,14 @@ def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ---------------------------------------------------------------- the CUDA stand-in: every CUDA
-# branch runs here Two layers. (a) Emulation: torch.cuda reports one device, whatever is asked for
-# on "cuda" is made on the CPU, and the torch.cuda calls that touch a device check their arguments
-# with torch's own device-index checks and do nothing else: the scripts' CUDA branches run to the
-# end, their arithmetic on the CPU. (b) Device propagation: the forward passes under FakeTensorMode
-# with their inputs on a fake "cuda" device, so that a CPU tensor meeting a CUDA one, or a CPU index
-# into a CUDA tensor, fails the test. Neither sees kernels, speed or rounding: the test_cuda_* tests
-# below do, on a GPU.
+# ------------------------------------------------- the CUDA stand-in: every CUDA branch runs here
+# Two layers. (a) Emulation: torch.cuda reports one device, whatever is asked for on "cuda" is made
+# on the CPU, and the torch.cuda calls that touch a device check their arguments with torch's own
+# device-index checks and do nothing else: the scripts' CUDA branches run to the end, their
+# arithmetic on the CPU. (b) Device propagation: the forward passes under FakeTensorMode with their
+# inputs on a fake "cuda" device, so that a CPU tensor meeting a CUDA one, or a CPU index into a
+# CUDA tensor, fails the test. Neither sees kernels, speed or rounding: the test_cuda_* tests below
+# do, on a GPU.
 
 class StandInGenerator(torch._C.Generator):
     """A generator whose state lives on the CPU and whose .device says what was asked for ("cuda"
@@ -2436,8 +2413,7 @@ def test_a_ddpm_trained_on_one_device_type_samples_on_another(root, tmp_path):
     assert torch.load(state_file, map_location="cpu", weights_only=True)["step"] == 3
 
 
-# ---------------------------------------------------------------- CUDA (skipped without a GPU; the
-# GPU check runs them)
+# -------------------------------------------- CUDA (skipped without a GPU; the GPU check runs them)
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -2595,8 +2571,8 @@ def table_run(cwd, root, name, *args, extra=(), wait=True):
     """table.py in folder cwd on the tiny data: every run at width 2, one epoch unless extra says
     otherwise."""
     argv = [
-        *script("table.py"), "--name", name, *map(str, args), "--", "--data-root", root, "--device",
-        "cpu", "--width", "2", "--batch-size", "16", "--epochs", "1", *map(str, extra)
+        *script("table.py"), "--name", name, *map(str, args), "--", "--data-root", root,
+        *on_cpu("train.py", ["--width", 2, "--batch-size", 16, "--epochs", 1, *extra])
     ]
     if not wait:
         return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -2612,121 +2588,422 @@ GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper",
         "--syn", "heldout")
 
 
-@pytest.fixture(scope="module")
-def grid(root, tmp_path_factory):
-    """A 2-cell, 2-row, 2-seed grid (8 runs), made once: (its folder, the first invocation)."""
-    cwd = tmp_path_factory.mktemp("grid")
-    return cwd, table_run(cwd, root, "g", *GRID)
+def grid_plan(root, *args, extra=()):
+    """table.py's settings and plan of a grid on the tiny data, in this process."""
+    import table
+    argv = [*map(str, args), "--", "--data-root", root, "--width", "2", "--epochs", "1", *extra]
+    cfg, extra = table.parse(argv)
+    return cfg, table.plan(cfg, extra), argv
 
 
-def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(grid):
-    cwd, r = grid
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert ("8 runs (1 datasets x 2 imbalance factors x 2 rows x 2 seeds), 0 finished, 8 to run"
-            in r.stdout)
-    folder = cwd / "runs" / "g"
-    table = json.loads((folder / "table.json").read_text())["table"]
-    assert set(table) == {"baseline", "paper"} and set(
-        table["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
-    for row, cells in table.items():
+def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
+                                                               capsys):
+    """The arithmetic on written final.json files: each cell the mean and std over the seeds that
+    finished, a missing seed named, a missing cell said, one seed no spread (n = 1)."""
+    import table
+    monkeypatch.chdir(tmp_path)
+    cfg, runs, argv = grid_plan(root, "--name", "g", *GRID)
+    rng = np.random.default_rng(0)
+    for cell, row, seed, _, folder, _ in runs:
+        if (row, cell, seed) == ("paper", "cifar10_imb5", 1) or (row, cell) == ("baseline",
+                                                                                 "cifar10_imb10"):
+            continue  # one seed of one cell, and a whole cell, never finished
+        os.makedirs(folder)
+        final = {k: float(rng.uniform(10, 90)) for k in ("top1", "many", "medium", "few")}
+        (tmp_path / folder / "final.json").write_text(json.dumps({"final_epoch": final}))
+    capsys.readouterr()
+    table.main([*argv[:argv.index("--")], "--dry-run", "--", *argv[argv.index("--") + 1:]])
+    assert len(capsys.readouterr().out.splitlines()) == 3  # what is left: three runs, no pool
+    report.write_table(str(tmp_path / "runs" / "g"), cfg, runs)
+    folder = tmp_path / "runs" / "g"
+    written = json.loads((folder / "table.json").read_text())["table"]
+    md = (folder / "table.md").read_text()
+    assert set(written) == {"baseline", "paper"}
+    assert set(written["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
+    for row, cells in written.items():
         for cell, entry in cells.items():
-            finals = [
-                json.loads((cwd / run / "final.json").read_text())["final_epoch"]
-                for run in entry["runs"]
-            ]
+            finals = [json.loads((tmp_path / run / "final.json").read_text())["final_epoch"]
+                      for run in entry["runs"]]
             top1 = np.array([f["top1"] for f in finals])
-            assert entry["seeds"] == [0, 1] and len(finals) == 2 and not entry["missing_seeds"]
-            assert abs(entry["top1"]["mean"] - top1.mean()) < 1e-9
-            assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
-            assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in (folder /
-                                                                     "table.md").read_text()
-    assert (folder / "table.png").stat().st_size > 0 and len(grid_runs(folder)) == 8
-
-
-def test_table_again_runs_nothing_and_dry_run_prints_what_is_left(root, grid):
-    cwd, _ = grid
-    logs = {d: open(os.path.join(d, "log.txt")).read() for d in grid_runs(cwd / "runs" / "g")}
-    r = table_run(cwd, root, "g", *GRID)
-    assert r.returncode == 0 and "8 finished, 0 to run" in r.stdout, r.stderr
-    assert logs == {
-        d: open(os.path.join(d, "log.txt")).read()
-        for d in grid_runs(cwd / "runs" / "g")
-    }
-    r = table_run(cwd, root, "g", *GRID[:8], "--seeds", 0, 1, 2, "--syn", "heldout", "--dry-run")
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 4 and all("--seed 2 --out runs/g/" in line
-                                                         for line in lines), r.stdout
+            if not len(top1):
+                assert entry["top1"] is None and entry["missing_seeds"] == [0, 1]
+            elif len(top1) == 1:  # no spread from one seed
+                assert entry["top1"] == {"mean": top1[0], "std": None, "runs": 1}
+                assert f"{top1[0]:.2f} (n = 1) (1 of 2 seeds)" in md
+            else:
+                assert entry["seeds"] == [0, 1] and not entry["missing_seeds"]
+                assert abs(entry["top1"]["mean"] - top1.mean()) < 1e-9
+                assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
+                assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in md
+    assert "| baseline `--syn none --w-con 0` | missing |" in md
+    assert (folder / "table.png").stat().st_size > 0
 
 
 def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
-    """kill -9 of the runner's process group in its first run's second epoch: the next invocation
-    resumes that run and runs the other; the table equals an uninterrupted grid's."""
+    """The one grid run end to end: kill -9 of the runner's process group in its first run's
+    second epoch; the next invocation resumes that run and runs the other, and the table holds
+    what uninterrupted runs of the same settings give."""
     import signal
     import time
     args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--seeds", 0, 1, "--syn",
             "heldout")
     p = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2], wait=False)
-    run0 = tmp_path / "runs" / "killed" / train.run_name(
-        cpu_config([
-            "--imb", "10", "--syn", "heldout", "--epochs", "2", "--width", "2", "--batch-size", "16"
-        ]))
+    flags = ["--imb", "10", "--syn", "heldout", "--epochs", "2", "--width", "2", "--batch-size",
+             "16", "--data-root", root]
+    run0 = tmp_path / "runs" / "killed" / train.run_name(cpu_config(flags))
     deadline = time.time() + 300
     while time.time() < deadline and not ((run0 / "metrics.jsonl").exists() and
                                           (run0 / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (run0 / "final.json").exists() and not (tmp_path / "runs" / "killed" /
-                                                       "table.json").exists()
-    for name in ("killed", "whole"):
-        r = table_run(tmp_path, root, name, *args, extra=["--epochs", 2])
-        assert r.returncode == 0, r.stderr[-2000:]
+    assert not (run0 / "final.json").exists()
+    assert not (tmp_path / "runs" / "killed" / "table.json").exists()
+    r = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2])
+    assert r.returncode == 0, r.stderr[-2000:]
     assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
-    a, b = (json.loads(
-        (tmp_path / "runs" / n / "table.json").read_text())["table"]["paper"]["cifar10_imb10"]
-            for n in ("killed", "whole"))
-    assert [a[k] for k in ("top1", "many", "few")] == [b[k] for k in ("top1", "many", "few")]
+    cell = json.loads((tmp_path / "runs" / "killed" / "table.json").read_text())["table"]["paper"]
+    whole = []
+    for seed in (0, 1):
+        out = tmp_path / f"whole{seed}"
+        train.train(cpu_config([*flags, "--seed", str(seed), "--out", str(out)]))
+        whole.append(json.loads((out / "final.json").read_text())["final_epoch"]["top1"])
+    assert cell["cifar10_imb10"]["top1"]["mean"] == pytest.approx(np.mean(whole), abs=1e-9)
 
 
-def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path):
+def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
+    """--gpus 0,1 on a machine without GPUs: two workers, each run pinned with
+    CUDA_VISIBLE_DEVICES (said to train on the CPU); one run blows up, in one line, and the other
+    finishes."""
+    import table
     r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
-                  "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
-    failures = [line for line in r.stderr.splitlines() if "failed (exit 2)" in line]
-    assert r.returncode == 1 and len(
-        failures) == 1 and "non-finite loss" in failures[0], r.stderr[-2000:]
-    table = json.loads((tmp_path / "runs" / "f" / "table.json").read_text())["table"]
-    assert table["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1 and table["blowup"][
-        "cifar10_imb10"]["top1"] is None
+                  "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout",
+                  "--gpus", "0,1")
+    failures = [line for line in r.stderr.splitlines() if "failed, exit 2" in line]
+    assert r.returncode == 1 and len(failures) == 1, r.stderr[-2000:]
+    assert "non-finite loss" in failures[0]
+    assert "to run on GPU 0, GPU 1 (no GPU visible here: the runs train on the CPU)" in r.stdout
+    written = json.loads((tmp_path / "runs" / "f" / "table.json").read_text())["table"]
+    assert written["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1
+    assert written["blowup"]["cifar10_imb10"]["top1"] is None
     assert "| blowup `--lr 1e30` | missing |" in (tmp_path / "runs" / "f" / "table.md").read_text()
-    r = table_run(tmp_path, root, "f", "--rows", "nosuch")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such row" in r.stderr
-
-
-def test_table_on_two_given_gpus_runs_two_at_once_in_their_own_folders(root, tmp_path):
-    """--gpus 0,1 on the CPU: two workers, each run pinned with CUDA_VISIBLE_DEVICES, two runs at
-    the same time."""
-    r = table_run(tmp_path, root, "two", "--datasets", "cifar10", "--imbs", 10, "--rows", "paper",
-                  "--seeds", 0, 1, "--syn", "heldout", "--gpus", "0,1", extra=["--epochs", 2])
-    assert r.returncode == 0 and "to run on GPU 0, GPU 1" in r.stdout, r.stderr[-2000:]
-    runs = grid_runs(tmp_path / "runs" / "two")
+    runs = grid_runs(tmp_path / "runs" / "f")
     pinned = sorted(open(os.path.join(d, "log.txt")).readline().split()[1] for d in runs)
     assert len(runs) == 2 and pinned == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
-    started = [os.path.getmtime(os.path.join(d, "config.json")) for d in runs]
-    ended = [os.path.getmtime(os.path.join(d, "final.json")) for d in runs]
-    assert max(started) < min(ended)  # each started before the other ended
+    code, err = in_process(lambda: table.main(["--rows", "nosuch"]), capsys)
+    assert code == 2 and len(err) == 1 and "no such row" in err[0]
 
 
-def test_table_makes_each_pool_once_for_the_largest_fill(root, pipe_dir, tmp_path):
-    """Two imbalance factors from one pool made for the larger fill: generate.py runs once, and not
-    again."""
+def test_table_makes_each_pool_once_for_the_largest_fill(root, tmp_path, monkeypatch):
+    """Two imbalance factors from one pool: one generate.py command, for the larger fill, and
+    none once the pool's manifest is there."""
+    import table
+    monkeypatch.chdir(tmp_path)
     pool = str(tmp_path / "pool")
-    gen = f"--model {pipe_dir} --steps 2 --guidance 0 --batch-size 8 --device cpu"
-    for _ in range(2):
-        r = table_run(tmp_path, root, "p", "--datasets", "cifar10", "--imbs", 5, 10, "--rows",
-                      "paper", "--seeds", 0, "--gen", gen, extra=["--pool", pool])
-        assert r.returncode == 0, r.stderr[-2000:]
-    log = open(os.path.join(pool, "generate_log.txt")).read()
-    assert log.count("$ python generate.py") == 1 and "--imb 10 " in log
-    fill = {c: 20 - n for c, n in enumerate(data.lt_counts(20, 10, 10)) if 20 - n}
-    assert {c: len(v) for c, v in data.read_pool(pool, "cifar10", CIFAR10_NAMES).items()} == fill
-    assert len(grid_runs(tmp_path / "runs" / "p")) == 2
+    cfg, runs, _ = grid_plan(root, "--datasets", "cifar10", "--imbs", 5, 10, "--rows", "paper",
+                             "--seeds", 0, "--gen", "--steps 2", extra=["--pool", pool])
+    (folder, argv), = table.pools(cfg, runs)
+    assert folder == pool and argv[:5] == ["generate.py", "--dataset", "cifar10", "--imb", "10"]
+    assert argv[-2:] == ["--steps", "2"]
+    write_pool(pool, "cifar10", CIFAR10_NAMES, 20)
+    assert table.pools(cfg, runs) == []
+
+
+# ---------------------------------------------------------------- bad input, third round
+
+
+def broken_tables(tmp_path, monkeypatch, content=None, variation=None):
+    """prompts/ copied to tmp_path with cifar10.json's or variation.json's text replaced."""
+    import shutil
+
+    import prompting
+    folder = tmp_path / "prompts"
+    shutil.copytree(prompting.PROMPTS, folder)
+    for name, text in (("cifar10.json", content), ("variation.json", variation)):
+        if text is not None:
+            (folder / name).write_text(text)
+    monkeypatch.setattr(prompting, "PROMPTS", str(folder))
+    return prompting
+
+
+@pytest.mark.parametrize("content,variation,message", [
+    ('{"about": "no classes"}', None, r"cifar10.json is not an object: it must read \"classes\""),
+    ("[1, 2]", None, "cifar10.json is not an object"),
+    (None, '{"viewpoint": ["seen from the side"], "style": ["a photo"]}',
+     "variation.json has no 'light'"),
+    ('{"classes": {"truck": "a red truck on a highway"}}', None,
+     "cifar10.json has 'truck' as str, not a list of texts"),
+])
+def test_a_prompts_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, variation,
+                                                        message):
+    """Hand-edited tables: a missing key, a list, a class entry that is a string (before: a
+    KeyError, a TypeError, or prompts built from single letters)."""
+    prompting = broken_tables(tmp_path, monkeypatch, content, variation)
+    with pytest.raises(cli.SAUError, match=message):
+        prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
+
+
+def test_table_where_runs_cannot_be_made_is_one_line_before_anything_starts(root, tmp_path,
+                                                                           monkeypatch, capsys):
+    import table
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the folder should be")
+    argv = ["--name", "t", "--datasets", "cifar10", "--imbs", "10", "--rows", "paper", "--seeds",
+            "0", "--syn", "heldout", "--", "--data-root", root, "--epochs", "1"]
+    code, err = in_process(lambda: table.main(argv), capsys)
+    assert code == 2 and len(err) == 1 and "runs/t is not writable" in err[0], err
+    assert (tmp_path / "runs").is_file()
+
+
+def test_a_run_the_runner_cannot_start_is_a_failed_run(tmp_path):
+    import table
+    (tmp_path / "file").write_text("")
+    log = str(tmp_path / "file" / "run" / "log.txt")  # its folder cannot be made
+    failed = table.execute([(["train.py", "--help"], log)], [None], "runs")
+    assert len(failed) == 1 and "could not start" in failed[0][1]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: {**c, "width": "8"}, r"config.json: width is '8', not a whole number"),
+    (lambda c: {**c, "syn": "poool"}, r"config.json: syn is 'poool', not one of pool, none"),
+    (lambda c: [c], r"config.json holds a JSON list, not a run's settings"),
+])
+def test_resume_checks_a_hand_edited_config_as_the_command_line_would(root, tmp_path, capsys,
+                                                                      edit, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = tiny_cfg(root, out)
+    (out / "config.json").write_text(json.dumps(edit({k: v for k, v in cfg.items()
+                                                       if k != "resume"})))
+    code, err = in_process(lambda: cpu_config(["--resume", str(out)]), capsys)
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_an_empty_resume_is_refused_and_a_refused_run_leaves_no_folder(root, tmp_path, capsys,
+                                                                       monkeypatch):
+    code, err = in_process(lambda: cpu_config(["--resume", ""]), capsys)
+    assert code == 2 and "--resume needs the run's folder" in err[0], err
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/<name>, lands here
+    cfg = cpu_config(["--data-root", root, *map(str, TINY), "--pool", str(tmp_path / "none")])
+    code, err = in_process(lambda: train.train(cfg), capsys)
+    assert code == 2 and "no synthetic pool" in err[0] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--row", "b=--bench 2", "--rows", "b"], "row b: --bench makes no training run"),
+    (["--rows", "paper", "--", "--stop-after", "1"], "after --: --stop-after makes no"),
+    (["--row", "o=--out x", "--rows", "o"], "row o: --out makes no"),
+    (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus"),
+])
+def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, capsys):
+    import table
+    code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_table_refuses_a_gpu_index_torch_does_not_see(monkeypatch):
+    import table
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(cli.SAUError, match="torch sees 2 GPU"):
+        table.devices_of("1,7")
+    assert table.devices_of("1,0") == ([1, 0], "GPU 1, GPU 0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    devices, where = table.devices_of("7")
+    assert devices == [7] and "the runs train on the CPU" in where
+
+
+def test_a_planted_share_without_a_fill_is_refused(capsys):
+    code, err = in_process(lambda: cpu_config(["--syn-ratio", "0", "--syn-noise", "0.5"]), capsys)
+    assert code == 2 and "--syn-noise 0.5 has no effect with --syn-ratio 0" in err[0], err
+
+
+def test_two_runners_on_one_grid_one_is_refused(tmp_path):
+    first = cli.own(str(tmp_path / "grid"), "--name", "runner")
+    with pytest.raises(cli.SAUError, match="in use by another runner"):
+        cli.own(str(tmp_path / "grid"), "--name", "runner")
+    first.close()
+
+
+# ---------------------------------------------------------------- the literature's subsets
+
+
+def authors_subset(labels, imb):
+    """The SAU authors' subset, written out from their dataset/cifar10.py (produce_train_data)
+    after main.py's np.random.seed(35180): per class in label order, choice(n, n_real) for the
+    real images, then choice(n, n_max - n_real) for the synthetic ones."""
+    num_cls = int(labels.max()) + 1
+    data_num = int(len(labels) / num_cls)
+    real = [int(data_num * ((1 / imb) ** (c / (num_cls - 1)))) for c in range(num_cls)]
+    np.random.seed(35180)
+    keep = []
+    for i in range(1, num_cls + 1):
+        positions = np.flatnonzero((labels >= i - 1) & (labels < i))
+        index = np.random.choice(len(positions), real[i - 1], replace=False)
+        np.random.choice(len(positions), data_num - real[i - 1], replace=False)
+        keep += positions[index].tolist()
+    return sorted(keep)
+
+
+def ldam_subset(labels, imb):
+    """LDAM-DRW's IMBALANCECIFAR10 (imbalance_cifar.py), written out: np.random.seed(0), then
+    per class idx = np.where(targets == c)[0]; np.random.shuffle(idx); idx[:n]."""
+    cls_num = int(labels.max()) + 1
+    img_max = len(labels) / cls_num
+    counts = [int(img_max * ((1 / imb) ** (c / (cls_num - 1.0)))) for c in range(cls_num)]
+    np.random.seed(0)
+    keep = []
+    for c, n in zip(np.unique(labels), counts):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        keep += idx[:n].tolist()
+    return sorted(keep)
+
+
+@pytest.fixture
+def global_numpy_restored():
+    state = np.random.get_state()
+    yield
+    np.random.set_state(state)
+
+
+def cifar_like_labels(num_classes, per_class):
+    """A label array with CIFAR's layout (per_class of each class, in a shuffled order)."""
+    return np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+@pytest.mark.parametrize("num_classes,per_class", [(10, 5000), (100, 500)])
+@pytest.mark.parametrize("imb", [100, 50, 10])
+def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, per_class, imb,
+                                                                   global_numpy_restored):
+    labels = cifar_like_labels(num_classes, per_class)
+    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
+        ours = data.long_tail_indices(labels, imb, 0, split)
+        assert sorted(ours.tolist()) == theirs(labels, imb), (split, imb)
+        assert np.bincount(labels[ours]).tolist() == data.lt_counts(per_class, num_classes, imb)
+
+
+def test_the_splits_on_the_tiny_data_and_seeded_unchanged(root, global_numpy_restored):
+    _, labels = data.load_cifar("cifar10", root, train=True)
+    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
+        assert sorted(data.long_tail_indices(labels, 10, 0, split).tolist()) == theirs(labels, 10)
+    # seeded, as it always drew: the per-class draws of one generator of the data seed
+    rng = np.random.default_rng(3)
+    drawn = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
+             for c, n in enumerate(data.lt_counts(20, 10, 10))]
+    assert np.array_equal(data.long_tail_indices(labels, 10, 3), np.concatenate(drawn))
+    assert np.array_equal(data.long_tail_indices(labels, 10, 3, "seeded"), np.concatenate(drawn))
+
+
+def test_data_script_prints_a_splits_counts_and_saves_its_indices(root, tmp_path, capsys,
+                                                                  global_numpy_restored):
+    out = tmp_path / "subset.txt"
+    code, err = in_process(lambda: data.main(["--data-root", root, "--imb", "10", "--split",
+                                              "reference", "--save-indices", str(out)]), capsys)
+    assert code == 0, err
+    _, labels = data.load_cifar("cifar10", root, train=True)
+    saved = [int(x) for x in out.read_text().split()]
+    assert saved == authors_subset(labels, 10) and saved == sorted(saved)
+    code, err = in_process(lambda: data.main(["--data-root", root, "--split", "ldam",
+                                              "--data-seed", "3"]), capsys)
+    assert code == 2 and "--data-seed 3 has no effect with --split reference or ldam" in err[0]
+
+
+def test_split_is_a_data_setting_named_in_the_run_and_taken_by_table_rows(root, capsys):
+    import table
+    cfg = cpu_config(["--data-root", root, "--split", "ldam"])
+    assert "_splitldam_" in train.run_name(cfg) and "split" not in train.run_name(cpu_config([]))
+    capsys.readouterr()
+    table.main(["--dry-run", "--datasets", "cifar10", "--imbs", "10", "--rows", "l", "--row",
+                "l=--split ldam", "--seeds", "0"])
+    printed = capsys.readouterr().out
+    assert "--split ldam" in printed and "_splitldam_" in printed
+
+
+# ---------------------------------------------------- prompts written by a language model
+
+
+def write_tiny_language_model(folder, names):
+    """A causal language model and its tokenizer from configs, no download: GPT-2 shapes at a
+    width of 16, a word-level vocabulary of the class names and common words, so that its random
+    samples are lines of words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    common = ("a the on in at of with under near over by its and light sky road grass water wall "
+              "morning evening sun shadow side view close wide field street tree cloud snow")
+    words = ["[PAD]", "[EOS]", "[UNK]", *(w for n in names for w in n.replace("_", " ").split()),
+             *common.split()]
+    words = list(dict.fromkeys(words))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]",
+                                  unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=256, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1,
+                                       pad_token_id=0))
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(root, tmp_path, capsys):
+    """prompting.write_lm_prompts with a tiny model: the asked number of lines per class, each
+    beginning with its class name, within the length window, none twice in a class; the same
+    file again from scratch; a file cut by a kill (a partial last line) resumed to the same
+    bytes; a rerun that has nothing to write loads no model."""
+    import prompting
+    names = CIFAR10_NAMES
+    lm = write_tiny_language_model(tmp_path / "lm", names)
+    counts = [0, 3] + [2] * 8  # a class with no fill gets no line
+    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1)]
+    for p in paths:
+        p.parent.mkdir()
+        prompting.write_lm_prompts(str(p), names, counts, lm, torch.device("cpu"), 5,
+                                   batch_size=4)
+    text = paths[0].read_text()
+    assert text == paths[1].read_text() and "refused and drawn again, per class" in (
+        capsys.readouterr().out)
+    lines = prompting.lm_lines(str(paths[0]), names)
+    assert [len(lines[c]) for c in range(10)] == counts
+    for c, ls in lines.items():
+        assert len(set(ls)) == len(ls)
+        for line in ls:
+            assert line.lower().startswith(names[c]) and 20 <= len(line.split()) <= 70
+    # killed after a call's lines were written and before its record, then a line cut short:
+    # both drawn again, and the rest written as an uninterrupted run writes it
+    killed = tmp_path / "killed" / prompting.LM_FILE
+    killed.parent.mkdir()
+    real_write, count = cli.write_atomic, [0]
+
+    def write(path, what):
+        count[0] += path.endswith(".state")
+        if count[0] == 4:
+            raise Killed
+        return real_write(path, what)
+
+    with pytest.raises(Killed), pytest.MonkeyPatch.context() as m:
+        m.setattr(cli, "write_atomic", write)
+        prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
+                                   batch_size=4)
+    assert len(text) > len(killed.read_text()) > 0
+    with open(killed, "a") as f:
+        f.write("Deer shadow clo")
+    prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
+                               batch_size=4)
+    assert killed.read_text() == text
+    prompting.write_lm_prompts(str(killed), names, counts, "no/such-model", None, 5)  # nothing
+    assert prompting.class_prompts(names, str(paths[0]), "built")[1] == lines[1]
+
+
+def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(root, pipe_dir,
+                                                                               tmp_path):
+    import prompting
+    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
+    pool = tmp_path / "pool"
+    gen_here(root, pipe_dir, pool, "--prompt-model", lm, "--per-class", 2, "--prompt-batch", 4)
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["generator"]["prompts"]["file"] == prompting.LM_FILE
+    assert manifest["generator"]["prompts"]["written_by"] == lm
+    with np.load(pool / data.shard_name(3, 0)) as z:
+        written = prompting.lm_lines(str(pool / prompting.LM_FILE), CIFAR10_NAMES)[3]
+        assert list(z["prompts"]) == written[:2]

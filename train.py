@@ -72,9 +72,7 @@ IGNORED = [
     *[(k, lambda c: c["w_con"] == 0, "with --w-con 0")
       for k in ("relabel", "strategy", "temperature")],
     *[(k, lambda c: c["w_cls"] == 0, "with --w-cls 0") for k in ("mix_alpha", "audit_cls")],
-    *[(k, lambda c: c["syn"] == "none", "with --syn none")
-      for k in ("syn_ratio", "syn_noise", "pool")],
-    ("pool", lambda c: c["syn"] == "heldout", "with --syn heldout"),
+    *data.DATA_IGNORED,
     *runner.RUNTIME_IGNORED,
 ]
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; torchvision pinned
 
-# the reference's
+# the reference's normalisation constants
 MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
             "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 SEED_MIX = 1_000_003  # a seed and an index mixed into one seed: seed * SEED_MIX + i
@@ -43,8 +43,7 @@ def normalize(x, mean, std):
     return (x.float() / 255 - mean) / std
 
 
-# ---------------------------------------------------------------- the CPU views: torchvision, one
-# image at a time
+# -------------------------------------------------- the CPU views: torchvision, one image at a time
 
 
 # uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
@@ -122,12 +121,11 @@ class Views(torch.utils.data.Dataset):
         return Batch(views, self.labels[i], self.is_syn[i], i)
 
 
-# ---------------------------------------------------------------- the views as batched tensor ops
-# (--loader gpu) The same three views, made on the device for a whole batch with per-sample random
-# parameters. torchvision v2 draws one parameter set per call, and kornia 0.9 one AutoAugment
-# sub-policy and one colour-jitter order per batch, so each op here is ours; test_sau.py checks each
-# against torchvision's kernel for fixed parameters, and the views' pixel statistics against the CPU
-# views.
+# ------------------------------------------------- the views as batched tensor ops (--loader gpu)
+# The same three views, made on the device for a whole batch with per-sample random parameters.
+# torchvision v2 draws one parameter set per call, and kornia 0.9 one AutoAugment sub-policy and one
+# colour-jitter order per batch, so each op here is ours; test_sau.py checks each against
+# torchvision's kernel for fixed parameters, and the views' pixel statistics against the CPU views.
 
 
 def _col(v):  # [B] -> [B, 1, 1, 1]
