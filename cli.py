@@ -12,10 +12,12 @@ import re
 import signal
 import socket
 import sys
+import traceback
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
 
 class SAUError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
@@ -125,10 +127,12 @@ def wrong_value(setting, v):
     want = setting.type or type(setting.default)
     values = v if setting.nargs and isinstance(v, list) else [v]
     for x in values:
-        ok = (isinstance(x, want) and not (want is int and isinstance(x, bool))
-              or want is float and isinstance(x, int) and not isinstance(x, bool))
         if x is None and setting.default is None:
             continue
+        if isinstance(x, bool) and want is not bool:
+            ok = False  # JSON's true is no number, though Python's bool is an int
+        else:
+            ok = isinstance(x, want) or want is float and isinstance(x, int)
         if not ok:
             kind = {int: "a whole number", float: "a number"}.get(want, "a " + want.__name__)
             return "not " + kind
@@ -271,8 +275,16 @@ def interrupted():
 
 
 def check_interrupt():
+    """A noted Ctrl-C whose exception was lost (in a fork's hooks, or in a weakref callback or a
+    __del__, where Python can only report it) is raised here, at the next step of a loop."""
     if _SIGINT:
         raise KeyboardInterrupt
+
+
+def _quiet_interrupt(hook):
+    """sys.unraisablehook that keeps quiet about a noted Ctrl-C raised where Python can only report
+    it (seen: a weakref callback of the garbage collector): check_interrupt raises it."""
+    return lambda u: None if _SIGINT and issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
 
 
 def run_cli(main):
@@ -283,6 +295,7 @@ def run_cli(main):
     # not where SIGINT is ignored (a background job)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _quiet_interrupt(sys.unraisablehook)
     try:
         main()
     except SAUError as e:
@@ -341,6 +354,20 @@ def writable_folder(path, flag):
 
 
 def ignore_sigint(_):
-    """A DataLoader worker leaves Ctrl-C to the main process, which stops them in order (else a
-    worker the signal ends first is reported as a crash)."""
+    """DataLoader's worker_init_fn: a worker leaves Ctrl-C to the main process, which stops them in
+    order (else a worker the signal ends first is reported as a crash), and keeps quiet when the
+    interrupted main process hangs up while taking a batch's shared memory from it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = quiet_handle_sharing(sys.excepthook)
+
+
+def quiet_handle_sharing(hook):
+    """sys.excepthook without the Traceback that multiprocessing's resource_sharer thread prints
+    when the process it hands a file descriptor to hangs up mid-handshake (EOFError,
+    ConnectionError); every other error reaches hook."""
+    def quiet(kind, error, tb):
+        sharing = any(f.f_code.co_filename.endswith("resource_sharer.py")
+                      for f, _ in traceback.walk_tb(tb))
+        if not (sharing and issubclass(kind, (EOFError, ConnectionError))):
+            hook(kind, error, tb)
+    return quiet

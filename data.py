@@ -375,10 +375,12 @@ class MixedSet:
     is_syn, and is_noisy (the planted wrong-class images of --syn-noise, counted as synthetic);
     per class n_real, n_syn, n_noisy."""
 
-    def __init__(self, images, labels, is_syn, is_noisy, n_real, n_syn, n_noisy, classes, dataset):
+    def __init__(self, images, labels, is_syn, is_noisy, n_real, n_syn, n_noisy, classes, dataset,
+                 subset):
         self.images, self.labels, self.is_syn, self.is_noisy = images, labels, is_syn, is_noisy
         self.n_real, self.n_syn, self.n_noisy = n_real, n_syn, n_noisy
         self.classes, self.dataset = classes, dataset
+        self.subset = subset  # the real images' positions in the official train set
 
     def __len__(self):
         return len(self.labels)
@@ -389,6 +391,11 @@ def pool_folder(cfg):
     return cfg["pool"] or os.path.join(cfg["data_root"], "synthetic", cfg["dataset"])
 
 
+def fill_counts(n_real, n_max, syn="pool", syn_ratio=1.0):
+    """Synthetic images per class: a share syn_ratio of what tops each class up to n_max."""
+    return [0 if syn == "none" else int(round(syn_ratio * (n_max - n))) for n in n_real]
+
+
 def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0,
                 pool=None, syn_noise=0.0, split="seeded"):
     """The mixed set of DATA_CONFIG's settings (checked by cli.check_settings)."""
@@ -397,8 +404,7 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
     keep = long_tail_indices(labels, imb, data_seed, split)
     num_classes = len(classes)
     n_real = np.bincount(labels[keep], minlength=num_classes).tolist()
-    n_max = int(np.bincount(labels).max())
-    n_fill = [0 if syn == "none" else int(round(syn_ratio * (n_max - n))) for n in n_real]
+    n_fill = fill_counts(n_real, int(np.bincount(labels).max()), syn, syn_ratio)
     n_noisy = [int(round(syn_noise * n)) for n in n_fill]
     # The fill and the planted images each have a stream of their own: the subset never depends
     # on them, and --syn-noise 0 changes nothing.
@@ -443,7 +449,7 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
         ns.append(np.arange(n) >= n - k)
     return MixedSet(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys),
                     np.concatenate(ss), np.concatenate(ns), n_real, n_fill, n_noisy, classes,
-                    dataset)
+                    dataset, keep)
 
 
 # ---------------------------------------------------------------- the batch streams
@@ -521,12 +527,9 @@ def main(argv=None):
         settings.update(syn="none", syn_noise=0.0)
     m = build_mixed(**settings)
     if note:
-        n_max = max(m.n_real)
-        m.n_syn = [int(round(cfg["syn_ratio"] * (n_max - n))) for n in m.n_real]
+        m.n_syn = fill_counts(m.n_real, max(m.n_real), syn_ratio=cfg["syn_ratio"])
     if cfg["save_indices"]:
-        _, labels = load_cifar(cfg["dataset"], cfg["data_root"], train=True)
-        keep = np.sort(long_tail_indices(labels, cfg["imb"], cfg["data_seed"], cfg["split"]))
-        cli.write_atomic(cfg["save_indices"], "".join(f"{i}\n" for i in keep))
+        cli.write_atomic(cfg["save_indices"], "".join(f"{i}\n" for i in np.sort(m.subset)))
     planted = lambda s: f" {s:>7}" if cfg["syn_noise"] else ""
     print(f"{'class':>5} {'name':<16} {'real':>6} {'synthetic':>9}{planted('planted')} "
           f"{'group':>6}")

@@ -119,6 +119,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
                dynamic_ncols=True, disable=step >= cfg["train_steps"])
     unet.train()
     while step < cfg["train_steps"]:
+        cli.check_interrupt()
         batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"],
                            len(names), rng)
         # warm-up: early EMA weights are not mostly the random init

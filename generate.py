@@ -533,6 +533,7 @@ def main(argv=None):
     # closed (its line ended) also when an error ends the run, so that the error has a line
     with tqdm(total=sum(len(b) for b in todo), unit="img", desc=desc, dynamic_ncols=True) as bar:
         for batch in todo:
+            cli.check_interrupt()
             retries0 = gen.retries
             texts = [prompts[c][k % len(prompts[c])] for c, k in batch]
             made += write_batch(folder, cfg, batch, have, texts, *gen.make(batch, texts))

@@ -226,6 +226,7 @@ def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16,
         for c in todo:
             seen = set(have[c])
             while len(seen) < counts[c] and tries.get(c, 0) < MAX_TRIES:
+                cli.check_interrupt()
                 # a call's seed follows from what is written: a resumed run draws the same texts
                 call_seed = cli.derived_seed(seed, c, len(seen), tries.get(c, 0))
                 drawn = describe(tok, model, spoken[c], min(batch_size, counts[c] - len(seen)),
@@ -244,7 +245,8 @@ def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16,
                 tries[c] = 0 if new else tries.get(c, 0) + 1
                 cli.write_atomic(state_path, json.dumps({"lines": n_lines, "tries": tries}))
                 bar.update(len(new))
-    short = {spoken[c]: counts[c] - len(lm_lines(path, names)[c]) for c in todo}
+    written = lm_lines(path, names)
+    short = {spoken[c]: counts[c] - len(written[c]) for c in todo}
     print(f"{path}: refused and drawn again, per class: "
           + ", ".join(f"{spoken[c]} {n}" for c, n in refused.items())
           + ("; left short after " + str(MAX_TRIES) + " fruitless calls in a row: "

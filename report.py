@@ -373,10 +373,10 @@ def summarize(settings, dirs, out=""):
 # ---------------------------------------------------------------- table.py's table
 
 
-def write_table(folder, cfg, runs, keys=("top1", "many", "medium", "few")):
+def write_table(folder, cfg, runs, keys=("top1", *data.GROUPS)):
     """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance,
-    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed is
-    named, an empty cell says so). runs: table.py's plan, (cell, row, seed, argv, run folder,
+    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed
+    is named, an empty cell says so). runs: table.py's plan, (cell, row, seed, argv, run folder,
     settings)."""
     cells = list(dict.fromkeys(r[0] for r in runs))
     new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}

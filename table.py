@@ -43,26 +43,20 @@ CONFIG = {
                   choices=tuple(data.DATASETS), type=str, nargs="+"),
     "imbs": S([100.0, 50.0, 10.0], "imbalance factors",
               (lambda v: min(v) >= 1 and IS_LIST[0](v), ">= 1, once each"), type=float, nargs="+"),
-    "rows": S(list(ROWS), f"the table's rows: {', '.join(ROWS)} or a --row of yours", IS_LIST,
+    "rows": S(list(ROWS), f"the table's rows, of {', '.join(ROWS)}; each --row joins them", IS_LIST,
               type=str, nargs="+"),
     "row": S([], "NAME=FLAGS: a row of your own (train.py flags), e.g. pos_only='--strategy drop'",
              type=str, nargs="+"),
     "seeds": S([0, 1, 2], "training seeds of every cell",
                (lambda v: min(v) >= 0 and IS_LIST[0](v), ">= 0, once each"), type=int, nargs="+"),
-    "syn": S(
-        "pool",
-        "the fill of the rows that have one: pool (made by generate.py when missing, once per "
-        "dataset, "
-        "for the grid's largest fill) | heldout (unused real images, ours)",
-        choices=("pool", "heldout")),
+    "syn": S("pool", "the fill of the rows that have one: pool (made by generate.py when "
+             "missing, once per dataset, for the grid's largest fill) | heldout (unused real "
+             "images, ours)", choices=("pool", "heldout")),
     "gen": S("", "extra generate.py flags for the pools, e.g. '--generator ddpm'"),
-    "gpus": S(
-        "",
-        "GPU indices to run on, e.g. 0,1 (one run each at a time); empty: every GPU torch sees, "
-        "else "
-        "the CPU, one run at a time",
-        (lambda v: all(p.isdigit()
-                       for p in v.split(",")) if v else True, "comma-separated GPU indices")),
+    "gpus": S("", "GPU indices to run on, e.g. 0,1 (one run each at a time); empty: every GPU "
+              "torch sees, else the CPU, one run at a time",
+              (lambda v: not v or all(p.isdigit() for p in v.split(",")),
+               "comma-separated GPU indices")),
     "dry_run": S(False, "print every command it would run, one a line (pools first), and exit"),
 }
 
@@ -82,6 +76,8 @@ def parse(argv):
     if unknown:
         raise cli.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are "
                            f"{', '.join(rows)} (or add one with --row NAME=FLAGS)")
+    # a row of your own joins the table after --rows, without being named there too
+    cfg["rows"] = cfg["rows"] + [r for r in rows if r not in ROWS and r not in cfg["rows"]]
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
     extra = argv[cut + 1:]
     for where, flags in [("after --", extra), *((f"row {r}", shlex.split(f))

@@ -94,6 +94,21 @@ def root(tmp_path_factory):
     return r
 
 
+def unrendered(fig, path):
+    """report.save_figure's stand-in: the figure is drawn, not rendered, and a placeholder is
+    written through the same atomic write."""
+    cli.write_atomic(path, "png")
+    report.pyplot().close(fig)
+
+
+@pytest.fixture(autouse=True)
+def pictures_unrendered(request, monkeypatch):
+    """In-process runs draw their pictures but do not render them (about 1.5 s a run on a 2-core
+    CPU); the tests marked `pictures` render them, and so does every script run as a process."""
+    if "pictures" not in request.keywords:
+        monkeypatch.setattr(report, "save_figure", unrendered)
+
+
 def on_cpu(script, args):
     """The script's argv with the CPU and fp32 pinned first (a later flag wins): on a machine with
     a GPU the CPU tests stay CPU tests, bit-exact as they expect, and on a CPU with native bf16
@@ -754,13 +769,17 @@ def test_data_script_prints_counts(root, monkeypatch, capsys):
 
 
 @pytest.mark.quick
-def test_train_one_epoch_writes_every_run_file(root, tmp_path):
+@pytest.mark.pictures
+def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
     out = tmp_path / "run"
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn-noise", 0.5)
-    assert r.returncode == 0, r.stderr
+    capsys.readouterr()
+    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(out),
+                            *map(str, TINY), "--syn-noise", "0.5"]))
+    stdout = capsys.readouterr().out
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
               "per_class.png", "confusion.png", "suspects.png", "audit.png"):
         assert (out / f).stat().st_size > 0, f
+        assert not f.endswith(".png") or (out / f).read_bytes()[:4] == b"\x89PNG", f
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["syn"] == "pool" and cfg["lr"] == 0.01 and cfg["temperature"] == 0.1
     (line,) = (out / "metrics.jsonl").read_text().splitlines()
@@ -770,10 +789,10 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path):
               "false_flag_rate", "precision", "auc_p", "auc_margin", "auc_both", "auc_flags",
               "audit", "audit_s"):
         assert k in m
-    assert set(m["audit"]["per_class"]["p"]) == {"real", "clean", "planted"} and "audit" in r.stdout
+    assert set(m["audit"]["per_class"]["p"]) == {"real", "clean", "planted"} and "audit" in stdout
     assert 0 <= m["suspect_frac"] <= 1 and len(
         m["suspect_frac_per_class"]) == 10 and 0 <= m["recall"] <= 1
-    assert "recall" in r.stdout and "suspects" in r.stdout
+    assert "recall" in stdout and "suspects" in stdout
     assert m["loss_con"] > 0 and m["loss_cls"] > 0 and 0 <= m["top1"] <= 100
     final = json.loads((out / "final.json").read_text())
     assert final["final_epoch"]["top1"] == m["top1"] and len(
@@ -826,15 +845,20 @@ def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, mon
     assert not (tmp_path / "bench").exists()
 
 
-def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path):
-    """--compile on (inductor on this CPU, about a minute): the same losses as eager up to rounding,
-    and a checkpoint an eager run can resume (no torch.compile prefixes in the weights)."""
-    args = [
-        "--data-root", root, "--epochs", 1, *TINY, "--amp", "off", "--syn", "heldout", "--lr", 1e-6
-    ]
-    for mode in ("off", "on"):
-        r = run("train.py", *args, "--out", tmp_path / mode, "--compile", mode)
-        assert r.returncode == 0, r.stderr
+def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path, monkeypatch):
+    """--compile on: the same losses as eager up to rounding, and a checkpoint an eager run can
+    resume (no torch.compile prefixes in the weights). Here dynamo captures the backbone's
+    training and evaluation graphs and runs them as captured (the eager backend): inductor's C++
+    build of them took 129 s of the suite's 715 s on a 2-core AVX2 CPU. Inductor itself runs in
+    test_cuda_compiled_step_matches_eager, on a GPU."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    try:
+        for mode in ("off", "on"):
+            train.train(tiny_cfg(root, tmp_path / mode, "--epochs", 1, "--lr", 1e-6, "--compile",
+                                 mode))
+    finally:
+        torch._dynamo.reset()
     eager, compiled = (json.loads((tmp_path / m / "metrics.jsonl").read_text())
                        for m in ("off", "on"))
     for k in ("loss", "loss_cls", "loss_con"):
@@ -1104,9 +1128,11 @@ def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
     clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)
     r = gen_run(root, pipe_dir, str(tmp_path / "pool"), "--per-class", 1, "--filter", "clip",
                 "--clip-model", clip, "--clip-min-p", 0.5)
-    # after the progress bar's line
-    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    # on a line of its own after the progress bar's (split at newlines alone: a bar left open
+    # would hold the error after its last carriage return)
+    errors = [line for line in r.stderr.split("\n") if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith("generate.py: error: "), errors
     assert ("class 0 (airplane) image 0: 10 seeds in a row gave black or non-finite images (0) "
             "or images CLIP refused (11)") in errors[0]
 
@@ -1367,15 +1393,13 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, 
         "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
 
 
-def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path):
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path, capsys):
     """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it),
     no temporary file stays, and the resumed run ends with the weights of an uninterrupted one."""
     import signal
     import time
-    args = [
-        "--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout", "--batch-size",
-        4
-    ]
+    # 13 steps an epoch, 4-5 s on a 2-core CPU: the kill lands 0.3 s into epoch 2
+    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout"]
     train.train(cpu_config([*map(str, args), "--out", str(tmp_path / "full")]))
     p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", tmp_path / "kill"],
                          cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1390,9 +1414,10 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_pat
     assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu",
                       weights_only=True)["epoch"] == 1
     assert (tmp_path / "kill" / "lock").read_text().startswith(f"pid {p.pid} ")
-    r = run("train.py", "--resume", tmp_path / "kill")
-    assert r.returncode == 0, r.stderr
-    assert f"(pid {p.pid} on" in r.stdout and "ended without releasing it" in r.stdout
+    capsys.readouterr()
+    train.train(cpu_config(["--resume", str(tmp_path / "kill")]))
+    out = capsys.readouterr().out
+    assert f"(pid {p.pid} on" in out and "ended without releasing it" in out
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
             for d in ("full", "kill"))
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -1400,7 +1425,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_pat
     assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, capsys):
     out = tmp_path / "run"
     train.train(
         cpu_config([
@@ -1411,22 +1436,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path
     ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
     torch.save(ckpt, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
-    r = run("train.py", "--resume", out)
-    assert r.returncode == 2 and "non-finite loss at epoch 2, step " in r.stderr, r.stderr
+    code, err = in_process(lambda: train.train(cpu_config(["--resume", str(out)])), capsys)
     # beside the progress bar's lines
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in r.stderr and (
-        out / "checkpoint.pt").read_bytes() == before
+    errors = [line for line in err if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "non-finite loss at epoch 2, step " in errors[0], err
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
-def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path):
+def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path, capsys):
     out = tmp_path / "run"
     train.train(tiny_cfg(root, out, "--epochs", 2, "--stop-after", 1))
     data_ = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data_[: len(data_) // 2])
-    r = run("train.py", "--resume", out)
-    assert r.returncode == 2 and f"checkpoint {out / 'checkpoint.pt'} is unreadable" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    code, err = in_process(lambda: train.train(cpu_config(["--resume", str(out)])), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err[0]
 
 
 def finished_run(folder, cfg, top1):
@@ -1511,9 +1535,11 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     code, err = in_process(
         lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
     assert code == 2 and "--la-tau" in err[-1]
-    same = train.train(tiny_cfg(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast))
-    # the old run without the key, the new one with its default
-    report.summarize(train.CONFIG, [str(old), same], str(tmp_path / "sum"))
+    # the old run without the key, a finished one with its default
+    same = finished_run(tmp_path / "same", cpu_config([
+        "--data-root", root, *map(str, TINY), "--syn", "heldout", "--epochs", "2", "--seed", "1",
+        *map(str, fast)]), 40.0)
+    report.summarize(train.CONFIG, [str(old), str(same)], str(tmp_path / "sum"))
     assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
 
 
@@ -1652,10 +1678,12 @@ def test_the_forking_section_points_at_names_that_exist():
 
 
 
-def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path):
+def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypatch):
     """Each ```diff block of README's Forking section is the patch as a reader would copy it: git
-    apply takes it on a copy of the repo, and a tiny run trains with the flag it adds, named by its
-    tag, its value in config.json. A snippet that no longer applies fails here."""
+    apply takes it on a copy of the repo, and a tiny run of the fork's train.py (imported in this
+    process) trains with the flag it adds, named by its tag, its value in config.json. A snippet
+    that no longer applies fails here."""
+    import importlib.util
     import re
     import shutil
     section = open(os.path.join(HERE, "README.md")).read().split("## Forking",
@@ -1674,17 +1702,18 @@ def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 0, (i, r.stderr)
         key, tag = re.search(r'\+    "(\w+)": S\(.*tag="(\w+)"\)', patch).groups()
-        flag = "--" + key.replace("_", "-")
-        r = subprocess.run([
-            sys.executable,
-            str(fork / "train.py"),
-            *on_cpu("train.py", ["--data-root", root, "--epochs", 1, *TINY]),
-            "--syn", "heldout", flag, "1"
-        ], cwd=fork, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, (key, r.stderr[-2000:])
+        # the fork's train.py beside this process's other modules (the patches touch train.py
+        # alone), run from the fork's folder: runs/<name> lands there
+        spec = importlib.util.spec_from_file_location(f"train_fork{i}", fork / "train.py")
+        forked = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(forked)
+        monkeypatch.chdir(fork)
+        forked.train(forked.get_config(on_cpu("train.py", [
+            "--data-root", root, "--epochs", 1, *TINY, "--syn", "heldout", cli.flag(key), 1])))
         (run_dir,) = (fork / "runs").iterdir()
         assert f"_{tag}1_" in run_dir.name and json.loads(
             (run_dir / "config.json").read_text())[key] == 1
+
 
 # ---------------------------------------------- run folders: kills, two runs, full disks, bad input
 
@@ -1712,10 +1741,7 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     """The run is stopped right after each rename of its life in turn (every write of every
     epoch's end and of the reports; of the pictures, which final.json follows, after the first and
     the last), then --resume: final.json and the weights are those of an uninterrupted run. The
-    pictures are drawn but not rendered (save_figure writes a stand-in through the same atomic
-    write): this test is about the order."""
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: (cli.write_atomic(path, "png"),
-                                                                  report.pyplot().close(fig)))
+    pictures are drawn but not rendered (pictures_unrendered): this test is about the order."""
     # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
     # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
     flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
@@ -1853,6 +1879,72 @@ def test_ctrl_c_to_the_process_group_as_dataloader_workers_start_is_one_line(roo
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
     assert p.returncode == 130 and len(
         lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+
+
+CTRL_C_IN_A_CALLBACK = """
+import os, signal, sys, weakref
+sys.path.insert(0, {here!r})
+import cli
+
+def main():
+    class Thing:
+        pass
+
+    def callback(_):  # a Ctrl-C that lands while the garbage collector runs a callback
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing
+    print("after the callback", ref() is None, flush=True)
+    cli.check_interrupt()  # the next step of a loop
+    print("not reached")
+
+cli.run_cli(main)
+"""
+
+
+def test_a_ctrl_c_python_can_only_report_is_one_line_at_the_next_step(tmp_path):
+    """A Ctrl-C whose KeyboardInterrupt is raised inside a weakref callback is swallowed by Python
+    ("Exception ignored in ...", a Traceback, seen once under the one line in the test above);
+    it is noted, said by nothing, and raised at the next step: the one line, exit 130."""
+    path = tmp_path / "ctrl_c.py"
+    path.write_text(CTRL_C_IN_A_CALLBACK.format(here=HERE))
+    r = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 130 and r.stdout == "after the callback True\n", r
+    assert len(lines) == 1 and "interrupted" in lines[0], r.stderr
+
+
+def test_a_worker_keeps_quiet_when_a_ctrl_c_cuts_off_its_handshake():
+    """A DataLoader worker hands each batch's shared memory over multiprocessing's resource_sharer
+    thread; a main process that Ctrl-C stops mid-handshake hangs up, and that thread printed an
+    EOFError Traceback under the one line (seen once in four runs of the process-group test). Here
+    a real handshake is hung up in this process: the workers' hook keeps quiet about it, and
+    passes every other error on."""
+    import socket
+    from multiprocessing import resource_sharer
+    seen = []
+    hook = cli.quiet_handle_sharing(lambda kind, error, tb: seen.append(kind))
+    real_hook, sys.excepthook = sys.excepthook, hook
+    r, w = os.pipe()
+    try:
+        shared = resource_sharer.DupFd(r)  # starts the server thread
+        hang_up = socket.socket(socket.AF_UNIX)
+        hang_up.connect(resource_sharer._resource_sharer._address)
+        hang_up.close()
+        # the server takes one connection at a time: once this one is served, the other was
+        os.close(shared.detach())
+        assert seen == []
+        hook(ValueError, ValueError("another error"), None)
+        assert seen == [ValueError]
+    finally:
+        sys.excepthook = real_hook
+        resource_sharer.stop()
+        os.close(r)
+        os.close(w)
 
 
 def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys):
@@ -2598,6 +2690,7 @@ def grid_plan(root, *args, extra=()):
     return cfg, table.plan(cfg, extra), argv
 
 
+@pytest.mark.pictures
 def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
                                                                capsys):
     """The arithmetic on written final.json files: each cell the mean and std over the seeds that
@@ -2638,7 +2731,7 @@ def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, 
                 assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
                 assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in md
     assert "| baseline `--syn none --w-con 0` | missing |" in md
-    assert (folder / "table.png").stat().st_size > 0
+    assert (folder / "table.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
@@ -2665,12 +2758,14 @@ def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
     cell = json.loads((tmp_path / "runs" / "killed" / "table.json").read_text())["table"]["paper"]
-    whole = []
-    for seed in (0, 1):
-        out = tmp_path / f"whole{seed}"
-        train.train(cpu_config([*flags, "--seed", str(seed), "--out", str(out)]))
-        whole.append(json.loads((out / "final.json").read_text())["final_epoch"]["top1"])
-    assert cell["cifar10_imb10"]["top1"]["mean"] == pytest.approx(np.mean(whole), abs=1e-9)
+    # the killed run against an uninterrupted one; the other run was never interrupted
+    train.train(cpu_config([*flags, "--seed", "0", "--out", str(tmp_path / "whole")]))
+    whole, killed, other = (json.loads((d / "final.json").read_text())["final_epoch"]
+                            for d in (tmp_path / "whole", run0, run0.parent / train.run_name(
+                                cpu_config([*flags, "--seed", "1"]))))
+    assert killed == whole
+    assert cell["cifar10_imb10"]["top1"]["mean"] == pytest.approx(
+        (killed["top1"] + other["top1"]) / 2, abs=1e-9)
 
 
 def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
@@ -2801,6 +2896,17 @@ def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, 
     import table
     code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
     assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_a_row_of_your_own_joins_the_table(capsys):
+    """--row NAME=FLAGS adds its row after --rows without being named there too (before: it was
+    defined but never run, so the same command ran the default rows and never looked at it)."""
+    import table
+    cfg, _ = table.parse(["--rows", "paper", "--row", "drop=--strategy drop"])
+    assert cfg["rows"] == ["paper", "drop"] and cfg["row_flags"]["drop"] == "--strategy drop"
+    assert table.parse(["--row", "drop=--strategy drop"])[0]["rows"] == [*table.ROWS, "drop"]
+    code, err = in_process(lambda: table.main(["--dry-run", "--row", "b=--bench 2"]), capsys)
+    assert code == 2 and len(err) == 1 and "row b: --bench makes no training run" in err[0], err
 
 
 def test_table_refuses_a_gpu_index_torch_does_not_see(monkeypatch):
