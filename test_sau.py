@@ -706,37 +706,6 @@ def test_the_real_reference_flags_about_q_and_a_low_mode():
                                                              real)) and ranks.shape == (10000, 3)
 
 
-def test_the_audit_resumes_bit_exact_and_relabels_its_suspects(root, tmp_path):
-    """--relabel audit --audit-cls on, --loader gpu: stopped after epoch 1 and resumed, the audit's
-    scores, its suspects, the weights and the metrics of an uninterrupted run
-    (test_resume_gives_the_same_weights does the cpu loader). Epoch 1 has no suspects (no audit
-    yet); epoch 2's step flags exactly the samples the audit after epoch 1 flagged."""
-    flags = [
-        "--epochs", 2, "--width", 4, "--syn-noise", 0.4, "--relabel", "audit", "--audit-cls", "on",
-        "--audit-score", "both", "--audit-q", 0.3, "--loader", "gpu"
-    ]
-    train.train(tiny_cfg(root, tmp_path / "full", *flags))
-    train.train(tiny_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
-    first = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    train.train(cpu_config(["--resume", str(tmp_path / "part")]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "part"))
-    assert torch.equal(a["audit"], b["audit"]) and torch.equal(a["suspects"], b["suspects"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
-    assert [drop(m) for m in a["metrics"]] == [drop(m) for m in b["metrics"]]
-    m1, m2 = a["metrics"]
-    n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_noise=0.4).is_syn.sum()
-    assert m1["suspect_frac"] == 0 and first["suspects"].any()  # no audit before the first epoch
-    # epoch 2's step took exactly those as suspects
-    assert torch.equal(b["flagged"] > 0, first["suspects"])
-    assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
-    # the chosen score
-    assert abs(m2["audit"]["both"]["suspect_frac"] - b["suspects"].sum().item() / n_syn) < 1e-12
-    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"
-            } <= set(m2) and (tmp_path / "full" / "audit.png").exists()
-
-
 def test_contrastive_loss_backpropagates_to_z_only():
     z, labels, is_syn, protos = relabel_case()
     z = z.clone().requires_grad_()
@@ -1728,9 +1697,10 @@ def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
     sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
     assert sum(sizes) == len(mixed) - 1 and min(sizes) >= 2
     out = tmp_path / "run"
-    r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--syn", "none",
-            "--w-con", 0, "--batch-size", bs)
-    assert r.returncode == 0, r.stderr
+    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(out),
+                            *map(str, TINY), "--syn", "none", "--w-con", "0", "--batch-size",
+                            str(bs)]))
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
 
 
 class Killed(BaseException):
@@ -1740,12 +1710,16 @@ class Killed(BaseException):
 def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, monkeypatch):
     """The run is stopped right after each rename of its life in turn (every write of every
     epoch's end and of the reports; of the pictures, which final.json follows, after the first and
-    the last), then --resume: final.json and the weights are those of an uninterrupted run. The
-    pictures are drawn but not rendered (pictures_unrendered): this test is about the order."""
+    the last), then --resume: final.json, the weights, the audit's scores and suspects and the
+    metrics of an uninterrupted run. The pictures are drawn but not rendered
+    (pictures_unrendered): this test is about the order. The run relabels by the epoch audit
+    (--relabel audit --audit-cls on): epoch 1 has no suspects (no audit yet), and epoch 2's step
+    flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
     # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
     # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
     flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
-             "--loader", "gpu"]
+             "--loader", "gpu", "--relabel", "audit", "--audit-cls", "on", "--audit-score",
+             "both", "--audit-q", 0.3]
     real_replace, written = os.replace, []
     monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst),
                                                          written.append(os.path.basename(dst))))
@@ -1756,8 +1730,10 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     assert len(pictures) >= 4 and pictures == list(range(pictures[0], pictures[-1] + 1))
     kills = [k for k in range(1, len(written) + 1) if k - 1 not in pictures[1:-1]]
     ref_final = final_without_timings(tmp_path / "full")
-    ref_w = torch.load(tmp_path / "full" / "checkpoint.pt", map_location="cpu",
-                       weights_only=True)["model"]
+    load = lambda out: torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ref = load(tmp_path / "full")
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
+    first = None  # the checkpoint of epoch 1, as the kill right after its write leaves it
     for k in kills:
         out, count = tmp_path / f"kill{k}", [0]
 
@@ -1771,14 +1747,29 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
         with pytest.raises(Killed):
             train.train(tiny_cfg(root, out, *flags))
         monkeypatch.setattr(os, "replace", real_replace)
+        if first is None and written[k - 1] == "checkpoint.pt":
+            first = load(out)
         train.train(cpu_config(["--resume", str(out)]))
         assert final_without_timings(out) == ref_final, k
-        w = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
-        assert all(torch.equal(w[n], ref_w[n]) for n in w), k
-        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png",
+        b = load(out)
+        assert all(torch.equal(b["model"][n], ref["model"][n]) for n in ref["model"]), k
+        assert torch.equal(b["audit"], ref["audit"]) and torch.equal(b["suspects"],
+                                                                     ref["suspects"]), k
+        assert [drop(m) for m in b["metrics"]] == [drop(m) for m in ref["metrics"]], k
+        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png", "audit.png",
                 "metrics.jsonl"} <= set(os.listdir(out))
     # config, metrics, 2 x (checkpoint, metrics), the first and last pictures, final.json
     assert len(kills) >= 9
+    m1, m2 = ref["metrics"]
+    n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_ratio=0.5,
+                             syn_noise=0.3).is_syn.sum()
+    assert first["epoch"] == 1 and m1["suspect_frac"] == 0 and first["suspects"].any()
+    # epoch 2's step took exactly those as suspects
+    assert torch.equal(ref["flagged"] > 0, first["suspects"])
+    assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
+    # the chosen score
+    assert abs(m2["audit"]["both"]["suspect_frac"] - ref["suspects"].sum().item() / n_syn) < 1e-12
+    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2)
 
 
 def test_resume_rebuilds_every_derived_file(root, tmp_path):
@@ -1818,8 +1809,8 @@ def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path
 def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
     import resource
     out = tmp_path / "run"
-    assert run("train.py", "--data-root", root, "--epochs", 2, "--out", out, *TINY, "--stop-after",
-               1).returncode == 0
+    train.train(cpu_config(["--data-root", root, "--epochs", "2", "--out", str(out),
+                            *map(str, TINY), "--stop-after", "1"]))
     before = (out / "checkpoint.pt").read_bytes()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
     r = subprocess.run([*script("train.py"), "--resume", str(out)], capture_output=True,
@@ -2018,20 +2009,24 @@ def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, c
 
 @pytest.mark.parametrize(
     "case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
-def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case):
+def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case,
+                                                                    capsys):
+    import generate
     (tmp_path / "file").write_text("x")
     (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)
     if case.startswith("out"):
         out = tmp_path / "file" if case == "out is a file" else "/proc/sau_run"
-        r = run("train.py", "--data-root", root, "--epochs", 1, "--out", out, *TINY)
+        argv = ["--data-root", root, "--epochs", "1", "--out", str(out), *map(str, TINY)]
+        code, err = in_process(lambda: train.train(cpu_config(argv)), capsys)
         message = "is a file" if case == "out is a file" else "is not writable"
     else:
         extra = ["--pool", tmp_path /
                  "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
-        r = gen_run(root, pipe_dir, str(tmp_path / "pool"), *extra)  # the last --pool is the one
+        # the last --pool is the one
+        argv = gen_argv(root, pipe_dir, str(tmp_path / "pool"), *extra)
+        code, err = in_process(lambda: generate.main(argv), capsys)
         message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
-    assert r.returncode == 2 and len(
-        r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
@@ -2185,7 +2180,7 @@ def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
 def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
     """--resume takes the run's runtime settings (finding: it used to drop --deterministic and
     --compile) unless they are given again (that a resumed run ends with an uninterrupted run's
-    weights: test_the_audit_resumes_bit_exact_and_relabels_its_suspects and the kill tests)."""
+    weights: the kill tests)."""
     out, flags = tmp_path / "run", [
         "--epochs", 2, "--deterministic", "on", "--channels-last", "off"
     ]
