@@ -35,8 +35,12 @@ def read_tables(dataset):
             raise cli.SAUError(f"{path} is unreadable ({e.__class__.__name__}): restore it from "
                                f"the repository, or pass --prompts FILE") from None
     content, variation = tables
+    shape = '{"classes": {class name: [content, ...]}}'
+    if isinstance(content, dict) and "classes" not in content:
+        raise cli.SAUError(f"prompts/{dataset}.json has no 'classes': it must read {shape}; fix "
+                           f"it, restore it from the repository, or pass --prompts FILE")
     check_table(content.get("classes") if isinstance(content, dict) else None, None,
-                f"{dataset}.json", '"classes": {class name: [content, ...]}')
+                f"{dataset}.json", shape)
     check_table(variation, VARIATION, "variation.json",
                 "{" + ", ".join(f'"{k}": [text, ...]' for k in VARIATION) + "}")
     return content["classes"], variation

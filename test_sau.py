@@ -2818,7 +2818,7 @@ def broken_tables(tmp_path, monkeypatch, content=None, variation=None):
 
 
 @pytest.mark.parametrize("content,variation,message", [
-    ('{"about": "no classes"}', None, r"cifar10.json is not an object: it must read \"classes\""),
+    ('{"about": "no classes"}', None, r"cifar10.json has no 'classes': it must read \{\"classes\""),
     ("[1, 2]", None, "cifar10.json is not an object"),
     (None, '{"viewpoint": ["seen from the side"], "style": ["a photo"]}',
      "variation.json has no 'light'"),
