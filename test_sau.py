@@ -1182,7 +1182,7 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, c
     cmd = lambda pool, steps: [*script("generate.py"), "--pool", pool, *map(str, flags),
                                "--train-steps", str(steps), "--ckpt-every", "5"]
     pool = str(tmp_path / "killed")
-    p = subprocess.Popen(cmd(pool, 60), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd(pool, 30), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(pool, "ddpm", "state.pt")
     deadline = time.time() + 300
     while not os.path.isfile(state) and p.poll() is None and time.time() < deadline:
@@ -1190,20 +1190,20 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, c
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(state, map_location="cpu", weights_only=True)["step"]
-    assert 5 <= killed_at < 60 and not os.path.isfile(os.path.join(pool, "manifest.json"))
+    assert 5 <= killed_at < 30 and not os.path.isfile(os.path.join(pool, "manifest.json"))
     # the rest in this process (the kill is what needs one of its own)
     import generate
     argv = lambda steps: cmd(pool, steps)[2:]
     capsys.readouterr()
-    generate.main(argv(60))  # resumes
-    assert f"steps {killed_at + 1}-60" in "".join(capsys.readouterr())
+    generate.main(argv(30))  # resumes
+    assert f"steps {killed_at + 1}-30" in "".join(capsys.readouterr())
     s = torch.load(state, map_location="cpu", weights_only=True)
-    assert s["step"] == 60 and all(type(g["lr"]) is float for g in s["optimizer"]["param_groups"])
-    generate.main(argv(60))  # finished: reused
+    assert s["step"] == 30 and all(type(g["lr"]) is float for g in s["optimizer"]["param_groups"])
+    generate.main(argv(30))  # finished: reused
     assert "training the class-conditional" not in "".join(capsys.readouterr())
     with open(state, "r+b") as f:
         f.truncate(100)
-    code, err = in_process(lambda: generate.main(argv(60)), capsys)
+    code, err = in_process(lambda: generate.main(argv(30)), capsys)
     assert code == 2 and len(err) == 1 and "state.pt is unreadable" in err[0], err
 
 
@@ -1826,7 +1826,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
     import signal
     import time
     out = tmp_path / "run"
-    args = ["--data-root", root, "--epochs", 2, *TINY, "--syn", "heldout"]
+    args = ["--data-root", root, "--epochs", 1, *TINY, "--syn", "heldout"]
     # a suite started with & has SIGINT ignored: the run undoes it
     p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", out], cwd=HERE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -2030,7 +2030,7 @@ def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_d
 
 
 def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
-    a = train.train(tiny_cfg(root, tmp_path / "a", "--epochs", 1))
+    a = str(finished_run(tmp_path / "a", tiny_cfg(root, tmp_path / "a", "--epochs", 1), 40.0))
     (tmp_path / "empty").mkdir()
     for dirs, message in (([a, str(tmp_path / "empty")], "is not a run folder"),
                           ([a, a], "names a run twice")):
