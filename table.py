@@ -76,7 +76,8 @@ def parse(argv):
     if unknown:
         raise cli.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are "
                            f"{', '.join(rows)} (or add one with --row NAME=FLAGS)")
-    # a row of your own joins the table after --rows, without being named there too
+    # a row of your own joins the table after --rows, without being named there too (a new
+    # list: += would grow the default list argparse hands out, the Setting's own)
     cfg["rows"] = cfg["rows"] + [r for r in rows if r not in ROWS and r not in cfg["rows"]]
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
     extra = argv[cut + 1:]

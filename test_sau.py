@@ -1506,9 +1506,8 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
         lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
     assert code == 2 and "--la-tau" in err[-1]
     # the old run without the key, a finished one with its default
-    same = finished_run(tmp_path / "same", cpu_config([
-        "--data-root", root, *map(str, TINY), "--syn", "heldout", "--epochs", "2", "--seed", "1",
-        *map(str, fast)]), 40.0)
+    same = finished_run(tmp_path / "same",
+                        tiny_cfg(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast), 40.0)
     report.summarize(train.CONFIG, [str(old), str(same)], str(tmp_path / "sum"))
     assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
 
