@@ -6,13 +6,13 @@ docs/detectors.md has the measurements.
 """
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import report
-import runner
 
-SCORES = report.AUDIT_SCORES  # log p(label), the prototype margin, and their ranks summed
+SCORES = ("p", "margin", "both")  # log p(label), the prototype margin, and their ranks summed
 
 
 @dataclasses.dataclass
@@ -35,9 +35,9 @@ class Suspects:
         return cls(counts, ckpt["flagged"], ckpt.get("audit"),
                    ckpt.get("suspects", torch.zeros(n, dtype=torch.bool)))
 
-    def end_epoch(self, world):
+    def end_epoch(self, run):
         """[N] bool on the host: the samples that were suspects in a step of this epoch."""
-        before, self.total = self.total, runner.all_sum(self.counts.clone(), world).cpu()
+        before, self.total = self.total, run.sum(self.counts.clone()).cpu()
         return (self.total - before).numpy() > 0
 
     def state(self):  # the checkpoint's keys, as runs made before this class have them
@@ -53,22 +53,23 @@ def epoch_audit(run, cfg, protos, suspects, epoch_suspects):
     ranks = audit_ranks(suspects.scores, torch.from_numpy(mixed.labels), real)
     low = ranks[:, SCORES.index(cfg["audit_score"])] < cfg["audit_q"]
     suspects.next = low & torch.from_numpy(mixed.is_syn)
-    fig = report.audit_figures(suspects.scores, ranks, mixed, cfg["audit_q"], epoch_suspects)
+    fig = audit_figures(suspects.scores, ranks, mixed, cfg["audit_q"], epoch_suspects)
     return {**{f"auc_{k}": fig[k]["auc"] for k in (*SCORES, "flags")}, "audit": fig}
 
 
 @torch.no_grad()
 def score_mixed_set(run, protos):
     """[N, 2] scores of every sample of the mixed set on its plain image, in eval mode."""
-    runner.eval_mode(run.model, run.world)
+    run.eval()
     scores = torch.zeros(len(run.mixed), 2, device=run.device)
     unit = F.normalize(protos.float(), dim=-1)
-    for i, x in runner.plain_batches(run, run.x_train):
+    labels = torch.from_numpy(run.mixed.labels).to(run.device)
+    for i, x in run.plain(run.batches.images):
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
             f = run.model.features(x)
             logits, z = run.model.fc(f), run.model.project(f)
-        scores[i:i + len(x)] = audit_scores(logits, z, run.y_train[i:i + len(x)], unit)
-    return runner.all_sum(scores, run.world)
+        scores[i:i + len(x)] = audit_scores(logits, z, labels[i:i + len(x)], unit)
+    return run.sum(scores)
 
 
 def audit_scores(logits, z, y, protos):
@@ -100,3 +101,38 @@ def audit_ranks(scores, labels, real):
     host tensors."""
     r = [reference_rank(s.contiguous(), labels, real) for s in scores.T]
     return torch.stack(r + [reference_rank(r[0] + r[1], labels, real)], 1)
+
+
+# ---------------------------------------------------------------- the audit's figures
+
+
+def auc(score, positive):
+    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None
+    without both."""
+    s, pos = np.asarray(score, float), np.asarray(positive, bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0:
+        return None
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def audit_figures(scores, ranks, mixed, q, flags):
+    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample
+    ranked below q and the AUC (planted vs clean; of the rank sum for both), and the AUC of the
+    flags the step used this epoch (flags [N]: the paper's rule's, or the audit's with --relabel
+    audit); per class, the 10/50/90% points of log p and margin for real, clean and planted
+    samples."""
+    syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
+    raw = torch.cat([scores, (ranks[:, 0] + ranks[:, 1])[:, None]], 1).numpy()
+    fig = {name: {**report.detector(syn & (ranks[:, k] < q).numpy(), mixed),
+                  "auc": auc(-raw[syn, k], noisy[syn])} for k, name in enumerate(SCORES)}
+    fig["flags"] = {"auc": auc(flags[syn], noisy[syn])}
+    groups = {"real": ~syn, "clean": syn & ~noisy, "planted": noisy}
+    quantiles = lambda m, k: (np.quantile(raw[m, k], [0.1, 0.5, 0.9]).round(4).tolist()
+                              if m.any() else None)
+    fig["per_class"] = {name: {g: [quantiles(m & (y == c), k) for c in range(len(mixed.classes))]
+                               for g, m in groups.items() if m.any()}
+                        for k, name in enumerate(("p", "margin"))}
+    return fig

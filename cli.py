@@ -1,8 +1,9 @@
 """What every script shares at the command line: the settings table's machinery, one-line errors,
-Ctrl-C, atomic writes, the run folder's lock and the device. It imports none of the scripts: it is
-the floor they stand on.
+atomic writes, the run folder's lock and the device. It imports none of the scripts: it is the
+floor they stand on.
 """
 import argparse
+import contextlib
 import fcntl
 import glob
 import json
@@ -12,7 +13,6 @@ import re
 import signal
 import socket
 import sys
-import traceback
 from typing import NamedTuple
 
 import numpy as np
@@ -24,10 +24,7 @@ class SAUError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are ours: one line and exit 2 (run_cli), and a caller can say where
-    the flags came from (table.py names the row)."""
-
-    def error(self, message):
+    def error(self, message):  # one line and exit 2 (run_cli), as every other refusal
         raise SAUError(message)
 
 
@@ -65,19 +62,17 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-def settings_parser(table, description, defaults=True, **kw):
-    """argparse from a settings table; defaults=False leaves out flags not given (to tell what was
-    given)."""
-    p = Parser(description=description, argument_default=None if defaults else argparse.SUPPRESS,
-               **kw)
+def parser(table, description, **kw):
+    """argparse from a settings table; a flag not given is left out of the parse (argparse's
+    SUPPRESS), so that the parse also says which flags were given."""
+    p = Parser(description=description, argument_default=argparse.SUPPRESS, **kw)
     for key, s in table.items():
-        extra = dict(default=s.default) if defaults else {}
         if s.default is False:
-            p.add_argument(flag(key), action="store_true", help=s.help, **extra)
+            p.add_argument(flag(key), action="store_true", help=s.help)
             continue
         shown = f"{s.help} (default: {s.default})" if s.default not in (None, "") else s.help
         p.add_argument(flag(key), type=s.type or type(s.default), choices=s.choices, help=shown,
-                       metavar=None if s.choices else key.upper(), nargs=s.nargs, **extra)
+                       metavar=None if s.choices else key.upper(), nargs=s.nargs)
     return p
 
 
@@ -86,8 +81,8 @@ def parse_settings(table, ignored, description, argv=None, resumed=None, **kw):
     under another. ignored: [(key, when(cfg), "with --flag value")], a setting given with a value
     other than its default where it has no effect is refused rather than silently named.
     resumed(cfg, given): the settings of a run continued."""
-    cfg = vars(settings_parser(table, description, True, **kw).parse_args(argv))
-    given = vars(settings_parser(table, description, False, **kw).parse_args(argv))
+    given = vars(parser(table, description, **kw).parse_args(argv))
+    cfg = {**{k: s.default for k, s in table.items()}, **given}
     cfg = resumed(cfg, given) if resumed else cfg
     check_settings(cfg, table)
     for key, when, because in ignored:
@@ -113,34 +108,6 @@ def config_diff(table, a, b, ignore=()):
     return [k for k, s in table.items() if s.scope == "run" and k not in ignore and a[k] != b[k]]
 
 
-def read_json(path):
-    try:
-        return json.loads(open(path).read())
-    except (OSError, ValueError) as e:
-        raise SAUError(f"{path} is unreadable or not JSON ({e.__class__.__name__}): restore or "
-                       f"delete it") from None
-
-
-def wrong_value(setting, v):
-    """What is wrong with a value read from a file rather than parsed from the command line (its
-    type, or a choice it is not), or None: what argparse would have refused."""
-    want = setting.type or type(setting.default)
-    values = v if setting.nargs and isinstance(v, list) else [v]
-    for x in values:
-        if x is None and setting.default is None:
-            continue
-        if isinstance(x, bool) and want is not bool:
-            ok = False  # JSON's true is no number, though Python's bool is an int
-        else:
-            ok = isinstance(x, want) or want is float and isinstance(x, int)
-        if not ok:
-            kind = {int: "a whole number", float: "a number"}.get(want, "a " + want.__name__)
-            return "not " + kind
-        if setting.choices and x not in setting.choices:
-            return f"not one of {', '.join(map(str, setting.choices))}"
-    return None
-
-
 def check_settings(cfg, table):
     """One line for the first value that is not finite or fails its setting's check."""
     for key, s in table.items():
@@ -150,6 +117,14 @@ def check_settings(cfg, table):
         if v is not None and s.check and not s.check[0](v):
             raise SAUError(f"{flag(key)} must be {s.check[1]}, got {v}")
     return cfg
+
+
+def read_json(path):
+    try:
+        return json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise SAUError(f"{path} is unreadable or not JSON ({e.__class__.__name__}): restore or "
+                       f"delete it") from None
 
 
 def derived_seed(*parts, bits=32):
@@ -169,17 +144,24 @@ def rank_and_world():
 
 def pick_device(name):
     """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad
-    input. Under torchrun (WORLD_SIZE > 1) each process takes GPU LOCAL_RANK."""
+    input. Under torchrun or srun (WORLD_SIZE > 1) each process takes the GPU of its LOCAL_RANK
+    among those it sees, or the one it sees where each task is bound to a GPU of its own."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
-    device = torch.device(name)
+    device, seen = torch.device(name), torch.cuda.device_count()
     if device.type == "cuda" and rank_and_world()[1] > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SAUError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if "LOCAL_RANK" not in os.environ:
+            raise SAUError("WORLD_SIZE is set but LOCAL_RANK is not: start the processes with "
+                           "torchrun, or set LOCAL_RANK (srun: LOCAL_RANK=$SLURM_LOCALID)")
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= seen > 1:
+            raise SAUError(f"LOCAL_RANK {local}, but this process sees {seen} GPUs: start at "
+                           f"most {seen} processes a machine, or one GPU a task")
+        device = torch.device("cuda", local if seen > 1 else 0)
+    if device.type == "cuda" and (device.index or 0) >= seen:
+        raise SAUError(f"--device {name}: this machine has {seen} CUDA device(s)")
     return device
 
 
@@ -229,94 +211,28 @@ def cpu_has_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def own(out, flag="--out", what="run"):
-    """Hold out/lock while this process lives: a second run (or runner) on the folder is refused.
-    The kernel drops the lock when the process ends, however it ends, so a killed run blocks
-    nothing; the pid it wrote names it."""
-    f = open(os.path.join(writable_folder(out, flag), "lock"), "a+")
-    f.seek(0)
-    holder = f.read().strip()
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SAUError(f"{out} is in use by another {what} ({holder or 'starting'}): wait for it "
-                       f"to end, or pass another {flag}") from None
-    if holder:
-        print(f"{out}: the {what} that held it ({holder}) ended without releasing it (killed?); "
-              f"taking it over")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    for tmp in glob.glob(os.path.join(out, "*.tmp")):  # half-written files of a killed run
-        os.remove(tmp)
-    return f
-
-
-# a Ctrl-C arrived; a fork is under way; the main process
-_SIGINT, _FORKING, _PID = [], [], os.getpid()
-os.register_at_fork(before=lambda: _FORKING.append(1), after_in_parent=_FORKING.clear)
-
-
-def _on_sigint(*_):
-    """run_cli's Ctrl-C: noted, and raised as KeyboardInterrupt, except in a forked DataLoader
-    worker that has not yet set itself to ignore it (the main process stops it) and during a fork,
-    where the exception would be lost in the fork's hooks: check_interrupt raises it at the next
-    step."""
-    if os.getpid() != _PID:
-        return
-    _SIGINT.append(1)
-    if not _FORKING:
-        raise KeyboardInterrupt
-
-
-def interrupted():
-    return bool(_SIGINT)
-
-
-def check_interrupt():
-    """A noted Ctrl-C whose exception was lost (in a fork's hooks, or in a weakref callback or a
-    __del__, where Python can only report it) is raised here, at the next step of a loop."""
-    if _SIGINT:
-        raise KeyboardInterrupt
-
-
-def _quiet_interrupt(hook):
-    """sys.unraisablehook that keeps quiet about a noted Ctrl-C raised where Python can only report
-    it (seen: a weakref callback of the garbage collector): check_interrupt raises it."""
-    return lambda u: None if _SIGINT and issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
+# ---------------------------------------------------------------- files, the lock, the exit
 
 
 def run_cli(main):
-    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130. A
-    KeyboardInterrupt's message says how to go on. A Ctrl-C can also surface as another error (a
-    DataLoader worker that it stopped first): that is an interrupt too."""
+    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130 (its message,
+    if any, says how to go on)."""
     prog = os.path.basename(sys.argv[0])
-    # not where SIGINT is ignored (a background job)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _quiet_interrupt(sys.unraisablehook)
     try:
         main()
     except SAUError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        _say_interrupted(prog, e)
-    except Exception as e:
-        if not _SIGINT:
-            raise
-        _say_interrupted(prog, e)
+        how = e.args[0] if e.args else "what was written is complete (renamed into place)"
+        print(f"\n{prog}: interrupted; {how}", file=sys.stderr)
+        sys.exit(130)
 
 
-def _say_interrupted(prog, e):
-    how = "what was written is complete (each file is renamed into place)"
-    if isinstance(e, KeyboardInterrupt) and e.args:
-        how = e.args[0]
-    print(f"\n{prog}: interrupted; {how}", file=sys.stderr)
-    # a DataLoader iterator the Ctrl-C cut off in its set-up fails in __del__
-    sys.unraisablehook = lambda _: None
-    sys.exit(130)
+def ignore_sigint(*_):
+    """A DataLoader worker (or a grid's run) leaves Ctrl-C to the main process, which stops the
+    workers in order (one the terminal's signal ended first would be reported as a crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def write_atomic(path, text_or_save):
@@ -353,21 +269,33 @@ def writable_folder(path, flag):
     return path
 
 
-def ignore_sigint(_):
-    """DataLoader's worker_init_fn: a worker leaves Ctrl-C to the main process, which stops them in
-    order (else a worker the signal ends first is reported as a crash), and keeps quiet when the
-    interrupted main process hangs up while taking a batch's shared memory from it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.excepthook = quiet_handle_sharing(sys.excepthook)
+@contextlib.contextmanager
+def one_at_a_time(path):
+    """Hold the lock file at path, waiting while another process holds it."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
-def quiet_handle_sharing(hook):
-    """sys.excepthook without the Traceback that multiprocessing's resource_sharer thread prints
-    when the process it hands a file descriptor to hangs up mid-handshake (EOFError,
-    ConnectionError); every other error reaches hook."""
-    def quiet(kind, error, tb):
-        sharing = any(f.f_code.co_filename.endswith("resource_sharer.py")
-                      for f, _ in traceback.walk_tb(tb))
-        if not (sharing and issubclass(kind, (EOFError, ConnectionError))):
-            hook(kind, error, tb)
-    return quiet
+def own(out, flag="--out", what="run"):
+    """Hold out/lock while this process lives: a second run (or runner) on the folder is refused.
+    The kernel drops the lock when the process ends, however it ends, so a killed run blocks
+    nothing; the pid it wrote names it."""
+    f = open(os.path.join(writable_folder(out, flag), "lock"), "a+")
+    f.seek(0)
+    holder = f.read().strip()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SAUError(f"{out} is in use by another {what} ({holder or 'starting'}): wait for it "
+                       f"to end, or pass another {flag}") from None
+    if holder:
+        print(f"{out}: the {what} that held it ({holder}) ended without releasing it (killed?); "
+              f"taking it over")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, "*.tmp")):  # half-written files of a killed run
+        os.remove(tmp)
+    return f

@@ -8,7 +8,9 @@ import json
 import os
 import pickle
 import re
-import zipfile
+import shutil
+import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,14 +18,24 @@ import torch
 import cli
 import views
 
-# name: (folder, train files, test file, label key, names key, meta file, torchvision class)
+class Cifar(NamedTuple):
+    """A dataset's python-layout files and the torchvision class that downloads them."""
+    folder: str
+    train: list
+    test: str
+    labels: str  # the key of the labels in a batch file
+    names: str  # the key of the class names in the meta file
+    meta: str
+    classes: int
+    source: str
+
+
 DATASETS = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                "labels", "label_names", "batches.meta", "CIFAR10"),
-    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "fine_label_names", "meta",
-                 "CIFAR100"),
+    "cifar10": Cifar("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                     "labels", "label_names", "batches.meta", 10, "CIFAR10"),
+    "cifar100": Cifar("cifar-100-python", ["train"], "test", "fine_labels", "fine_label_names",
+                      "meta", 100, "CIFAR100"),
 }
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SYN_MODES = ("pool", "none", "heldout")
 SPLITS = ("seeded", "reference", "ldam")
 REFERENCE_SEED = 35180  # the SAU authors' main.py --seed, set before their data set draws
@@ -78,68 +90,71 @@ def _unpickle(path):
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
     except Exception as e:  # missing, truncated, not a pickle, a pickle of a class we do not have
-        raise cli.SAUError(
-            f"cannot read {path} ({e.__class__.__name__}): delete the folder and fetch CIFAR "
-            f"again") from None
+        raise cli.SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and "
+                           f"fetch CIFAR again") from None
     if not isinstance(d, dict):
-        raise cli.SAUError(
-            f"{path} holds a {type(d).__name__}, not CIFAR's dict: delete the folder and fetch "
-            "CIFAR again"
-        )
+        raise cli.SAUError(f"{path} holds a {type(d).__name__}, not CIFAR's dict: delete the "
+                           f"folder and fetch CIFAR again")
     return d
 
 
-def _ensure_cifar(dataset, root):
-    """The dataset's folder under root, downloaded by torchvision if missing."""
-    folder = os.path.join(root, DATASETS[dataset][0])
+def cifar_folder(dataset, root):
+    """The dataset's folder under root, downloaded by torchvision if missing: by one process at a
+    time (a lock file in root), unpacked into a temporary folder and renamed when whole, so that
+    several processes started at once never read a half-unpacked folder."""
+    d = DATASETS[dataset]
+    folder = os.path.join(root, d.folder)
     if os.path.isdir(folder):
         return folder
     import torchvision.datasets
-    source = getattr(torchvision.datasets, DATASETS[dataset][6])
-    try:
-        source(root, train=True, download=True)
-    except Exception as e:  # any network or archive failure ends the same way
-        raise cli.SAUError(
-            f"{dataset} not found at {folder} and the download failed ({e.__class__.__name__}); "
-            f"fetch {source.url} (the CIFAR python version) where there is a network and unpack it "
-            f"into --data-root: tar xzf {source.filename} -C {root} makes {folder}") from None
+    source = getattr(torchvision.datasets, d.source)
+    with cli.one_at_a_time(os.path.join(cli.writable_folder(root, "--data-root"), ".lock")):
+        if os.path.isdir(folder):  # fetched while this process waited
+            return folder
+        tmp = tempfile.mkdtemp(dir=root, prefix=".download.")
+        try:
+            source(tmp, train=True, download=True)
+            os.replace(os.path.join(tmp, d.folder), folder)
+        except Exception as e:  # any network or archive failure ends the same way
+            raise cli.SAUError(
+                f"{dataset} not found at {folder} and the download failed "
+                f"({e.__class__.__name__}); fetch {source.url} (the CIFAR python version) where "
+                f"there is a network and unpack it into --data-root: tar xzf {source.filename} "
+                f"-C {root} makes {folder}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def class_names(dataset, root):
-    folder = _ensure_cifar(dataset, root)
-    _, _, _, _, names_key, meta, _ = DATASETS[dataset]
-    path = os.path.join(folder, meta)
-    names = _unpickle(path).get(names_key)
-    if not isinstance(names, list) or len(names) != NUM_CLASSES[dataset] or not all(
-            isinstance(n, str) for n in names):
-        raise cli.SAUError(
-            f"{path} has no list of {NUM_CLASSES[dataset]} class names under {names_key!r}: delete "
-            f"{folder} and fetch CIFAR again")
+    d, folder = DATASETS[dataset], cifar_folder(dataset, root)
+    path = os.path.join(folder, d.meta)
+    names = _unpickle(path).get(d.names)
+    if not (isinstance(names, list) and len(names) == d.classes
+            and all(isinstance(n, str) for n in names)):
+        raise cli.SAUError(f"{path} has no list of {d.classes} class names under {d.names!r}: "
+                           f"delete {folder} and fetch CIFAR again")
     return names
 
 
 def load_cifar(dataset, root, train):
     """(images uint8 [N, 32, 32, 3] RGB HWC, labels int64 [N]) of the train or test split."""
-    folder = _ensure_cifar(dataset, root)
-    _, train_files, test_file, label_key, _, _, _ = DATASETS[dataset]
+    d, folder = DATASETS[dataset], cifar_folder(dataset, root)
     xs, ys = [], []
-    for name in (train_files if train else [test_file]):
+    for name in (d.train if train else [d.test]):
         path = os.path.join(folder, name)
-        d = _unpickle(path)
+        batch = _unpickle(path)
         try:
-            x, y = np.asarray(d["data"]), np.asarray(d[label_key])
-            ok = x.ndim == 2 and x.shape[1] == 3072 and y.shape == (len(x), ) and np.issubdtype(
-                y.dtype, np.integer)
-            ok = ok and np.issubdtype(
-                x.dtype, np.integer) and x.min(initial=0) >= 0 and x.max(initial=0) <= 255
+            x, y = np.asarray(batch["data"]), np.asarray(batch[d.labels])
+            ok = (x.ndim == 2 and x.shape[1] == 3072 and y.shape == (len(x),) and len(y)
+                  and np.issubdtype(y.dtype, np.integer) and np.issubdtype(x.dtype, np.integer)
+                  and x.min() >= 0 and x.max() <= 255 and y.min() >= 0 and y.max() < d.classes)
         except (KeyError, TypeError, ValueError):
             ok = False
-        if not ok or not len(y) or y.min() < 0 or y.max() >= NUM_CLASSES[dataset]:
-            raise cli.SAUError(
-                f"{path} is not a CIFAR batch (expected 'data' [n, 3072] in 0-255 and "
-                f"{label_key!r} [n] "
-                f"in 0-{NUM_CLASSES[dataset] - 1}): delete {folder} and fetch CIFAR again")
+        if not ok:
+            raise cli.SAUError(f"{path} is not a CIFAR batch (expected 'data' [n, 3072] in 0-255 "
+                               f"and {d.labels!r} [n] in 0-{d.classes - 1}): delete {folder} and "
+                               f"fetch CIFAR again")
         xs.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(y.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
@@ -208,19 +223,15 @@ def read_manifest(folder):
             f"for this dataset, pass --pool DIR, or train with --syn heldout / --syn none")
     try:
         with open(path) as f:
-            manifest = json.load(f)
-        ok = isinstance(manifest, dict) and isinstance(manifest.get("dataset"), str) and isinstance(
-            manifest.get("classes"), list) and isinstance(manifest.get("generator", {}), dict)
+            m = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise cli.SAUError(
-            f"{path} is malformed, not JSON ({e.__class__.__name__}): regenerate the pool"
-        ) from None
-    if not ok:
-        raise cli.SAUError(
-            f"{path} is malformed (expected dataset: str, classes: [names], generator: "
-            f"{{settings}}): "
-            f"regenerate the pool")
-    return manifest
+        raise cli.SAUError(f"{path} is malformed, not JSON ({e.__class__.__name__}): regenerate "
+                           f"the pool") from None
+    if not (isinstance(m, dict) and isinstance(m.get("dataset"), str)
+            and isinstance(m.get("classes"), list) and isinstance(m.get("generator", {}), dict)):
+        raise cli.SAUError(f"{path} is malformed (expected dataset: str, classes: [names], "
+                           f"generator: {{settings}}): regenerate the pool")
+    return m
 
 
 def pool_shards(folder):
@@ -238,12 +249,10 @@ def read_shard(path):
         with np.load(path, allow_pickle=False) as z:
             images, seeds = z["images"], z["seeds"]
     except Exception as e:  # zip, header and key errors all mean a damaged shard
-        raise cli.SAUError(
-            f"pool shard {path} is unreadable ({e.__class__.__name__}): delete it and rerun "
-            "generate.py"
-        )
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (
-            32, 32, 3) or seeds.shape != (len(images), ):
+        raise cli.SAUError(f"pool shard {path} is unreadable ({e.__class__.__name__}): delete it "
+                           f"and rerun generate.py") from None
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3)
+            or seeds.shape != (len(images),)):
         raise cli.SAUError(
             f"pool shard {path} holds images {images.dtype}{list(images.shape)} and seeds "
             f"{list(seeds.shape)}, expected uint8 [n, 32, 32, 3] with n seeds: regenerate it")
@@ -264,10 +273,8 @@ def read_pool(folder, dataset, classes):
     pool = {}
     for c, shards in pool_shards(folder).items():
         if c >= len(classes):
-            raise cli.SAUError(
-                f"pool shard {shards[0][1]} is for class {c}, but {dataset} has {len(classes)} "
-                "classes"
-            )
+            raise cli.SAUError(f"pool shard {shards[0][1]} is for class {c}, but {dataset} has "
+                               f"{len(classes)} classes")
         parts, expected = [], 0
         for start, path in shards:
             if start != expected:
@@ -279,92 +286,6 @@ def read_pool(folder, dataset, classes):
             expected = start + len(parts[-1])
         pool[c] = np.concatenate(parts)
     return pool
-
-
-# the pool as generate.py writes it: shards renamed into place, the manifest checked against the
-# settings
-
-
-def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
-    """One shard, written to a temporary name and renamed: never a half-written file."""
-    arrays = {
-        "images": np.asarray(images, dtype=np.uint8),
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        **extra
-    }
-    if prompts is not None:
-        arrays["prompts"] = np.asarray(prompts, dtype=str)
-
-    def save(tmp):  # np.savez's layout with a fixed date: same images, same bytes
-        with zipfile.ZipFile(tmp, "w") as z:
-            for name, arr in arrays.items():
-                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                            "w") as f:
-                    np.lib.format.write_array(f, arr, allow_pickle=False)
-    path = os.path.join(folder, shard_name(label, start))
-    cli.write_atomic(path, save)
-    return path
-
-
-def present(folder):
-    """{label: set of indices already on disk}."""
-    have = {}
-    for c, shards in pool_shards(folder).items():
-        for start, path in shards:
-            n = len(read_shard(path))
-            have.setdefault(c, set()).update(range(start, start + n))
-    return have
-
-
-def check_dataset(folder, dataset, names):
-    """Refuse, before any loading, a folder whose pool is for another dataset."""
-    if os.path.isfile(os.path.join(folder, "manifest.json")):
-        old = read_manifest(folder)
-        if (old["dataset"], old["classes"]) != (dataset, names):
-            raise cli.SAUError(f"{folder} holds a pool made for {old['dataset']}, not {dataset}: "
-                                f"pass a new --pool folder")
-
-
-def check_manifest(folder, manifest):
-    """Write the manifest, or refuse a folder whose pool was made with other settings."""
-    path = os.path.join(folder, "manifest.json")
-    if os.path.isfile(path):
-        old = read_manifest(folder)
-        settings = {k: v for k, v in old.get("generator", {}).items() if k not in COUNTS}
-        if settings != manifest["generator"]:
-            diff = sorted(k for k in set(settings) | set(manifest["generator"])
-                          if settings.get(k) != manifest["generator"].get(k))
-            raise cli.SAUError(
-                f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
-                f"use the same flags, or pass a new --pool folder to start another pool")
-    cli.write_atomic(path, json.dumps(manifest, indent=1))
-
-
-# in the manifest's generator entry, but not settings
-COUNTS = ("rejected_images", "clip_refused_per_class")
-
-
-def count_rejected(folder, manifest):
-    """Record in the manifest how many images were made again and, filtered, how many CLIP refused
-    per class, summed over every shard on disk; return (images on disk, images made again)."""
-    total = rejected = 0
-    refused = {}
-    for c, shards in pool_shards(folder).items():
-        for _, path in shards:
-            with np.load(path) as z:
-                total += len(z["seeds"])
-                rejected += int(z["rejected"].sum()) if "rejected" in z else 0
-                if "clip_refused" in z:
-                    name = manifest["classes"][c]
-                    refused[name] = refused.get(name, 0) + int(z["clip_refused"].sum())
-    manifest["generator"]["rejected_images"] = rejected
-    if manifest["generator"].get("filter", "none") != "none":
-        manifest["generator"]["clip_refused_per_class"] = {
-            n: refused.get(n, 0)
-            for n in manifest["classes"]
-        }
-    cli.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
-    return total, rejected
 
 
 # ---------------------------------------------------------------- the mixed set
@@ -455,33 +376,62 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
 # ---------------------------------------------------------------- the batch streams
 
 
-def batch_maker(mixed, loader="cpu", device="cpu", workers=0):
-    """(view names, batch_size, seed, order) -> an iterable of views.Batch of the mixed set in
-    that order. cpu: DataLoader workers with torchvision transforms, as the paper; gpu: the set
-    held on `device` as uint8 and each batch's views made there (views.DeviceViews).
-    Augmentation follows the seed alone, whatever --workers is."""
-    if loader == "cpu":
-        pin = torch.device(device).type == "cuda"
-        return lambda names, batch_size, seed, order: torch.utils.data.DataLoader(
-            views.Views(mixed.images, mixed.labels, mixed.is_syn, mixed.dataset, names, seed),
-            batch_size=batch_size, sampler=order, num_workers=workers, pin_memory=pin,
-            worker_init_fn=cli.ignore_sigint)
-    if loader != "gpu":
-        raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
-    # N x 3 x 32 x 32 uint8 on the device
-    images = torch.from_numpy(mixed.images).to(device).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(mixed.labels).to(device)
-    is_syn = torch.from_numpy(mixed.is_syn).to(device)
-    view_fn = views.DeviceViews(mixed.dataset, images.device)
+class Batches:
+    """(view names, batch size, seed, order, stream) -> an iterable of views.Batch of the mixed set
+    in that order. cpu: DataLoader workers with torchvision's transforms, as the paper, one
+    DataLoader a stream (and batch size) whose workers are kept for the run; gpu: the set held on
+    the device as uint8 and each batch's views made there (views.DeviceViews). Augmentation
+    follows the seed alone, whatever --workers is. images: uint8 [N, 3, 32, 32], the gpu loader's
+    device copy, else a view of the host array."""
 
-    def batches(names, batch_size, seed, order):
-        g = torch.Generator(images.device).manual_seed(seed)
-        order = torch.as_tensor(order, dtype=torch.long).to(images.device)
+    def __init__(self, mixed, loader="cpu", device="cpu", workers=0):
+        if loader not in ("cpu", "gpu"):
+            raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
+        self.mixed, self.loader, self.workers, self.loaders = mixed, loader, workers, {}
+        self.images = torch.from_numpy(mixed.images).permute(0, 3, 1, 2)
+        self.pin = torch.device(device).type == "cuda"
+        if loader == "gpu":
+            self.images = self.images.to(device).contiguous()
+            self.labels = torch.from_numpy(mixed.labels).to(device)
+            self.is_syn = torch.from_numpy(mixed.is_syn).to(device)
+            self.views = views.DeviceViews(mixed.dataset, self.images.device)
+
+    def __call__(self, names, batch_size, seed, order, stream=""):
+        if self.loader == "gpu":
+            return self._on_device(names, batch_size, seed, order)
+        key, m = (tuple(names), batch_size, stream), self.mixed
+        if key not in self.loaders:
+            # the items (index, seed) change each pass; the DataLoader reads them as its sampler
+            items = []
+            self.loaders[key] = items, torch.utils.data.DataLoader(
+                views.Views(m.images, m.labels, m.is_syn, m.dataset, names), batch_size=batch_size,
+                sampler=items, num_workers=self.workers, pin_memory=self.pin, collate_fn=_batch,
+                worker_init_fn=cli.ignore_sigint, persistent_workers=self.workers > 0)
+        items, loader = self.loaders[key]
+        items[:] = [(i, seed) for i in order]
+        return loader
+
+    def _on_device(self, names, batch_size, seed, order):
+        g = torch.Generator(self.images.device).manual_seed(seed)
+        order = torch.as_tensor(order, dtype=torch.long).to(self.images.device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            yield views.Batch(view_fn(images[idx], names, g), labels[idx], is_syn[idx], idx)
-    batches.images = images  # the set on the device, for plain passes over it (train.audit)
-    return batches
+            yield views.Batch({}, self.labels[idx], self.is_syn[idx], idx, self.images[idx],
+                              self.views.draw(names, len(idx), g))
+
+    def finish(self, batch):
+        """The batch's views: the gpu loader's made from their draws."""
+        return batch.views if batch.draws is None else self.views.apply(batch.images, batch.draws)
+
+    @staticmethod
+    def to(batch, device):  # the cpu loader's batch to the device (the gpu loader's is there)
+        move = lambda t: t.to(device, non_blocking=True)
+        return batch._replace(views={v: move(x) for v, x in batch.views.items()}, y=move(batch.y),
+                              is_syn=move(batch.is_syn).bool(), index=move(batch.index))
+
+
+def _batch(items):  # the DataLoader's batch of views.Views items
+    return views.Batch(*torch.utils.data.default_collate(items))
 
 
 def rank_seed(seed, rank):
@@ -503,13 +453,14 @@ def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=
     a disjoint share of both orders, batch_size / world images a step, and draws its views from a
     stream of its own. The last batch may be short; a batch of one cannot train BatchNorm, so a
     remainder of one image per process waits for the next epoch."""
-    batches = batches or batch_maker(mixed)
+    batches = batches or Batches(mixed)
     streams, per = [], batch_size // world
     for k, names in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
         g = torch.Generator().manual_seed(stream_seed(seed, "order_" + k))
         order = share(torch.randperm(len(mixed), generator=g).tolist(), rank, world)
         order = order[:len(order) - (len(order) % per == 1)]
-        streams.append(batches(names, per, rank_seed(stream_seed(seed, "views_" + k), rank), order))
+        view_seed = rank_seed(stream_seed(seed, "views_" + k), rank)
+        streams.append(batches(names, per, view_seed, order, stream=k))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 

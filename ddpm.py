@@ -14,6 +14,7 @@ from tqdm import tqdm
 import cli
 import data
 
+
 def ddpm_unet(num_classes, width):
     """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of
     guidance."""
@@ -71,10 +72,8 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
             state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu",
                                weights_only=True)
         except Exception as e:  # truncated, or holding what weights_only refuses: the same message
-            raise cli.SAUError(
-                f"{os.path.join(folder, 'state.pt')} is unreadable ({e.__class__.__name__}): "
-                "delete "
-                f"{folder} to train the model again") from None
+            raise cli.SAUError(f"{folder}/state.pt is unreadable ({e.__class__.__name__}): "
+                               f"delete {folder} to train the model again") from None
         differ = sorted(k for k in settings
                         if k != "train_steps" and state["settings"].get(k) != settings[k])
         if differ:
@@ -91,13 +90,14 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         elif step < cfg["train_steps"]:
             rng.manual_seed(cli.derived_seed(cfg["seed"], step))
             log(f"{folder}: trained so far on another device type; its random stream goes on from "
-                "a seed of "
-                f"(--seed, step {step}), so the weights will differ from a run that never moved")
-    ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema")) if step else ddpm_unet(
-        len(names), cfg["ddpm_width"])
-    ema = ema.to(device).requires_grad_(False)
-    if not step:
+                f"a seed of (--seed, step {step}), so the weights will differ from a run that "
+                f"never moved")
+    if step:
+        ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema"))
+    else:
+        ema = ddpm_unet(len(names), cfg["ddpm_width"])
         ema.load_state_dict(unet.state_dict())
+    ema = ema.to(device).requires_grad_(False)
     if step < cfg["train_steps"] and world > 1:
         raise cli.SAUError(
             "the class-conditional model is not trained yet: train it in one process (the same "
@@ -105,21 +105,17 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
     cosine = cfg["lr_schedule"] == "cosine"
-    shape = (lambda s: 0.5 *
-             (1 + np.cos(np.pi * s / cfg["train_steps"]))) if cosine else (lambda s: 1.0)
+    shape = lambda s: 0.5 * (1 + np.cos(np.pi * s / cfg["train_steps"])) if cosine else 1.0
     counts = torch.bincount(y_all, minlength=len(names)).float()
-    weights = (1 / counts[y_all]) if cfg["sampling"] == "balanced" else torch.ones(
-        len(y_all), device=device)
+    weights = 1 / counts[y_all] if cfg["sampling"] == "balanced" else torch.ones_like(counts[y_all])
     if step < cfg["train_steps"]:
         log(f"training the class-conditional UNet ({sum(p.numel() for p in unet.parameters()):,} "
-            "parameters) on "
-            f"{len(keep)} real images, steps {step + 1}-{cfg['train_steps']}")
+            f"parameters) on {len(keep)} real images, steps {step + 1}-{cfg['train_steps']}")
     losses, t0 = [], time.time()
     bar = tqdm(total=cfg["train_steps"], initial=step, unit="step", desc="training",
                dynamic_ncols=True, disable=step >= cfg["train_steps"])
     unet.train()
     while step < cfg["train_steps"]:
-        cli.check_interrupt()
         batch = ddpm_batch(x_all, y_all, weights, cfg["train_batch"], cfg["label_dropout"],
                            len(names), rng)
         # warm-up: early EMA weights are not mostly the random init
@@ -132,21 +128,15 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         if step % 50 == 0 or step == cfg["train_steps"]:
             bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
         if step % cfg["ckpt_every"] == 0 or step == cfg["train_steps"]:
-            save_ddpm(
-                folder, unet, ema, {
-                    "step": step,
-                    "settings": settings,
-                    "optimizer": opt.state_dict(),
-                    "rng": rng.get_state()
-                })
+            save_ddpm(folder, unet, ema, {"step": step, "settings": settings,
+                                          "optimizer": opt.state_dict(), "rng": rng.get_state()})
     bar.close()
     if losses:
-        n = len(losses)
-        seconds = time.time() - t0
+        n, seconds = len(losses), time.time() - t0
+        tenth = max(n // 10, 1)
         log(f"trained {n} steps in {seconds:.1f}s ({n * cfg['train_batch'] / seconds:.1f} "
-            "images/s); "
-            f"loss {torch.stack(losses[:max(n // 10, 1)]).mean().item():.4f} (first tenth) -> "
-            f"{torch.stack(losses[-max(n // 10, 1):]).mean().item():.4f} (last tenth)")
+            f"images/s); loss {torch.stack(losses[:tenth]).mean().item():.4f} (first tenth) -> "
+            f"{torch.stack(losses[-tenth:]).mean().item():.4f} (last tenth)")
     weights_file = next(f for f in sorted(os.listdir(os.path.join(folder, "ema")))
                         if f.endswith(".safetensors"))
     with open(os.path.join(folder, "ema", weights_file), "rb") as f:

@@ -11,12 +11,15 @@ Image k of class c is a function of (generator settings, seed, c, k): a rerun ma
 images, and a killed, resumed or split run writes the same bytes as an uninterrupted one.
 """
 import hashlib
+import itertools
 import json
 import os
 import re
 import tempfile
+import textwrap
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -36,15 +39,13 @@ MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
 }
 GENERIC_DEFAULTS = (30, 7.5)
 MAX_RETRIES = 10
-# <dataset>.json, variation.json
 # OpenAI CLIP's
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 S, D, POSITIVE, NON_NEGATIVE = cli.Setting, data.DATA_CONFIG, cli.POSITIVE, cli.NON_NEGATIVE
 AT_LEAST_1, UNDER_1 = cli.AT_LEAST_1, (lambda v: 0 <= v < 1, "in [0, 1)")
-# every flag, one entry each (cli.Setting); the DDPM ones (ours) are estimated for an hour on one
-# GPU
+# every flag, one entry each (cli.Setting); the DDPM's (ours) are sized for an hour on one GPU
 CONFIG = {
     "dataset": D["dataset"],
     "imb": D["imb"]._replace(help="pool of n_max - n_c images per class at this imbalance"),
@@ -54,10 +55,9 @@ CONFIG = {
     "split": D["split"]._replace(help="the real subset the ddpm generator learns: seeded | "
                                  "reference | ldam (train.py --split)"),
     "pool": D["pool"]._replace(help="output folder; empty: <data-root>/synthetic/<dataset>"),
-    "generator": S(
-        "text2image",
-        "text2image: a downloaded text-to-image pipeline | ddpm: a class-conditional DDPM "
-        "trained here on the real subset (ours)", choices=("text2image", "ddpm")),
+    "generator": S("text2image", "text2image: a downloaded text-to-image pipeline | ddpm: a "
+                   "class-conditional DDPM trained here on the real subset (ours)",
+                   choices=("text2image", "ddpm")),
     "model": S("stabilityai/sd-turbo", "diffusers text-to-image pipeline: hub id or folder"),
     "steps": S(None, "inference steps (default: the model's, else 30; ddpm: 50)", AT_LEAST_1,
                type=int),
@@ -75,27 +75,24 @@ CONFIG = {
                       "descriptions per class into <pool>/" + prompting.LM_FILE + ", reused and "
                       "resumed (ours; the paper used gpt-3.5-turbo)"),
     "prompt_batch": S(16, "descriptions per language-model call (--prompt-model)", AT_LEAST_1),
-    "filter": S(
-        "none",
-        "clip: keep an image only if CLIP puts its class among the top --clip-top-k of all classes "
-        "(and p >= --clip-min-p), else make it again with the next seed (ours)",
-        choices=("none", "clip")),
+    "filter": S("none", "clip: keep an image only if CLIP puts its class among the top "
+                "--clip-top-k of all classes (and p >= --clip-min-p), else make it again with the "
+                "next seed (ours)", choices=("none", "clip")),
     "clip_model": S("openai/clip-vit-base-patch32", "CLIP for --filter clip: hub id or folder"),
     "clip_top_k": S(1, "--filter clip: the class must be among CLIP's top k (1: He et al. 2023)",
                     AT_LEAST_1),
     "clip_min_p": S(0.0, "--filter clip: and CLIP's probability of the class at least this",
                     UNDER_1),
-    "resize": S("lanczos",
-                "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on the device",
-                choices=("lanczos", "gpu")),
+    "resize": S("lanczos", "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on "
+                "the device", choices=("lanczos", "gpu")),
     "seed": S(0, "seed of every image's noise", cli.SEED),
     "batch_size": S(16, "images per pipeline call (shapes the bytes: recorded)", AT_LEAST_1),
     "dtype": S("auto", "auto: bf16 on CUDA, else fp32", choices=("auto", "bf16", "fp16", "fp32")),
     "device": cli.DEVICE,
     "compile": S(False, "torch.compile the UNet (pads the last batch)"),
     "shard": S("", "i/N: make every N-th batch from the i-th (torchrun sets it)",
-               (lambda v: not v or re.fullmatch(r"\d+/\d+", v) and int(v.split("/")[0]) < int(
-                   v.split("/")[1]), "i/N with 0 <= i < N")),
+               (lambda v: not v or re.fullmatch(r"\d+/\d+", v)
+                and int(v.split("/")[0]) < int(v.split("/")[1]), "i/N with 0 <= i < N")),
     "ddpm_width": S(128, "ddpm: UNet base channels (stages w, 2w, 2w, 2w)", AT_LEAST_1),
     "train_steps": S(30000, "ddpm: training steps", AT_LEAST_1),
     "train_batch": S(128, "ddpm: training batch", AT_LEAST_1),
@@ -199,15 +196,10 @@ def write_tokenizer(folder):
     no merges."""
     # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map past 255
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbols = [
-        chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
-        for b in range(256)
-    ]
-    vocab = {
-        s: i
-        for i, s in enumerate(["<|startoftext|>", "<|endoftext|>"] + symbols +
-                              [s + "</w>" for s in symbols])
-    }
+    symbols = [chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
+               for b in range(256)]
+    words = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    vocab = {s: i for i, s in enumerate(words)}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
@@ -279,36 +271,36 @@ class Maker:
         p [n] or None): an image that is black, not finite, or refused by the filter is made again
         with the next seed of its (label, index), at most MAX_RETRIES times."""
         n, filtered = len(items), self.clip is not None
-        attempt, refused, p = [0] * n, [0] * n, [None] * n
         seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
+        refused, p = [0] * n, [None] * n
         x, todo = self.raw(items, prompts, seeds), list(range(n))
-        while todo:
+        # every image still to make has failed as often as the others: one attempt count
+        for attempt in itertools.count(1):
             black = broken(x[todo])
-            kept, p_todo = self.clip(x[todo], [items[i][0]
-                                               for i in todo]) if filtered else ([True] * len(todo),
-                                                                                 [None] * len(todo))
+            if filtered:
+                kept, p_todo = self.clip(x[todo], [items[i][0] for i in todo])
+            else:
+                kept, p_todo = [True] * len(todo), [None] * len(todo)
             again = []
-            for i, b, k, pi in zip(todo, black, kept, p_todo):
-                p[i], refused[i] = pi, refused[i] + (not b and not k)
+            for i, b, k, q in zip(todo, black, kept, p_todo):
+                p[i], refused[i] = q, refused[i] + (not b and not k)
                 if b or not k:
-                    attempt[i] += 1
-                    if attempt[i] > MAX_RETRIES:
-                        c = items[i][0]
-                        raise cli.SAUError(
-                            f"class {c} ({self.names[c]}) image {items[i][1]}: {MAX_RETRIES} seeds "
-                            "in a row gave black "
-                            f"or non-finite images ({attempt[i] - refused[i]}) or images CLIP "
-                            "refused "
-                            f"({refused[i]}); check --model, --dtype and --steps" +
-                            (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
-                    seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt[i])
                     again.append(i)
-            if again:
-                self.retries += len(again)
-                x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again],
-                                    [seeds[i] for i in again])
+            if not again:
+                return self.to_uint8(x), seeds, refused, p if filtered else None
+            if attempt > MAX_RETRIES:
+                (c, k), r = items[again[0]], refused[again[0]]
+                raise cli.SAUError(
+                    f"class {c} ({self.names[c]}) image {k}: {MAX_RETRIES} seeds in a row gave "
+                    f"black or non-finite images ({attempt - r}) or images CLIP refused ({r}); "
+                    f"check --model, --dtype and --steps"
+                    + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
+            for i in again:
+                seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt)
+            self.retries += len(again)
+            x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again],
+                                [seeds[i] for i in again])
             todo = again
-        return self.to_uint8(x), seeds, refused, p if filtered else None
 
 
 class ClipFilter:
@@ -350,8 +342,7 @@ class ClipFilter:
         p = logits.softmax(1).gather(1, y)[:, 0]
         kept = ((logits > logits.gather(1, y)).sum(1)
                 < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
-        return kept.tolist(), \
-            p.tolist()
+        return kept.tolist(), p.tolist()
 
 
 def pooled(out):  # transformers 4 returns the features, 5 an output whose pooler_output they are
@@ -375,19 +366,12 @@ class TextToImage(Maker):
         if cfg["compile"]:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=True)
-        self.settings = {
-            "type": "text2image",
-            "model": model,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "resolution": self.resolution,
-            "dtype": str(dtype).replace("torch.", ""),
-            "resize": cfg["resize"],
-            "seed": cfg["seed"],
-            "batch_size": cfg["batch_size"],
-            "pipeline": type(pipe).__name__,
-            "scheduler": type(pipe.scheduler).__name__
-        }
+        self.settings = {"type": "text2image", "model": model, "steps": self.steps,
+                         "guidance": self.guidance, "resolution": self.resolution,
+                         "dtype": str(dtype).replace("torch.", ""), "resize": cfg["resize"],
+                         "seed": cfg["seed"], "batch_size": cfg["batch_size"],
+                         "pipeline": type(pipe).__name__,
+                         "scheduler": type(pipe.scheduler).__name__}
 
     def raw(self, items, prompts, seeds):
         """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every
@@ -413,17 +397,10 @@ class ClassConditional(Maker):
         self.steps = cfg["steps"] if cfg["steps"] is not None else 50
         self.guidance = cfg["guidance"] if cfg["guidance"] is not None else 1.5
         self.null = unet.config.num_class_embeds - 1
-        self.settings = {
-            "type": "ddpm",
-            "training": train_settings,
-            "checkpoint_sha256": sha,
-            "sampler": cfg["sampler"],
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "seed": cfg["seed"],
-            "batch_size": cfg["batch_size"],
-            "dtype": str(dtype).replace("torch.", "")
-        }
+        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha,
+                         "sampler": cfg["sampler"], "steps": self.steps, "guidance": self.guidance,
+                         "seed": cfg["seed"], "batch_size": cfg["batch_size"],
+                         "dtype": str(dtype).replace("torch.", "")}
 
     @torch.no_grad()
     def raw(self, items, prompts, seeds):
@@ -440,6 +417,121 @@ class ClassConditional(Maker):
             cond, uncond = eps.chunk(2)
             x = self.sampler.step(uncond + self.guidance * (cond - uncond), t, x).prev_sample
         return ((x + 1) / 2).clamp(0, 1)
+
+
+# ---------------------------------------------------------------- the pool on disk
+
+
+def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
+    """One shard, written to a temporary name and renamed: never a half-written file."""
+    arrays = {"images": np.asarray(images, dtype=np.uint8),
+              "seeds": np.asarray(seeds, dtype=np.int64), **extra}
+    if prompts is not None:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
+
+    def save(tmp):  # np.savez's layout with a fixed date: same images, same bytes
+        with zipfile.ZipFile(tmp, "w") as z:
+            for name, arr in arrays.items():
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with z.open(info, "w") as f:
+                    np.lib.format.write_array(f, arr, allow_pickle=False)
+    path = os.path.join(folder, data.shard_name(label, start))
+    cli.write_atomic(path, save)
+    return path
+
+
+def present(folder):
+    """{label: set of indices already on disk}."""
+    have = {}
+    for c, shards in data.pool_shards(folder).items():
+        for start, path in shards:
+            have.setdefault(c, set()).update(range(start, start + len(data.read_shard(path))))
+    return have
+
+
+def check_manifest(folder, manifest):
+    """Refuse a folder whose pool was made for another dataset or (given its generator) with other
+    settings; else write the manifest."""
+    path = os.path.join(folder, "manifest.json")
+    old = data.read_manifest(folder) if os.path.isfile(path) else None
+    if old and (old["dataset"], old["classes"]) != (manifest["dataset"], manifest["classes"]):
+        raise cli.SAUError(f"{folder} holds a pool made for {old['dataset']}, not "
+                           f"{manifest['dataset']}: pass a new --pool folder")
+    if "generator" not in manifest:
+        return
+    settings = {k: v for k, v in (old or {}).get("generator", {}).items() if k not in COUNTS}
+    if old and settings != manifest["generator"]:
+        diff = sorted(k for k in set(settings) | set(manifest["generator"])
+                      if settings.get(k) != manifest["generator"].get(k))
+        raise cli.SAUError(
+            f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
+            f"use the same flags, or pass a new --pool folder to start another pool")
+    cli.write_atomic(path, json.dumps(manifest, indent=1))
+
+
+# in the manifest's generator entry, but not settings
+COUNTS = ("rejected_images", "clip_refused_per_class")
+
+
+def count_rejected(folder, manifest):
+    """Record in the manifest how many images were made again and, filtered, how many CLIP refused
+    per class, summed over every shard on disk; return (images on disk, images made again)."""
+    total = rejected = 0
+    refused = {}
+    for c, shards in data.pool_shards(folder).items():
+        for _, path in shards:
+            with np.load(path) as z:
+                total += len(z["seeds"])
+                rejected += int(z["rejected"].sum()) if "rejected" in z else 0
+                if "clip_refused" in z:
+                    name = manifest["classes"][c]
+                    refused[name] = refused.get(name, 0) + int(z["clip_refused"].sum())
+    manifest["generator"]["rejected_images"] = rejected
+    if manifest["generator"].get("filter", "none") != "none":
+        manifest["generator"]["clip_refused_per_class"] = {
+            n: refused.get(n, 0) for n in manifest["classes"]}
+    cli.write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
+    return total, rejected
+
+
+def write_samples(folder, names, per_row=8):
+    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with
+    its prompt (the class name left out, shortened) and, filtered, CLIP's probability of its class.
+    """
+    plt, shards = report.pyplot(), data.pool_shards(folder)
+    rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3),
+                             squeeze=False)
+    for ax, c in zip(axes[:, 0], rows):
+        images, notes = [], []
+        for _, path in shards[c]:
+            with np.load(path) as z:
+                take = per_row - len(images)
+                images += list(data.read_shard(path)[:take])
+                prompts = z["prompts"][:take] if "prompts" in z else [""] * take
+                p = z["clip_p"][:take] if "clip_p" in z else [None] * take
+            notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
+                      + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
+        # short classes: blank tiles
+        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))
+        strip = np.concatenate(
+            [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
+        ax.imshow(strip, interpolation="nearest")
+        for i, note in enumerate(notes):
+            ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    # room below each strip for its prompts
+    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(),
+                        hspace=0.9)
+    cli.write_atomic(os.path.join(folder, "samples.png"),
+                      lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the pool
@@ -497,16 +589,27 @@ def main(argv=None):
         path = os.path.join(cli.writable_folder(folder, "--pool"), prompting.LM_FILE)
         counts = [(cfg["per_class"] if cfg["per_class"] is not None else 500) if n else 0
                   for n in targets]
-        prompting.write_lm_prompts(path, names, counts, cfg["prompt_model"], pick(cfg)[0],
-                                   cfg["seed"], cfg["prompt_batch"], world)
+        drawn = prompting.write_lm_prompts(path, names, counts, cfg["prompt_model"],
+                                           pick(cfg)[0], cfg["seed"], cfg["prompt_batch"], world)
         cfg = {**cfg, "prompts": path}
     prompts = prompting.class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"],
                                       cfg["seed"])
-    empty = [names[c] for c, n in enumerate(targets) if n and not prompts[c]]
+    empty = [c for c, n in enumerate(targets) if n and not prompts[c]]
+    if empty and cfg["prompt_model"]:
+        lm = [f"{names[c]}: {drawn[c][0]} lines in {drawn[c][1]} calls"
+              for c in empty if c in drawn]
+        raise cli.SAUError(
+            f"--prompt-model {cfg['prompt_model']} wrote no line that was kept for "
+            f"{', '.join(names[c] for c in empty[:5])} ({'; '.join(lm[:5]) or 'none drawn'}, all "
+            f"refused: not beginning with the class name, not {prompting.WORDS[0]}-"
+            f"{prompting.WORDS[1]} words, or repeated): try a larger or instruction-tuned model, "
+            f"or write the lines yourself into {cfg['prompts']}")
     if empty:
-        raise cli.SAUError(f"--prompts {cfg['prompts']} has no line for {', '.join(empty[:5])}: "
-                           f"add lines beginning with each class name")
-    data.check_dataset(cli.writable_folder(folder, "--pool"), cfg["dataset"], names)
+        raise cli.SAUError(f"--prompts {cfg['prompts']} has no line for "
+                           f"{', '.join(names[c] for c in empty[:5])}: add lines beginning with "
+                           f"each class name")
+    check_manifest(cli.writable_folder(folder, "--pool"), {"dataset": cfg["dataset"],
+                                                             "classes": names})
     device, dtype = pick(cfg)
     if cfg["generator"] == "ddpm":
         trained = ddpm.train_ddpm(cfg, os.path.join(folder, "ddpm"), device, world=world)
@@ -520,8 +623,8 @@ def main(argv=None):
     gen.settings["filter"] = gen.clip.settings if gen.clip else "none"
     manifest = {"dataset": cfg["dataset"], "classes": names, "image_size": 32,
                 "generator": gen.settings}
-    data.check_manifest(folder, manifest)
-    have = data.present(folder)
+    check_manifest(folder, manifest)
+    have = present(folder)
     batches = [b for j, b in enumerate(plan_batches(targets, cfg["batch_size"]))
                if j % world == rank]
     todo = [b for b in batches if any(k not in have.get(c, ()) for c, k in b)]
@@ -533,15 +636,14 @@ def main(argv=None):
     # closed (its line ended) also when an error ends the run, so that the error has a line
     with tqdm(total=sum(len(b) for b in todo), unit="img", desc=desc, dynamic_ncols=True) as bar:
         for batch in todo:
-            cli.check_interrupt()
             retries0 = gen.retries
             texts = [prompts[c][k % len(prompts[c])] for c, k in batch]
             made += write_batch(folder, cfg, batch, have, texts, *gen.make(batch, texts))
             bar.update(len(batch))
             bar.set_postfix(retried=gen.retries - retries0)
     seconds = time.time() - t0
-    total, rejected = data.count_rejected(folder, manifest)
-    report.write_samples(folder, names)
+    total, rejected = count_rejected(folder, manifest)
+    write_samples(folder, names)
     print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now "
           f"holds {total} images, {rejected} made again after a black, non-finite or (--filter "
           f"clip) refused first try; samples.png written")
@@ -560,8 +662,8 @@ def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p)
                 "clip_refused": np.array([refused[i] for i in run]),
                 "clip_p": np.array([clip_p[i] for i in run], np.float32)}
             prompts = None if cfg["generator"] == "ddpm" else [texts[i] for i in run]
-            data.write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run], prompts,
-                             rejected=redone, **clip)
+            write_shard(folder, c, ks[0], images[run], [seeds[i] for i in run], prompts,
+                        rejected=redone, **clip)
             made += len(run)
     return made
 

@@ -23,46 +23,28 @@ VARIATION = ("viewpoint", "light", "style")  # the keys of prompts/variation.jso
 
 
 def read_tables(dataset):
-    """(class content, variation) from prompts/: the data that builds the default prompts, each
-    table checked for its shape (they are meant to be edited by hand)."""
+    """(class content, variation) from prompts/, the data that builds the default prompts."""
     tables = []
     for name in (f"{dataset}.json", "variation.json"):
-        path = os.path.join(PROMPTS, name)
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(os.path.join(PROMPTS, name), encoding="utf-8") as f:
                 tables.append(json.load(f))
         except (OSError, ValueError) as e:
-            raise cli.SAUError(f"{path} is unreadable ({e.__class__.__name__}): restore it from "
-                               f"the repository, or pass --prompts FILE") from None
+            raise cli.SAUError(f"prompts/{name} is unreadable ({e.__class__.__name__}): restore it "
+                               f"from the repository, or pass --prompts FILE") from None
     content, variation = tables
-    shape = '{"classes": {class name: [content, ...]}}'
-    if isinstance(content, dict) and "classes" not in content:
-        raise cli.SAUError(f"prompts/{dataset}.json has no 'classes': it must read {shape}; fix "
-                           f"it, restore it from the repository, or pass --prompts FILE")
-    check_table(content.get("classes") if isinstance(content, dict) else None, None,
-                f"{dataset}.json", shape)
-    check_table(variation, VARIATION, "variation.json",
-                "{" + ", ".join(f'"{k}": [text, ...]' for k in VARIATION) + "}")
+    texts = lambda v: isinstance(v, list) and all(isinstance(t, str) and t.strip() for t in v)
+    # a table of lists of texts by name (variation.json may hold notes beside its lists)
+    for name, table, keys, shape in (
+            (f"{dataset}.json", content.get("classes") if isinstance(content, dict) else None,
+             None, '{"classes": {class name: [content, ...]}}'),
+            ("variation.json", variation, VARIATION,
+             "{" + ", ".join(f'"{k}": [text, ...]' for k in VARIATION) + "}")):
+        if not (isinstance(table, dict) and all(k in table for k in keys or ())
+                and all(texts(v) for k, v in table.items() if keys is None or k in keys)):
+            raise cli.SAUError(f"prompts/{name} must read {shape}: fix it, restore it from the "
+                               f"repository, or pass --prompts FILE")
     return content["classes"], variation
-
-
-def check_table(table, keys, name, shape):
-    """One line for a prompts table that is not a dict of lists of texts (with these keys)."""
-    why = None
-    if not isinstance(table, dict):
-        why = "is not an object"
-    else:
-        missing = [k for k in keys or () if k not in table]
-        # a table of named lists (variation.json) may hold notes beside them ("about")
-        texts = lambda v: isinstance(v, list) and all(isinstance(t, str) and t.strip() for t in v)
-        bad = [k for k, v in table.items() if (keys is None or k in keys) and not texts(v)]
-        if missing:
-            why = f"has no {', '.join(map(repr, missing))}"
-        elif bad:
-            why = f"has {bad[0]!r} as {type(table[bad[0]]).__name__}, not a list of texts"
-    if why:
-        raise cli.SAUError(f"prompts/{name} {why}: it must read {shape}; fix it, restore it from "
-                           f"the repository, or pass --prompts FILE")
 
 
 def built_prompts(dataset, names, seed):
@@ -200,59 +182,48 @@ def describe(tok, model, name, n, seed, max_new_tokens=96):
 
 def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16, world=1):
     """Write counts[c] descriptions of each class into path, the --prompts FILE format, keeping
-    what is there: a rerun reuses the file, a killed run writes only the missing lines and ends
-    with the file an uninterrupted run writes (path + ".state" records how far each call got). A
-    line that does not begin with its class name, falls outside WORDS or repeats one of its class
-    is drawn again, MAX_TRIES fruitless calls in a row at most; the refusals per class, in one
-    line."""
-    state_path = path + ".state"
-    lines = whole_lines(path)
-    state = cli.read_json(state_path) if os.path.isfile(state_path) else {}
-    done = state.get("lines", len(lines)) if isinstance(state, dict) else len(lines)
-    tries = {int(c): t for c, t in state.get("tries", {}).items()} if done <= len(lines) else {}
-    if len(lines) != done or (lines and not open(path).read().endswith("\n")):
-        # a call's lines written after the last record (or cut short) are drawn again
-        lines = lines[:done]
-        cli.write_atomic(path, "".join(line + "\n" for line in lines))
-    have = lm_lines(path, names)
-    spoken = [n.replace("_", " ") for n in names]
-    todo = {c: n - len(have[c]) for c, n in enumerate(counts)
-            if n > len(have[c]) and tries.get(c, 0) < MAX_TRIES}
+    what is there: a rerun keeps each class's accepted lines and draws the missing ones, each call
+    seeded by (seed, class, lines accepted, fruitless calls in a row), so a killed run ends with the
+    file an uninterrupted one writes. A line that does not begin with its class name, falls
+    outside WORDS or repeats one of its class is drawn again, MAX_TRIES fruitless calls in a row at
+    most. Prints the refusals per class; returns {label: (lines refused, calls)} of this run."""
+    lines = "".join(line + "\n" for line in whole_lines(path))
+    if os.path.isfile(path) and open(path, encoding="utf-8").read() != lines:
+        cli.write_atomic(path, lines)  # a line a kill cut short goes
+    have, spoken = lm_lines(path, names), [n.replace("_", " ") for n in names]
+    todo = [c for c, n in enumerate(counts) if n > len(have[c])]
     if not todo:
-        return
+        return {}
     if world > 1:
         raise cli.SAUError(f"{path} is not written yet: write it in one process (the same command "
                            f"without torchrun or --shard), then draw the pool with several")
     tok, model = load_language_model(model_id, device)
-    refused, n_lines = {c: 0 for c in todo}, len(lines)
-    with tqdm(total=sum(todo.values()), unit="line", desc="writing prompts",
-              dynamic_ncols=True) as bar, open(path, "a", encoding="utf-8") as f:
+    drawn = {c: [0, 0] for c in todo}  # lines refused, calls
+    with tqdm(total=sum(counts[c] - len(have[c]) for c in todo), unit="line",
+              desc="writing prompts", dynamic_ncols=True) as bar, open(path, "ab", 0) as f:
         for c in todo:
-            seen = set(have[c])
-            while len(seen) < counts[c] and tries.get(c, 0) < MAX_TRIES:
-                cli.check_interrupt()
-                # a call's seed follows from what is written: a resumed run draws the same texts
-                call_seed = cli.derived_seed(seed, c, len(seen), tries.get(c, 0))
-                drawn = describe(tok, model, spoken[c], min(batch_size, counts[c] - len(seen)),
+            seen, tries = set(have[c]), 0
+            while len(seen) < counts[c] and tries < MAX_TRIES:
+                call_seed = cli.derived_seed(seed, c, len(seen), tries)
+                batch = describe(tok, model, spoken[c], min(batch_size, counts[c] - len(seen)),
                                  call_seed)
                 new = []
-                for line in drawn:
+                for line in batch:
                     ok = class_of(line, names) == c and WORDS[0] <= len(line.split()) <= WORDS[1]
                     if ok and line not in seen and len(seen) < counts[c]:
                         seen.add(line)
                         new.append(line)
-                refused[c] += len(drawn) - len(new)
-                f.write("".join(line + "\n" for line in new))
-                f.flush()
-                os.fsync(f.fileno())
-                n_lines += len(new)
-                tries[c] = 0 if new else tries.get(c, 0) + 1
-                cli.write_atomic(state_path, json.dumps({"lines": n_lines, "tries": tries}))
+                drawn[c][0] += len(batch) - len(new)
+                drawn[c][1] += 1
+                # one write a call: a kill keeps all of a call's lines or none
+                f.write("".join(line + "\n" for line in new).encode())
+                tries = 0 if new else tries + 1
                 bar.update(len(new))
     written = lm_lines(path, names)
     short = {spoken[c]: counts[c] - len(written[c]) for c in todo}
     print(f"{path}: refused and drawn again, per class: "
-          + ", ".join(f"{spoken[c]} {n}" for c, n in refused.items())
+          + ", ".join(f"{spoken[c]} {r}" for c, (r, _) in drawn.items())
           + ("; left short after " + str(MAX_TRIES) + " fruitless calls in a row: "
              + ", ".join(f"{k} by {v}" for k, v in short.items() if v)
              if any(short.values()) else ""))
+    return drawn

@@ -3,20 +3,13 @@ and the pictures (curves, per-class accuracy, confusion, suspects, audit), the p
 and --summarize's table. Every picture is redrawn from what a run's checkpoint holds.
 """
 import json
-import math
 import os
-import textwrap
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import cli
 import data
-
-# the epoch audit's scores (ours): log p(label), prototype margin, rank sum
-AUDIT_SCORES = ("p", "margin", "both")
-
 
 # ------------------------------------------------ the figures of a detector of bad synthetic images
 
@@ -37,73 +30,32 @@ def detector(flag, mixed):
     return fig
 
 
-def auc(score, positive):
-    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None
-    without both."""
-    s, pos = np.asarray(score, float), np.asarray(positive, bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if not n1 or not n0:
-        return None
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def audit_figures(scores, ranks, mixed, q, flags):
-    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample
-    ranked below q and the AUC (planted vs clean; of the rank sum for both), and the AUC of the
-    flags the step used this epoch (flags [N]: the paper's rule's, or the audit's with --relabel
-    audit); per class, the 10/50/90% points of log p and margin for real, clean and planted samples.
-    """
-    syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
-    raw = torch.cat([scores, (ranks[:, 0] + ranks[:, 1])[:, None]], 1).numpy()
-    fig = {
-        name: {
-            **detector(syn & (ranks[:, k] < q).numpy(), mixed), "auc": auc(
-                -raw[syn, k], noisy[syn])
-        }
-        for k, name in enumerate(AUDIT_SCORES)
-    }
-    fig["flags"] = {"auc": auc(flags[syn], noisy[syn])}
-    groups = {"real": ~syn, "clean": syn & ~noisy, "planted": noisy}
-    fig["per_class"] = {
-        name: {
-            g: [
-                np.quantile(raw[m & (y == c), k], [0.1, 0.5, 0.9]).round(4).tolist() if
-                (m & (y == c)).any() else None for c in range(len(mixed.classes))
-            ]
-            for g, m in groups.items() if m.any()
-        }
-        for k, name in enumerate(("p", "margin"))
-    }
-    return fig
-
-
 # ---------------------------------------------------------------- the epoch line and final.json
 
 
 def print_epoch(m, epochs):
-    fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
-    found = "" if m["suspect_frac"] is None else f"  suspects {fmt(m['suspect_frac'], 3)}" + (
-        f" (planted: recall {fmt(m['recall'], 3)}, false flags {fmt(m['false_flag_rate'], 3)}, "
-        "precision "
-        f"{fmt(m['precision'], 3)})" if "recall" in m else "")
-    audit = ""
-    if "audit" in m:  # ours
+    fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
+    line = (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
+            f"{m['loss_con']:.3f})  lr {m['lr']:.4g}  top1 {m['top1']:.2f}  many/med/few "
+            + "/".join(fmt(m[g], 1) for g in data.GROUPS))
+    if m["suspect_frac"] is not None:
+        line += f"  suspects {fmt(m['suspect_frac'])}"
+        if "recall" in m:
+            line += (f" (planted: recall {fmt(m['recall'])}, false flags "
+                     f"{fmt(m['false_flag_rate'])}, precision {fmt(m['precision'])})")
+    line += f"  {m['seconds']:.0f}s  {m['images_per_s']:.0f} img/s"
+    if "audit" in m:  # ours: each score's flags, then the flags the step used
         a = m["audit"]
-        audit = "\n  audit" + "".join(f"  {k}: flags {fmt(a[k]['suspect_frac'], 3)}" + (
-            f" (recall {fmt(a[k]['recall'], 3)}, precision {fmt(a[k]['precision'], 3)}, AUC "
-            f"{fmt(a[k]['auc'], 3)})"
-            if "recall" in a[k] else "") for k in AUDIT_SCORES) + (
-                f"  step's flags AUC {fmt(a['flags']['auc'], 3)}"
-                if a["flags"]["auc"] is not None else "") + (f"  {m['audit_s']:.0f}s")
-    tqdm.write(
-        f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} con "
-        f"{m['loss_con']:.3f})  lr {m['lr']:.4g}  top1 {m['top1']:.2f}  many/med/few "
-        f"{fmt(m['many'])}/"
-        f"{fmt(m['medium'])}/{fmt(m['few'])}{found}  {m['seconds']:.0f}s  {m['images_per_s']:.0f} "
-        f"img/s{audit}"
-    )
+        line += "\n  audit"
+        for k in (k for k in a if "suspect_frac" in a[k]):
+            line += f"  {k}: flags {fmt(a[k]['suspect_frac'])}"
+            if "recall" in a[k]:
+                line += (f" (recall {fmt(a[k]['recall'])}, precision {fmt(a[k]['precision'])}, "
+                         f"AUC {fmt(a[k]['auc'])})")
+        if a["flags"]["auc"] is not None:
+            line += f"  step's flags AUC {fmt(a['flags']['auc'])}"
+        line += f"  {m['audit_s']:.0f}s"
+    tqdm.write(line)
 
 
 def write_final(out, cfg, metrics, ev, mixed, flagged, scores):
@@ -261,46 +213,6 @@ def plot_suspects(out, mixed, flagged, epochs, per_side=8):
     save_figure(fig, os.path.join(out, "suspects.png"))
 
 
-def write_samples(folder, names, per_row=8):
-    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with
-    its prompt (the class name left out, shortened) and, filtered, CLIP's probability of its class.
-    """
-    plt, shards = pyplot(), data.pool_shards(folder)
-    rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
-    if not rows:
-        return
-    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 1.3, len(rows) * 1.75 + 0.3),
-                             squeeze=False)
-    for ax, c in zip(axes[:, 0], rows):
-        images, notes = [], []
-        for _, path in shards[c]:
-            with np.load(path) as z:
-                take = per_row - len(images)
-                images += list(data.read_shard(path)[:take])
-                prompts = z["prompts"][:take] if "prompts" in z else [""] * take
-                p = z["clip_p"][:take] if "clip_p" in z else [None] * take
-            notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
-                      + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
-        # short classes: blank tiles
-        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))
-        strip = np.concatenate(
-            [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
-        ax.imshow(strip, interpolation="nearest")
-        for i, note in enumerate(notes):
-            ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
-        ax.set_yticks([])
-        ax.set_xticks([])
-        ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
-        for side in ax.spines.values():
-            side.set_visible(False)
-    # room below each strip for its prompts
-    fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(),
-                        hspace=0.9)
-    cli.write_atomic(os.path.join(folder, "samples.png"),
-                      lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- --summarize
 
 
@@ -322,8 +234,6 @@ def shown_spread(t):
 
 def summarize(settings, dirs, out=""):
     """Mean and standard deviation of the final metrics over runs that differ only in --seed."""
-    if len(set(map(os.path.realpath, dirs))) < len(dirs):
-        raise cli.SAUError("--summarize names a run twice: each run once")
     runs, keys = [], ("top1", "top5", *data.GROUPS)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "config.json")):
@@ -331,27 +241,15 @@ def summarize(settings, dirs, out=""):
         if not os.path.isfile(os.path.join(d, "final.json")):
             raise cli.SAUError(
                 f"{d} has no final.json: the run did not finish (continue it with --resume {d})")
-        cfg = cli.read_json(os.path.join(d, "config.json"))
-        final = cli.read_json(os.path.join(d, "final.json"))
-        try:
-            values = {k: final["final_epoch"][k] for k in keys}
-            finite = all(v is None or math.isfinite(v) for v in values.values())
-        except (KeyError, TypeError) as e:
-            raise cli.SAUError(
-                f"{d}: final.json is malformed ({e.__class__.__name__}): leave it out") from None
-        if not finite:  # an explicit check, not an assert: python -O would drop it
-            raise cli.SAUError(f"{d}: its final metrics are not finite: leave it out")
-        runs.append((d, cfg, values))
+        final = cli.read_json(os.path.join(d, "final.json"))["final_epoch"]
+        runs.append((d, cli.read_json(os.path.join(d, "config.json")), final))
     ref = runs[0][1]
     for d, c, _ in runs[1:]:
         diff = cli.config_diff(settings, ref, c, ignore={"seed"})
         if diff:
-            flags = ", ".join(cli.flag(k) for k in diff)
-            raise cli.SAUError(f"{d} differs from {runs[0][0]} in {flags}"
-                                + ": summarize runs that differ only in --seed")
-    if len({c.get("seed") for _, c, _ in runs}) < len(runs):
-        raise cli.SAUError(
-            "--summarize: two of these runs have the same --seed (the same run twice?)")
+            raise cli.SAUError(f"{d} differs from {runs[0][0]} in "
+                               f"{', '.join(map(cli.flag, diff))}: summarize runs that differ "
+                               f"only in --seed")
     table = {k: spread([f[k] for _, _, f in runs]) for k in keys}
     table = {k: t for k, t in table.items() if t}
     defaults = {k: s.default for k, s in settings.items()}
@@ -368,70 +266,3 @@ def summarize(settings, dirs, out=""):
     summary = {"runs": dirs, "config": ref, "final_epoch": table}
     cli.write_atomic(path + ".json", json.dumps(summary, indent=1))
     print(f"written: {path}.md, {path}.json")
-
-
-# ---------------------------------------------------------------- table.py's table
-
-
-def write_table(folder, cfg, runs, keys=("top1", *data.GROUPS)):
-    """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance,
-    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed
-    is named, an empty cell says so). runs: table.py's plan, (cell, row, seed, argv, run folder,
-    settings)."""
-    cells = list(dict.fromkeys(r[0] for r in runs))
-    new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}
-    table = {row: {cell: new() for cell in cells} for row in cfg["rows"]}
-    for cell, row, seed, _, run, _ in runs:
-        entry, final = table[row][cell], os.path.join(run, "final.json")
-        if not os.path.isfile(final):
-            entry["missing_seeds"].append(seed)
-            continue
-        metrics = cli.read_json(final)["final_epoch"]
-        entry["seeds"].append(seed)
-        entry["runs"].append(run)
-        for k in keys:
-            entry[k].append(metrics[k])
-    for row in table.values():
-        for entry in row.values():
-            for k in keys:
-                entry[k] = spread(entry[k])
-
-    def shown(entry):
-        t, missing = entry["top1"], len(entry["missing_seeds"])
-        if t is None:
-            return "missing"
-        partial = f" ({t['runs']} of {t['runs'] + missing} seeds)" if missing else ""
-        return shown_spread(t) + partial
-
-    name = lambda cell: (cell.replace("_imb", " imb ").replace("cifar10 ", "CIFAR-10-LT ")
-                         .replace("cifar100 ", "CIFAR-100-LT "))
-    seeds = ", ".join(map(str, cfg["seeds"]))
-    lines = [
-        f"Final-epoch top-1 (%), mean ± std over seeds {seeds}; rows: {', '.join(cfg['rows'])}.",
-        "", "| method | " + " | ".join(map(name, cells)) + " |", "|---" * (len(cells) + 1) + "|"
-    ]
-    lines += [f"| {row} `{cfg['row_flags'][row] or 'the defaults'}` | "
-              + " | ".join(shown(table[row][c]) for c in cells) + " |" for row in cfg["rows"]]
-    cli.write_atomic(os.path.join(folder, "table.md"), "\n".join(lines) + "\n")
-    grid = {k: cfg[k] for k in ("name", "datasets", "imbs", "rows", "seeds", "syn", "row_flags")}
-    cli.write_atomic(os.path.join(folder, "table.json"),
-                     json.dumps({"grid": grid, "table": table}, indent=1))
-    plt = pyplot()
-    mean = np.array(
-        [[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"] for c in cells]
-         for r in cfg["rows"]])
-    fig, ax = plt.subplots(figsize=(max(5.5, 2 + 1.6 * len(cells)), 1.2 + 0.6 * len(cfg["rows"])))
-    # the scale leaves room on both sides, so that every number stays readable
-    seen = np.isfinite(mean).any()
-    ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if seen else 0,
-              vmax=np.nanmax(mean) + 10 if seen else 100)
-    for i, r in enumerate(cfg["rows"]):
-        for j, c in enumerate(cells):
-            ax.text(j, i,
-                    shown(table[r][c]).replace(" (", "\n("), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cells)), [name(c).replace(" imb", "\nimb") for c in cells], fontsize=8)
-    ax.set_yticks(range(len(cfg["rows"])), cfg["rows"])
-    ax.set_title(f"final-epoch top-1 (%), mean ± std over seeds {seeds}", fontsize=9)
-    save_figure(fig, os.path.join(folder, "table.png"))
-    print("\n".join(lines) + f"\nwritten: {folder}/table.md, table.json, table.png")
-    return table

@@ -1,11 +1,7 @@
-"""How train.py's runs are run, out of the method's way: the runtime and one-command settings, the
-processes, the run folder (refuse or resume, the lock, checkpoint.pt, config.json, metrics.jsonl,
-the start line), the non-finite stop and --bench's timing.
-
-checkpoint.pt is the folder's state: it holds all that the next epoch and the reports need and is
-replaced in one rename per epoch; config.json, metrics.jsonl, final.json and the pictures are
-derived from it and rebuilt by --resume, so a kill at any instant leaves a folder that --resume
-finishes.
+"""How train.py's runs are run, around the method: the runtime and one-command settings, the set-up
+(processes, device, data, network), the run folder and --bench. checkpoint.pt is the folder's
+state, replaced in one rename per epoch; every other file is derived from it and rebuilt by
+--resume, so a kill at any instant leaves a folder that --resume finishes.
 """
 import dataclasses
 import itertools
@@ -44,7 +40,8 @@ RUNTIME_CONFIG = {
                  scope="runtime"),
     "channels_last": S("on", "channels_last memory format for the network (ours)",
                        choices=ON_OFF, scope="runtime"),
-    "compile": S("off", "torch.compile the backbone (ours)", choices=ON_OFF, scope="runtime"),
+    "compile": S("off", "torch.compile the training step, views included (ours)", choices=ON_OFF,
+                 scope="runtime"),
     "deterministic": S("off", "on: deterministic CUDA kernels, so a resumed CUDA run ends with the "
                        "same weights as an uninterrupted one (CPU runs always do); somewhat slower "
                        "(ours)", choices=ON_OFF, scope="runtime"),
@@ -66,30 +63,12 @@ RUNTIME_IGNORED = [
 ]
 
 
-# ---------------------------------------------------------------- processes
-
-
-def all_sum(t, world, op="SUM"):
-    if world > 1:
-        torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op))
-    return t
-
-
-def eval_mode(model, world):
-    """model.eval() with rank 0's BatchNorm statistics on every process (DDP sends them only at a
-    training forward, and each process's last one moves its own): the model each process
-    evaluates is the one the checkpoint saves."""
-    model.eval()
-    for b in model.buffers() if world > 1 else ():
-        torch.distributed.broadcast(b, 0)
-
-
 # ---------------------------------------------------------------- set-up
 
 
 @dataclasses.dataclass
 class Run:
-    """What a run holds from set-up to its end."""
+    """What a run holds from set-up to its end, and what its processes do together."""
     world: int  # processes (torchrun's WORLD_SIZE; 1 without it)
     rank: int  # this process's (RANK)
     device: torch.device  # "cuda", "cuda:N" (LOCAL_RANK under torchrun) or "cpu"
@@ -97,25 +76,37 @@ class Run:
     loader: str  # "cpu" (DataLoader workers, torchvision) or "gpu" (batched views on the device)
     prep: Callable  # a batch to the device, in the network's memory format
     mixed: data.MixedSet  # the training set: real + synthetic, with is_syn and is_noisy
-    real_share: object  # this process's real images, for the prototypes (device tensor or list)
-    batches: Callable  # data.batch_maker's: (views, batch size, seed, order) -> batches
-    x_test: torch.Tensor  # uint8 [10000, 3, 32, 32] on the host
-    y_test: torch.Tensor
-    x_train: torch.Tensor  # uint8 [N, 3, 32, 32]: the gpu loader's device copy, else a host view
-    y_train: torch.Tensor  # [N] on the device
-    mean: torch.Tensor  # [3, 1, 1] normalisation constants on the device (views.MEAN_STD)
-    std: torch.Tensor
+    batches: data.Batches  # (views, batch size, seed, order) -> views.Batch; .images: the set
+    real: object  # this process's share of the real images, for the prototypes (a device tensor
+    # with the gpu loader: no copy in the pass)
+    test: tuple  # (uint8 [10000, 3, 32, 32], labels [10000]) on the host
     model: torch.nn.Module  # the ResNet-32 (its backbone compiled with --compile on)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    use_cls: bool  # --w-cls > 0: the classification branch runs
-    use_con: bool  # --w-con > 0: the contrastive branch and its prototypes run
     step_fn: torch.nn.Module  # train.Step, in DistributedDataParallel under torchrun
+
+    def sum(self, t, op="SUM"):  # over the processes, in place
+        if self.world > 1:
+            torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op))
+        return t
+
+    def eval(self):
+        """model.eval() with rank 0's BatchNorm statistics on every process (DDP sends them only at
+        a training forward): each process evaluates the model the checkpoint saves."""
+        self.model.eval()
+        for b in self.model.buffers() if self.world > 1 else ():
+            torch.distributed.broadcast(b, 0)
+
+    def plain(self, images, batch_size=1000):
+        """(start, x): this process's share of uint8 [N, 3, 32, 32] images, normalised."""
+        mean, std = views.mean_std(self.mixed.dataset, self.device)
+        for i in range(self.rank * batch_size, len(images), self.world * batch_size):
+            x = images[i:i + batch_size].to(self.device)
+            yield i, self.prep(views.normalize(x, mean, std))
 
 
 def setup(cfg, step_class, optimizer):
-    """All a run holds before its first step: processes, device, data, the ResNet-32, the
-    optimiser and its schedule (optimizer(model, cfg)) and the step (step_class)."""
+    """The Run: processes, device, data, the ResNet-32, optimizer(model, cfg), step_class."""
     rank, world = cli.rank_and_world()
     if world > 1 and cfg["batch_size"] % world:
         raise cli.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world} "
@@ -129,48 +120,34 @@ def setup(cfg, step_class, optimizer):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (cuda or cli.cpu_has_bf16()))
     loader = cfg["loader"] if cfg["loader"] != "auto" else "gpu" if cuda else "cpu"
-    workers = cfg["workers"]
-    if workers < 0:
-        workers = min(8, os.cpu_count() or 1) if cuda else 0
+    workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1) * cuda
     fmt = torch.channels_last if cfg["channels_last"] == "on" else torch.contiguous_format
 
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    real = torch.from_numpy(np.flatnonzero(~mixed.is_syn))[rank::world]  # this process's
-    batches = data.batch_maker(mixed, loader, device, workers)
+    real = torch.from_numpy(np.flatnonzero(~mixed.is_syn))[rank::world]
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
-    mean, std = views.mean_std(cfg["dataset"], device)
-
     torch.manual_seed(cfg["seed"])
     model = resnet32(len(mixed.classes), cfg["width"]).to(device, memory_format=fmt)
-    # the backbone only: the heads are small and the loss has masks, not shapes
-    if cfg["compile"] == "on":
-        model.features = torch.compile(model.features)
     opt, sched = optimizer(model, cfg)
     n_real, n_syn = (torch.tensor(n, device=device) for n in (mixed.n_real, mixed.n_syn))
-    step_fn = step_class(model, cfg, n_real, n_syn)
+    batches = data.Batches(mixed, loader, device, workers)
+    step_fn = step_class(model, cfg, n_real, n_syn, batches.finish, fmt)
     if world > 1:
         if cfg["sync_bn"] == "on":
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         both = cfg["w_cls"] > 0 and cfg["w_con"] > 0
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn,
                                                             find_unused_parameters=not both)
-    host_view = torch.from_numpy(mixed.images).permute(0, 3, 1, 2)  # no copy
+    # the whole step: the views' pure part, the four passes, both losses, the relabel rule (and,
+    # by AOTAutograd, the backward); static shapes, one more graph for a short last batch
+    if cfg["compile"] == "on":
+        step_fn = torch.compile(step_fn)
     return Run(world=world, rank=rank, device=device, amp=amp, loader=loader,
                prep=lambda x: x.to(device, non_blocking=True).contiguous(memory_format=fmt),
-               mixed=mixed, real_share=real.to(device) if loader == "gpu" else real.tolist(),
-               batches=batches, x_test=torch.from_numpy(x_test).permute(0, 3, 1, 2),
-               y_test=torch.from_numpy(y_test), x_train=getattr(batches, "images", host_view),
-               y_train=torch.from_numpy(mixed.labels).to(device), mean=mean, std=std,
-               model=model, opt=opt, sched=sched,
-               use_cls=cfg["w_cls"] > 0, use_con=cfg["w_con"] > 0, step_fn=step_fn)
-
-
-def plain_batches(run, images, batch_size=1000):
-    """(start, x): this process's share of uint8 [N, 3, 32, 32] images (host or device),
-    unaugmented, normalised on the device."""
-    for i in range(run.rank * batch_size, len(images), run.world * batch_size):
-        x = images[i:i + batch_size].to(run.device)
-        yield i, run.prep(views.normalize(x, run.mean, run.std))
+               mixed=mixed, batches=batches,
+               real=real.to(device) if loader == "gpu" else real.tolist(),
+               test=(torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)),
+               model=model, opt=opt, sched=sched, step_fn=step_fn)
 
 
 # ---------------------------------------------------------------- the run folder
@@ -178,147 +155,131 @@ def plain_batches(run, images, batch_size=1000):
 
 class Folder:
     """The run's folder, held (its lock) from `with` to the end: a run that exists is refused
-    without --resume, and resumed with it (ckpt); config.json and metrics.jsonl are rebuilt, each
-    epoch's end is one checkpoint, and a Ctrl-C ends in one line that says how to go on."""
+    without --resume, and resumed with it (ckpt); a Ctrl-C ends in one line that says how to go
+    on."""
 
-    def __init__(self, cfg, name, table):
-        self.cfg, self.table = cfg, table
-        self.out = cfg["out"] or os.path.join("runs", name)
+    def __init__(self, cfg, name):
+        self.cfg, self.out = cfg, cfg["out"] or os.path.join("runs", name)
         self.main = cli.rank_and_world()[0] == 0
-        self.metrics, self.ev, self.lock, self.ckpt, self.stopped = [], None, None, None, False
+        self.metrics, self.ev, self.ckpt, self.done = [], None, None, 0
 
     def __enter__(self):
-        out, cfg = self.out, self.cfg
-        # the folders this run makes (runs/ and runs/<name>, say), to take back if it is refused
-        self.created = []
-        path = os.path.abspath(out)
-        while not os.path.exists(path):
-            self.created.append(path)
-            path = os.path.dirname(path)
-        self.lock = cli.own(out) if self.main else None
-        try:
-            if not cfg["resume"] and os.path.exists(os.path.join(out, "checkpoint.pt")):
-                raise cli.SAUError(f"{out} already holds a run: continue it with --resume {out}, "
-                                   f"or pass a new --out")
-            self.ckpt = load_checkpoint(out, self.table, cfg) if cfg["resume"] else None
-        except BaseException as e:
-            self.__exit__(type(e), e, None)
-            raise
+        self.lock = cli.own(self.out) if self.main else None
+        if not self.cfg["resume"] and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
+            self.__exit__(None, None, None)
+            raise cli.SAUError(f"{self.out} already holds a run: continue it with --resume "
+                               f"{self.out}, or pass a new --out")
+        if self.cfg["resume"]:
+            self.ckpt = load_checkpoint(self.out)
         return self
 
     def __exit__(self, kind, error, tb):
-        self.release()
-        # a run refused before its first file (a missing pool, say) leaves no folder behind
-        if kind and self.created and self.main and os.listdir(self.out) == ["lock"]:
-            os.remove(os.path.join(self.out, "lock"))
-            for path in self.created:
-                os.rmdir(path)
-        how = f"the last finished epoch is kept: continue with python train.py --resume {self.out}"
-        # an error a Ctrl-C set off (a DataLoader worker it stopped first) is the interrupt too
-        if kind and (issubclass(kind, KeyboardInterrupt)
-                     or issubclass(kind, Exception) and cli.interrupted()):
-            raise KeyboardInterrupt(how) from None
-        return False
-
-    def release(self):
         # a clean end (an error included) leaves an empty lock file; a killed run leaves its pid
         if self.lock:
             self.lock.truncate(0)
             self.lock.close()
             self.lock = None
+        if kind and issubclass(kind, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"the last finished epoch is kept: continue with python "
+                                    f"train.py --resume {self.out}") from None
 
-    def epochs(self, run):
-        """The epochs still to train: the checkpoint's weights, optimiser and schedule restored,
-        config.json and metrics.jsonl written, the start line printed; --stop-after ends early."""
-        cfg, start = self.cfg, 0
+    def restore(self, run):
+        """The first epoch to train, the checkpoint restored; config.json and metrics.jsonl
+        written, the start line printed."""
         if self.ckpt:
             run.model.load_state_dict(self.ckpt["model"])
             run.opt.load_state_dict(self.ckpt["optimizer"])
             run.sched.load_state_dict(self.ckpt["scheduler"])
-            start, self.metrics, self.ev = (self.ckpt[k] for k in ("epoch", "metrics", "eval"))
+            self.done, self.metrics, self.ev = (self.ckpt[k] for k in ("epoch", "metrics", "eval"))
         if self.main:
-            config = {k: v for k, v in cfg.items() if k != "resume"}
+            config = {k: v for k, v in self.cfg.items() if k != "resume"}
             cli.write_atomic(os.path.join(self.out, "config.json"), json.dumps(config, indent=1))
             write_metrics(self.out, self.metrics)
-            print(start_line(self.out, cfg, run, start), flush=True)
-        for epoch in range(start, cfg["epochs"]):
-            if cfg["stop_after"] and epoch >= cfg["stop_after"]:
-                if self.main:
-                    print(f"stopping after epoch {epoch} (--stop-after); continue with --resume "
-                          f"{self.out}")
-                self.stopped = True
-                return
-            yield epoch
+            print(start_line(self.out, self.cfg, run, self.done), flush=True)
+        return self.done
+
+    def epochs(self):  # the end of this command's epochs: --stop-after ends early
+        return min(self.cfg["epochs"], self.cfg["stop_after"] or self.cfg["epochs"])
 
     def epoch_done(self, run, metrics, ev, suspects):
-        """The epoch's metrics line and its checkpoint: one rename, then metrics.jsonl from it."""
-        mixed = run.mixed
+        """The epoch's line and its checkpoint (one rename), then metrics.jsonl."""
+        mixed, self.done = run.mixed, metrics["epoch"]
         self.ev = {**ev, "n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
         self.metrics.append(metrics)
         if not self.main:
             return
         report.print_epoch(metrics, self.cfg["epochs"])
         state = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                 "scheduler": run.sched.state_dict(), "epoch": metrics["epoch"],
+                 "scheduler": run.sched.state_dict(), "epoch": self.done,
                  "config": self.cfg, "metrics": self.metrics, "eval": self.ev, **suspects}
         cli.write_atomic(os.path.join(self.out, "checkpoint.pt"), lambda p: torch.save(state, p))
         write_metrics(self.out, self.metrics)
 
     def finish(self, run, flagged, scores):
-        """final.json and the pictures (report.write_final), also for a run resumed when done."""
-        if self.main and not self.stopped:
+        """final.json and the pictures, also for a run resumed when done."""
+        if not self.main:
+            return
+        if self.done < self.cfg["epochs"]:
+            print(f"stopping after epoch {self.done} (--stop-after); continue with --resume "
+                  f"{self.out}")
+        else:
             report.write_final(self.out, self.cfg, self.metrics, self.ev, run.mixed, flagged,
                                scores)
 
+    def check_finite(self, run, bad_step, epoch, weights=False):
+        """Stop at a non-finite loss (bad_step: its first step, or -1) or, with weights, at
+        non-finite weights, decided over all processes: what is saved is always finite."""
+        bad_weights = torch.zeros((), device=bad_step.device)
+        if weights:
+            finite = [t.isfinite().all() for t in run.model.state_dict().values()
+                      if t.is_floating_point()]
+            bad_weights = (~torch.stack(finite).all()).float()
+        worst = run.sum(torch.stack([bad_step.float(), bad_weights]), "MAX").tolist()
+        if worst[0] < 0 and not worst[1]:
+            return
+        what = (f"loss at epoch {epoch + 1}, step {int(worst[0])}" if worst[0] >= 0
+                else f"weights after epoch {epoch + 1}")
+        kept = f"epoch {epoch}" if epoch else "none yet"
+        raise cli.SAUError(f"non-finite {what}: stopped; the last good checkpoint ({kept}) is "
+                           f"kept in {self.out}; try a lower --lr")
 
-def load_checkpoint(out, table, cfg=None):
-    """The run's checkpoint, or None where the run has none yet (killed in its first epoch); given
-    cfg, refused if the run was made with settings that shape the results otherwise."""
+
+def load_checkpoint(out, mmap=False):
+    """The run's checkpoint, or None (a run killed in its first epoch has none)."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(path):
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle: the same message
         raise cli.SAUError(f"checkpoint {path} is unreadable ({e.__class__.__name__}): delete it "
                            f"and start again") from None
-    diff = cli.config_diff(table, ckpt["config"], cfg) if cfg else []
-    if diff:
-        was = ", ".join(f"{cli.flag(k)} {ckpt['config'].get(k, table[k].default)} (now {cfg[k]})"
-                        for k in diff)
-        raise cli.SAUError(f"checkpoint {path} was made with another config: {was}; resume with "
-                           f"the same flags or start a new --out")
-    return ckpt
 
 
 def resumed(table):
-    """parse_settings' hook for --resume: the flags not given now are the run's own, its runtime
-    choices too (from config.json, or from the checkpoint where config.json is gone)."""
+    """parse_settings' hook for --resume: the flags not given are the run's (from its checkpoint,
+    or config.json before the first), runtime ones too; one that shapes the results otherwise is
+    refused."""
     def settings(cfg, given):
-        if "resume" in given and not cfg["resume"].strip():
+        folder = cfg["resume"]
+        if "resume" in given and not folder.strip():
             raise cli.SAUError("--resume needs the run's folder, got an empty name (an unset "
                                "variable?): pass --resume runs/<name>")
-        if not cfg["resume"]:
+        if not folder:
             return cfg
-        path = os.path.join(cfg["resume"], "config.json")
-        if os.path.isfile(path):
-            saved = cli.read_json(path)
-        elif os.path.isfile(os.path.join(cfg["resume"], "checkpoint.pt")):
-            path = os.path.join(cfg["resume"], "checkpoint.pt")
-            saved = load_checkpoint(cfg["resume"], table)["config"]
-        else:
-            raise cli.SAUError(f"--resume {cfg['resume']}: no config.json there, so no run to "
-                               f"continue")
-        if not isinstance(saved, dict):
-            raise cli.SAUError(f"{path} holds a JSON {type(saved).__name__}, not a run's settings: "
-                               f"restore it (its run's checkpoint.pt holds them too)")
+        ckpt = load_checkpoint(folder, mmap=True)
+        if ckpt is None and not os.path.isfile(os.path.join(folder, "config.json")):
+            raise cli.SAUError(f"--resume {folder}: no config.json there, so no run to continue")
+        saved = ckpt["config"] if ckpt else cli.read_json(os.path.join(folder, "config.json"))
         kept = {k: v for k, v in saved.items() if k in table and table[k].scope != "call"}
-        for k, v in kept.items():
-            wrong = cli.wrong_value(table[k], v)
-            if wrong:
-                raise cli.SAUError(f"{path}: {k} is {v!r}, {wrong}: restore the value the run was "
-                                   f"made with")
-        return {**cfg, **kept, **given, "out": cfg["resume"]}
+        cfg = {**cfg, **kept, **given, "out": folder}
+        diff = cli.config_diff(table, saved, cfg)
+        if diff:
+            was = ", ".join(f"{cli.flag(k)} {saved.get(k, table[k].default)} (now {cfg[k]})"
+                            for k in diff)
+            raise cli.SAUError(f"{folder} was made with another config: {was}; resume with the "
+                               f"same flags or start a new --out")
+        return cfg
     return settings
 
 
@@ -329,41 +290,23 @@ def write_metrics(out, metrics):
 
 def start_line(out, cfg, run, start):
     mixed, epochs = run.mixed, cfg["epochs"]
-    kept = " ".join(f"{cli.flag(k)} {cfg[k]}" for k, s in RUNTIME_CONFIG.items()
-                    if s.scope == "runtime" and cfg[k] != s.default) or "the defaults"
     where = f"{run.device}{' bf16' if run.amp else ''}, loader {run.loader}"
     where += f" x {run.world} processes" if run.world > 1 else ""
     todo = (f"epochs {start + 1}-{epochs}" if start < epochs
             else f"all {start} epochs done: its files are rebuilt from the checkpoint")
-    resumed = f"; resumed, runtime settings (the run's unless given now): {kept}"
-    return (f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, "
-            f"{sum(mixed.n_syn)} synthetic), {len(mixed.classes)} classes, {where}, {todo}"
-            + (resumed if cfg["resume"] else ""))
-
-
-def check_finite(bad_step, epoch, out, world=1, model=None):
-    """Stop at a non-finite loss (bad_step: its first step, or -1) or, given the model, at
-    non-finite weights: what is saved is always finite. Decided over all processes, so that they
-    stop together."""
-    bad_weights = torch.zeros((), device=bad_step.device)
-    if model is not None:
-        finite = [t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]
-        bad_weights = (~torch.stack(finite).all()).float()
-    worst = all_sum(torch.stack([bad_step.float(), bad_weights]), world, "MAX").tolist()
-    if worst[0] < 0 and not worst[1]:
-        return
-    what = (f"loss at epoch {epoch + 1}, step {int(worst[0])}" if worst[0] >= 0
-            else f"weights after epoch {epoch + 1}")
-    kept = f"epoch {epoch}" if epoch else "none yet"
-    raise cli.SAUError(f"non-finite {what}: stopped; the last good checkpoint ({kept}) is kept in "
-                       f"{out}; try a lower --lr")
+    line = (f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, "
+            f"{sum(mixed.n_syn)} synthetic), {len(mixed.classes)} classes, {where}, {todo}")
+    if cfg["resume"]:
+        kept = " ".join(f"{cli.flag(k)} {cfg[k]}" for k, s in RUNTIME_CONFIG.items()
+                        if s.scope == "runtime" and cfg[k] != s.default) or "the defaults"
+        line += f"; resumed, runtime settings (the run's unless given now): {kept}"
+    return line
 
 
 # ---------------------------------------------------------------- --bench
 
 
 def timed(batches, work, n, warmup, device, begin=lambda: None):
-    """Seconds per batch of work over n batches after warmup ones."""
     it = iter(batches)
     for i in range(warmup + n):
         if i == warmup:
@@ -375,25 +318,24 @@ def timed(batches, work, n, warmup, device, begin=lambda: None):
     return (time.perf_counter() - t) / n
 
 
-def bench(cfg, run, streams, step_inputs, train_step, project_views, warmup=3):
-    """--bench: time the whole step, its data path alone and the forward-only passes (the
-    prototypes' and the test set's) with the run's flags, with peak memory and, on CUDA, the host
-    syncs of the timed steps; print the figures and the projected schedule, and return them.
-    Writes nothing. The other arguments are train.py's functions of those names."""
-    rng = np.random.default_rng(0)
+def bench(cfg, run, method, warmup=3):
+    """--bench: the whole step, its data path alone and the forward-only passes (prototypes, test
+    set) timed with the run's flags, peak memory and, on CUDA, the timed steps' host syncs; the
+    figures printed and returned, nothing written. method: train.py, the module."""
+    mix = method.mix_draws(np.random.default_rng(0), 1, cfg["mix_alpha"])[0].to(run.device)
     num_classes, dim = len(run.mixed.classes), run.model.proj[-1].out_features
     protos = F.normalize(torch.randn(num_classes, 2, dim, device=run.device), dim=-1)
     counts = torch.zeros(len(run.mixed), dtype=torch.int32, device=run.device)
     warmup += 7 * (cfg["compile"] == "on")  # compilation, and a recompilation for the eval graph
     # as many steps as asked for, over epochs
-    pairs = lambda: (ab for e in itertools.count() for ab in streams(run, cfg, e))
-    inputs = lambda ab: step_inputs(run, cfg, *ab, rng, protos)
-    step = lambda ab: train_step(run, inputs(ab), counts)
+    pairs = lambda: (ab for e in itertools.count() for ab in method.streams(run, cfg, e))
+    inputs = lambda ab: method.step_inputs(run, cfg, *ab, mix, protos)
+    step = lambda ab: method.train_step(run, inputs(ab), counts)
     # a prototype batch: two views of real images through backbone and projection head
     real = np.flatnonzero(~run.mixed.is_syn).tolist()
-    real *= 1 + (warmup + cfg["bench"]) * 256 // max(len(run.mixed.n_real), 1)
-    forward = (run.batches(("v2", "v3"), 256, 0, real),
-               lambda b: project_views(run, b.views["v2"], b.views["v3"]))
+    real *= 1 + (warmup + cfg["bench"]) * 256 // max(len(real), 1)
+    forward = (run.batches(("v2", "v3"), 256, 0, real, stream="bench"),
+               lambda b: method.project_views(run, b))
     n, device, cuda = cfg["bench"], run.device, run.device.type == "cuda"
     # CUDA: every host sync inside a timed step warns once (not the warm-up's copies and
     # compilation)
@@ -412,7 +354,7 @@ def bench(cfg, run, streams, step_inputs, train_step, project_views, warmup=3):
     bs, steps = cfg["batch_size"] // run.world, math.ceil(len(run.mixed) / cfg["batch_size"])
     # per epoch: the steps, the prototypes (real images, two views, batches of 256) and the test
     # set (one view, about half the cost)
-    passes = math.ceil(sum(run.mixed.n_real) / 256) * run.use_con + len(run.y_test) / 512
+    passes = math.ceil(sum(run.mixed.n_real) / 256) * (cfg["w_con"] > 0) + len(run.test[1]) / 512
     epoch_s = steps * step_s + passes * proto_s
     name, peak = cli.device_figures(device)
     res = {"device": name, "loader": run.loader, "amp": "bf16" if run.amp else "off",

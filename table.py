@@ -1,6 +1,6 @@
 """The paper's table in one command: every run of a grid of datasets, imbalance factors, rows
-(methods) and seeds, on every GPU the machine has, then runs/<name>/table.md, table.json and
-table.png.
+(methods) and seeds, on every GPU the machine lets it see, then runs/<name>/table.md, table.json
+and table.png.
 
     python table.py                           # the paper's grid (72 runs of 200 epochs)
     python table.py --name cpu_try --datasets cifar10 --imbs 100 --rows paper audit --syn heldout \\
@@ -11,20 +11,21 @@ The same command again, after a crash or on a new allocation, skips finished run
 ones and recomputes nothing; a failed run is reported in one line and the others go on.
 """
 import argparse
-import ctypes
+import json
 import os
-import queue
 import shlex
-import signal
 import subprocess
 import sys
-import threading
+import time
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import cli
 import data
+import generate
 import report
 import train
 
@@ -50,15 +51,25 @@ CONFIG = {
     "seeds": S([0, 1, 2], "training seeds of every cell",
                (lambda v: min(v) >= 0 and IS_LIST[0](v), ">= 0, once each"), type=int, nargs="+"),
     "syn": S("pool", "the fill of the rows that have one: pool (made by generate.py when "
-             "missing, once per dataset, for the grid's largest fill) | heldout (unused real "
-             "images, ours)", choices=("pool", "heldout")),
+             "missing, once per dataset, for the grid's largest fill, one shard per GPU) | "
+             "heldout (unused real images, ours)", choices=("pool", "heldout")),
     "gen": S("", "extra generate.py flags for the pools, e.g. '--generator ddpm'"),
-    "gpus": S("", "GPU indices to run on, e.g. 0,1 (one run each at a time); empty: every GPU "
-              "torch sees, else the CPU, one run at a time",
-              (lambda v: not v or all(p.isdigit() for p in v.split(",")),
-               "comma-separated GPU indices")),
+    "gpus": S("", "GPUs to run on, e.g. 0,1 (one run each at a time), numbered as torch sees them "
+              "(within CUDA_VISIBLE_DEVICES); empty: every GPU torch sees, else the CPU, one run "
+              "at a time", (lambda v: not v or all(p.isdigit() for p in v.split(",")),
+                            "comma-separated GPU indices")),
     "dry_run": S(False, "print every command it would run, one a line (pools first), and exit"),
 }
+
+
+class Job(NamedTuple):
+    """One training run of the grid."""
+    cell: str  # dataset and imbalance, the table's column
+    row: str
+    seed: int
+    argv: list  # its train.py flags
+    folder: str
+    cfg: dict  # its settings, as train.py parses them
 
 
 def parse(argv):
@@ -77,7 +88,7 @@ def parse(argv):
         raise cli.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are "
                            f"{', '.join(rows)} (or add one with --row NAME=FLAGS)")
     # a row of your own joins the table after --rows, without being named there too (a new
-    # list: += would grow the default list argparse hands out, the Setting's own)
+    # list: += would grow the default list, the Setting's own)
     cfg["rows"] = cfg["rows"] + [r for r in rows if r not in ROWS and r not in cfg["rows"]]
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
     extra = argv[cut + 1:]
@@ -98,9 +109,9 @@ def refuse_call_flags(where, flags):
 
 
 def plan(cfg, extra):
-    """Every run of the grid as (cell, row, seed, its train.py argv, its folder, its settings), in
-    table order; checked now, so that a bad combination is one line before anything starts."""
-    runs = []
+    """Every run of the grid, in table order; checked now, so that a bad combination is one line
+    before anything starts."""
+    jobs = []
     for dataset in cfg["datasets"]:
         for imb in cfg["imbs"]:
             for row, flags in cfg["row_flags"].items():
@@ -112,28 +123,29 @@ def plan(cfg, extra):
                     except cli.SAUError as e:
                         raise cli.SAUError(f"row {row} ({dataset}, --imb {imb:g}): {e}") from None
                     folder = os.path.join("runs", cfg["name"], train.run_name(run_cfg))
-                    runs.append((f"{dataset}_imb{imb:g}", row, seed, argv, folder, run_cfg))
-    folders = [r[4] for r in runs]
+                    jobs.append(Job(f"{dataset}_imb{imb:g}", row, seed, argv, folder, run_cfg))
     # two rows with the same settings would share a folder
-    if len(set(folders)) < len(folders):
+    if len({j.folder for j in jobs}) < len(jobs):
         raise cli.SAUError("two rows of the grid have the same settings: give each row different "
                            "flags")
-    return runs
+    return jobs
 
 
-def pools(cfg, runs):
-    """generate.py's command for every pool the grid needs and lacks: once per folder, for its
-    largest fill."""
+def pools(cfg, jobs, shards):
+    """generate.py's commands for every pool the grid needs and lacks: once per folder, for its
+    largest fill, as one shard per device where the generator is a downloaded pipeline (a trained
+    DDPM and a language model's prompts are made in one process first)."""
     need = {}
-    for _, _, _, _, _, c in runs:
-        if c["syn"] == "pool":
-            folder = data.pool_folder(c)
-            need.setdefault(folder, (c, []))[1].append(c["imb"])
-    return [(folder, [
-        "generate.py", "--dataset", c["dataset"], "--imb", f"{max(imbs):g}", "--data-root",
-        c["data_root"], "--pool", folder, *shlex.split(cfg["gen"])
-    ]) for folder, (c, imbs) in need.items()
-            if not os.path.isfile(os.path.join(folder, "manifest.json"))]
+    for c in (j.cfg for j in jobs if j.cfg["syn"] == "pool"):
+        need.setdefault(data.pool_folder(c), (c, []))[1].append(c["imb"])
+    gen = generate.parse_args(shlex.split(cfg["gen"]))
+    shards = shards if gen["generator"] == "text2image" and not gen["prompt_model"] else 1
+    return [(folder, ["generate.py", "--dataset", c["dataset"], "--imb", f"{max(imbs):g}",
+                      "--data-root", c["data_root"], "--pool", folder, *shlex.split(cfg["gen"]),
+                      *(["--shard", f"{i}/{shards}"] if shards > 1 else [])])
+            for folder, (c, imbs) in need.items()
+            if not os.path.isfile(os.path.join(folder, "manifest.json"))
+            for i in range(shards)]
 
 
 def command(argv, folder):
@@ -142,75 +154,58 @@ def command(argv, folder):
     return ["train.py", "--resume", folder] if started else ["train.py", *argv, "--out", folder]
 
 
-def _die_with_parent():  # a run ends with the runner, however the runner ends (Linux)
-    # Ctrl-C stops the runner, which stops the runs in order
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def execute(jobs, devices, desc):
-    """Run (script argv, log file) jobs, one at a time per device (None: the CPU), with a progress
-    bar; the jobs that failed as (job, why). A job that cannot even start (its log cannot be
-    written) fails like one that ends in an error."""
-    todo, failed, lock = queue.Queue(), [], threading.Lock()
-    for job in jobs:
-        todo.put(job)
+    """Run (script argv, log file) jobs, one at a time per device (a CUDA_VISIBLE_DEVICES value;
+    None: the CPU), with a progress bar; the jobs that failed as (job, why). A job that cannot
+    even start (its log cannot be written) fails like one that ends in an error."""
+    todo, free, running, failed = list(jobs), list(devices), {}, []
     bar = tqdm(total=len(jobs), unit="run", desc=desc, dynamic_ncols=True)
-    procs = set()
 
-    def run_one(argv, log, device):
-        env = dict(os.environ, **({} if device is None else {"CUDA_VISIBLE_DEVICES": str(device)}))
-        visible = "" if device is None else f"CUDA_VISIBLE_DEVICES={device} "
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "a") as f:
-            f.write(f"$ {visible}python {shlex.join(argv)}\n")
-            f.flush()
-            start = f.tell()
-            p = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
-                                 env=env, stdout=f, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent)
-            with lock:
-                procs.add(p)
-            code = p.wait()
-        with lock:
-            procs.discard(p)
-        if not code:
-            return None
-        with open(log) as f:  # this run's own lines: the log may hold earlier runs' too
-            f.seek(start)
-            tail = f.read().strip().splitlines()[-1:] or [""]
-        return f"exit {code}: {tail[0][:240]} (all of it: {log})"
+    def done(job, why):
+        if why:
+            failed.append((job, why))
+            tqdm.write(f"table.py: {shlex.join(job[0][:3])}... failed, {why}", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(failed=len(failed))
 
-    def worker(device):
-        while True:
-            try:
-                argv, log = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                why = run_one(argv, log, device)
-            except OSError as e:
-                why = f"could not start ({e.strerror}: {e.filename})"
-            with lock:
-                if why:
-                    failed.append(((argv, log), why))
-                    tqdm.write(f"table.py: {shlex.join(argv[:3])}... failed, {why}",
-                               file=sys.stderr)
-                bar.update(1)
-                bar.set_postfix(failed=len(failed))
-
-    threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in devices]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)
+        while todo or running:
+            while todo and free:
+                job, device = todo.pop(0), free[0]
+                argv, log = job
+                env = dict(os.environ)
+                if device is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = device
+                try:
+                    os.makedirs(os.path.dirname(log), exist_ok=True)
+                    f = open(log, "a")
+                    visible = "" if device is None else f"CUDA_VISIBLE_DEVICES={device} "
+                    f.write(f"$ {visible}python {shlex.join(argv)}\n")
+                    f.flush()
+                    # the terminal's Ctrl-C is the runner's, which stops the runs in order
+                    p = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
+                                         env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         preexec_fn=cli.ignore_sigint)
+                except OSError as e:
+                    done(job, f"could not start ({e.strerror}: {e.filename})")
+                    continue
+                running[p] = (job, free.pop(0), f, f.tell())
+            time.sleep(0.1)
+            for p in [p for p in running if p.poll() is not None]:
+                job, device, f, start = running.pop(p)
+                free.append(device)
+                f.close()
+                why = None
+                if p.returncode:
+                    with open(job[1]) as log:  # this run's own lines: the log may hold others'
+                        log.seek(start)
+                        tail = log.read().strip().splitlines()[-1:] or [""]
+                    why = f"exit {p.returncode}: {tail[0][:240]} (all of it: {job[1]})"
+                done(job, why)
     except KeyboardInterrupt:
-        for p in list(procs):
-            # the runs ignore SIGINT (the terminal's goes to them too); a killed run resumes exactly
-            p.terminate()
-        for p in list(procs):
+        for p in running:
+            p.terminate()  # a killed run resumes exactly
+        for p in running:
             p.wait()
         raise KeyboardInterrupt("the finished runs are kept: the same command again resumes the "
                                 "rest") from None
@@ -220,50 +215,123 @@ def execute(jobs, devices, desc):
 
 
 def devices_of(gpus):
-    """(the devices to run on, None for the CPU, and how the start line names them)."""
+    """(the CUDA_VISIBLE_DEVICES value of each device to run on, None for the CPU; how the start
+    line names them). GPU k is the k-th this process sees: the k-th of its own
+    CUDA_VISIBLE_DEVICES where that is set (Slurm, a shared machine, MIG or UUID values)."""
     seen = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",")[:seen] if visible is not None else [str(i) for i in range(seen)]
     asked = [int(g) for g in gpus.split(",")] if gpus else list(range(seen))
     past = [g for g in asked if g >= seen]
-    if past and seen:
-        raise cli.SAUError(f"--gpus {gpus}: torch sees {seen} GPU(s), numbered 0-{seen - 1}: "
-                           f"pass indices below {seen}")
+    if past:
+        raise cli.SAUError(f"--gpus {gpus}: torch sees {seen} GPU(s) here" + (
+            f", numbered 0-{seen - 1}" if seen else
+            "; without --gpus the runs train on the CPU, one at a time"))
     if not asked:
         return [None], "the CPU, one at a time"
-    names = ", ".join(f"GPU {g}" for g in asked)
-    return asked, names + (" (no GPU visible here: the runs train on the CPU)" if past else "")
+    return [ids[g] for g in asked], ", ".join(f"GPU {g} ({ids[g]})" for g in asked)
 
 
 def main(argv=None):
     cfg, extra = parse(sys.argv[1:] if argv is None else argv)
-    runs = plan(cfg, extra)
-    needed = pools(cfg, runs)
-    pending = [(command(a, folder), os.path.join(folder, "log.txt"))
-               for _, _, _, a, folder, _ in runs
-               if not os.path.isfile(os.path.join(folder, "final.json"))]
+    jobs = plan(cfg, extra)
+    if cfg["dry_run"]:
+        needed = pools(cfg, jobs, 1)
+    else:
+        devices, where = devices_of(cfg["gpus"])
+        needed = pools(cfg, jobs, len(devices))
+    pending = [(command(j.argv, j.folder), os.path.join(j.folder, "log.txt"))
+               for j in jobs if not os.path.isfile(os.path.join(j.folder, "final.json"))]
     if cfg["dry_run"]:
         for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
-    devices, where = devices_of(cfg["gpus"])
+    # the data, fetched once here before any run starts (or one line, and nothing made)
+    for dataset, root in {(j.cfg["dataset"], j.cfg["data_root"]) for j in jobs}:
+        data.cifar_folder(dataset, root)
     grid = os.path.join("runs", cfg["name"])
     # one runner a grid: a second would run the same runs and write the same logs
     lock = cli.own(grid, "--name", "runner")
-    print(f"{grid}: {len(runs)} runs ({len(cfg['datasets'])} datasets x {len(cfg['imbs'])} "
+    print(f"{grid}: {len(jobs)} runs ({len(cfg['datasets'])} datasets x {len(cfg['imbs'])} "
           f"imbalance factors x {len(cfg['rows'])} rows x {len(cfg['seeds'])} seeds), "
-          f"{len(runs) - len(pending)} finished, {len(pending)} to run on {where}", flush=True)
+          f"{len(jobs) - len(pending)} finished, {len(pending)} to run on {where}", flush=True)
     made = execute([(a, os.path.join(folder, "generate_log.txt")) for folder, a in needed],
-                   devices[:1], "pools")
+                   devices, "pools")
     if made:
         (argv, log), _ = made[0]
         raise cli.SAUError(f"the pool {argv[argv.index('--pool') + 1]} could not be made (its "
                            f"log: {log}): no run started")
     failed = execute(pending, devices, "runs")
-    report.write_table(grid, cfg, runs)
+    write_table(grid, cfg, jobs)
     lock.close()
     if failed:
         print(f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command "
               f"again retries them", file=sys.stderr)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def write_table(folder, cfg, jobs, keys=("top1", *data.GROUPS)):
+    """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance,
+    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed
+    is named, an empty cell says so)."""
+    cells = list(dict.fromkeys(j.cell for j in jobs))
+    new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}
+    table = {row: {cell: new() for cell in cells} for row in cfg["rows"]}
+    for j in jobs:
+        entry, final = table[j.row][j.cell], os.path.join(j.folder, "final.json")
+        if not os.path.isfile(final):
+            entry["missing_seeds"].append(j.seed)
+            continue
+        metrics = cli.read_json(final)["final_epoch"]
+        entry["seeds"].append(j.seed)
+        entry["runs"].append(j.folder)
+        for k in keys:
+            entry[k].append(metrics[k])
+    for row in table.values():
+        for entry in row.values():
+            for k in keys:
+                entry[k] = report.spread(entry[k])
+
+    def shown(entry):
+        t, missing = entry["top1"], len(entry["missing_seeds"])
+        if t is None:
+            return "missing"
+        partial = f" ({t['runs']} of {t['runs'] + missing} seeds)" if missing else ""
+        return report.shown_spread(t) + partial
+
+    name = lambda cell: (cell.replace("_imb", " imb ").replace("cifar10 ", "CIFAR-10-LT ")
+                         .replace("cifar100 ", "CIFAR-100-LT "))
+    seeds = ", ".join(map(str, cfg["seeds"]))
+    lines = [
+        f"Final-epoch top-1 (%), mean ± std over seeds {seeds}; rows: {', '.join(cfg['rows'])}.",
+        "", "| method | " + " | ".join(map(name, cells)) + " |", "|---" * (len(cells) + 1) + "|"]
+    lines += [f"| {row} `{cfg['row_flags'][row] or 'the defaults'}` | "
+              + " | ".join(shown(table[row][c]) for c in cells) + " |" for row in cfg["rows"]]
+    cli.write_atomic(os.path.join(folder, "table.md"), "\n".join(lines) + "\n")
+    grid = {k: cfg[k] for k in ("name", "datasets", "imbs", "rows", "seeds", "syn", "row_flags")}
+    cli.write_atomic(os.path.join(folder, "table.json"),
+                     json.dumps({"grid": grid, "table": table}, indent=1))
+    plt = report.pyplot()
+    mean = np.array([[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"]
+                      for c in cells] for r in cfg["rows"]])
+    fig, ax = plt.subplots(figsize=(max(5.5, 2 + 1.6 * len(cells)), 1.2 + 0.6 * len(cfg["rows"])))
+    # the scale leaves room on both sides, so that every number stays readable
+    seen = np.isfinite(mean).any()
+    ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if seen else 0,
+              vmax=np.nanmax(mean) + 10 if seen else 100)
+    for i, r in enumerate(cfg["rows"]):
+        for j, c in enumerate(cells):
+            ax.text(j, i, shown(table[r][c]).replace(" (", "\n("), ha="center", va="center",
+                    fontsize=8)
+    ax.set_xticks(range(len(cells)), [name(c).replace(" imb", "\nimb") for c in cells], fontsize=8)
+    ax.set_yticks(range(len(cfg["rows"])), cfg["rows"])
+    ax.set_title(f"final-epoch top-1 (%), mean ± std over seeds {seeds}", fontsize=9)
+    report.save_figure(fig, os.path.join(folder, "table.png"))
+    print("\n".join(lines) + f"\nwritten: {folder}/table.md, table.json, table.png")
+    return table
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the set-up and the command line. docs/method.md describes the method; audit.py h
 audit (ours), runner.py the run folder, the processes and --bench.
 """
 import argparse
-import math
 import sys
 import time
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import runner
 import views
 
 S, POSITIVE, NON_NEGATIVE = cli.Setting, cli.POSITIVE, cli.NON_NEGATIVE
-AT_LEAST_1, ON_OFF, AUDIT_SCORES = cli.AT_LEAST_1, ("on", "off"), audit.SCORES
+AT_LEAST_1, ON_OFF = cli.AT_LEAST_1, ("on", "off")
 # Every setting that shapes the results, one entry each: default (the paper's value unless marked
 # ours), help, check, choices, run-name tag (cli.Setting). The parser, the checks, the run name,
 # --resume and --summarize follow from this table; runner.RUNTIME_CONFIG adds the device, speed
@@ -42,7 +41,7 @@ CONFIG = {
     "relabel": S("on", "who is a suspect, relabelled by --strategy: on: the paper's rule | audit: "
                  "the epoch audit's flags (ours) | off: nobody", choices=("on", "audit", "off")),
     "audit_score": S("p", "--relabel audit's score: p: the classifier's log p(label) | margin: the "
-                     "prototype margin | both: their ranks summed (ours)", choices=AUDIT_SCORES,
+                     "prototype margin | both: their ranks summed (ours)", choices=audit.SCORES,
                      tag="as"),
     "audit_q": S(0.1, "--relabel audit flags a synthetic sample scoring below this quantile of its "
                  "class's real images: the false-flag rate accepted (ours)",
@@ -158,34 +157,41 @@ def sau_contrastive_loss(z, labels, is_syn, prototypes, suspect=None, strategy="
     return supcon(feats, y, anchor, temperature, member)
 
 
-def cutmix(xa, xb, lam, rng):
-    """Paste from xb a box of side W * sqrt(1 - lam) centred at a uniform point; return (x, weight
-    of xa). The reference's geometry: a continuous centre, the clipped edges rounded to pixels."""
-    h, w = xa.shape[-2:]
-    bh, bw = h * math.sqrt(1 - lam), w * math.sqrt(1 - lam)
-    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    y0, y1 = round(max(cy - bh / 2, 0)), round(min(cy + bh / 2, h))
-    x0, x1 = round(max(cx - bw / 2, 0)), round(min(cx + bw / 2, w))
-    x = xa.clone()
-    x[:, :, y0:y1, x0:x1] = xb[:, :, y0:y1, x0:x1]
+def mix(xa, xb, ta, tb, draws):
+    """Mixup and cutmix of xa with xb (B x 3 x H x W; targets ta, tb [B, C]) from their random
+    numbers, draws [4] float64: mixup's lam, cutmix's lam and its box's centre (y, x). The box, of
+    side W * sqrt(1 - lam), is the reference's: a continuous centre, the clipped edges rounded to
+    pixels; a mask, so that the shapes never change."""
+    lam, cut, cy, cx = draws.unbind()
+    x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
+    (h, w), side = xa.shape[-2:], (1 - cut).sqrt()
+    bh, bw = h * side, w * side
+    y0, y1 = (cy - bh / 2).clamp(min=0).round(), (cy + bh / 2).clamp(max=h).round()
+    x0, x1 = (cx - bw / 2).clamp(min=0).round(), (cx + bw / 2).clamp(max=w).round()
+    rows, cols = (torch.arange(n, device=xa.device) for n in (h, w))
+    box = ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))  # H x W
     # the weight is the true pasted area, also when the box is clipped
-    return x, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    wa = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x_mix, t_mix, torch.where(box, xb, xa), wa * ta + (1 - wa) * tb
+
+
+def mix_draws(rng, steps, alpha, h=32, w=32):
+    """[steps, 4] float64: each step's mixup lam, cutmix lam and box centre (mix), drawn per step
+    in this order."""
+    return torch.tensor([[rng.beta(alpha, alpha), rng.beta(alpha, alpha), rng.uniform(0, h),
+                          rng.uniform(0, w)] for _ in range(steps)], dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- the step
 
 
 class StepInputs(NamedTuple):
-    """One step's inputs on the device; a branch that is off gets None for its own."""
-    x_mix: torch.Tensor  # B x 3 x 32 x 32: mixup of A's v1 with B's (classification branch)
-    t_mix: torch.Tensor  # B x C: its soft targets
-    x_cut: torch.Tensor  # B x 3 x 32 x 32: cutmix of the same pair
-    t_cut: torch.Tensor  # B x C
-    v2: torch.Tensor  # B x 3 x 32 x 32: A's two views for the contrastive branch
-    v3: torch.Tensor
-    y: torch.Tensor  # B: A's labels
-    is_syn: torch.Tensor  # B bool
-    index: torch.Tensor  # B: each sample's position in the mixed set
+    """One step's inputs on the device. A stream's batch (views.Batch) holds its views, or, from
+    the gpu loader, its uint8 images and the views' draws (made into views inside the step)."""
+    a: views.Batch  # stream A: v1 (classification branch), v2 and v3 (contrastive), labels y,
+    # is_syn, index (each sample's position in the mixed set)
+    b: views.Batch  # stream B: the mixing partners' v1; None without the classification branch
+    mix: torch.Tensor  # [4] float64: this step's mix_draws
     protos: torch.Tensor  # C x 2 x D: this epoch's real-data prototypes
     epoch: int  # 0-based
     suspect: torch.Tensor = None  # B bool: the epoch audit's suspects (--relabel audit), else None
@@ -194,59 +200,54 @@ class StepInputs(NamedTuple):
 
 class Step(torch.nn.Module):
     """The forward passes of one step and their losses, one module call so that
-    DistributedDataParallel sees one forward per backward. It sees the run's settings, the real
-    and synthetic counts per class (n_real, n_syn: C on the device) and, per call, StepInputs."""
+    DistributedDataParallel sees one forward per backward and torch.compile one graph. It sees the
+    run's settings, the real and synthetic counts per class (n_real, n_syn: C on the device) and,
+    per call, StepInputs."""
 
-    def __init__(self, model, cfg, n_real, n_syn):
+    def __init__(self, model, cfg, n_real, n_syn, finish=lambda batch: batch.views,
+                 fmt=torch.contiguous_format):
         super().__init__()
         self.model, self.cfg, self.n_real, self.n_syn = model, cfg, n_real, n_syn
+        self.finish, self.fmt = finish, fmt  # a batch's views (data.Batches.finish), their format
 
-    def forward(self, b: StepInputs):
-        m, cfg = self.model, self.cfg
-        zero = torch.zeros((), device=b.y.device)
-        loss_cls, loss_con, suspect = zero, zero, torch.zeros_like(b.is_syn)
-        # the whole model, as the reference: the projection head's BatchNorm sees these too
-        if b.x_mix is not None:
-            loss_cls = (soft_ce(m(b.x_mix)[0], b.t_mix, b.keep)
-                        + soft_ce(m(b.x_cut)[0], b.t_cut, b.keep))
-        if b.v2 is not None:
-            z = torch.stack([m.project(m.features(b.v2)), m.project(m.features(b.v3))], 1)
-            if b.suspect is not None:
-                suspect = b.suspect & b.is_syn
+    def views_of(self, batch):  # name -> B x 3 x 32 x 32 in the network's memory format
+        return {v: x.contiguous(memory_format=self.fmt) for v, x in self.finish(batch).items()}
+
+    def forward(self, s: StepInputs):
+        m, cfg, a = self.model, self.cfg, self.views_of(s.a)
+        zero = torch.zeros((), device=s.a.y.device)
+        loss_cls, loss_con, suspect = zero, zero, torch.zeros_like(s.a.is_syn)
+        # The whole model, as the reference: the projection head's BatchNorm sees these too.
+        # Stream B is an independent shuffle of the same mixed set: each sample of A is mixed with
+        # a random partner, real or synthetic alike (the classifier is synthetic-unaware).
+        if s.b is not None:
+            # one-hot without F.one_hot's range check, a device sync
+            classes = torch.arange(len(self.n_real), device=s.a.y.device)
+            ta, tb = ((y[:, None] == classes).float() for y in (s.a.y, s.b.y))
+            x_mix, t_mix, x_cut, t_cut = mix(a["v1"], self.views_of(s.b)["v1"], ta, tb, s.mix)
+            loss_cls = soft_ce(m(x_mix)[0], t_mix, s.keep) + soft_ce(m(x_cut)[0], t_cut, s.keep)
+        if "v2" in a:
+            z = torch.stack([m.project(m.features(a["v2"])), m.project(m.features(a["v3"]))], 1)
+            if s.suspect is not None:
+                suspect = s.suspect & s.a.is_syn
             elif cfg["relabel"] == "on":
-                suspect = paper_suspects(z, b.y, b.is_syn, b.protos)
-            loss_con = sau_contrastive_loss(z, b.y, b.is_syn, b.protos, suspect, cfg["strategy"],
-                                            cfg["temperature"])
+                suspect = paper_suspects(z, s.a.y, s.a.is_syn, s.protos)
+            loss_con = sau_contrastive_loss(z, s.a.y, s.a.is_syn, s.protos, suspect,
+                                            cfg["strategy"], cfg["temperature"])
         return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, suspect
 
 
-def step_inputs(run, cfg, batch_a, batch_b, rng, protos, epoch=0, audit_suspects=None):
-    """StepInputs from one pair of batches of the two streams, on the device. audit_suspects [N]
-    bool: the epoch audit's suspects over the mixed set (--relabel audit), else None."""
-    y, index = (t.to(run.device, non_blocking=True) for t in (batch_a.y, batch_a.index))
-    is_syn = batch_a.is_syn.to(run.device, non_blocking=True).bool()
-    x_mix = t_mix = x_cut = t_cut = keep = None
-    # Stream B is an independent shuffle of the same mixed set: each sample of A is mixed with a
-    # random partner, real or synthetic alike (the classifier is synthetic-unaware).
-    if run.use_cls:
-        classes = torch.arange(len(run.mixed.classes), device=run.device)
-        xa, xb = run.prep(batch_a.views["v1"]), run.prep(batch_b.views["v1"])
-        # one-hot without F.one_hot's range check, a device sync
-        ta = (y[:, None] == classes).float()
-        tb = (batch_b.y.to(run.device, non_blocking=True)[:, None] == classes).float()
-        lam = rng.beta(cfg["mix_alpha"], cfg["mix_alpha"])
-        x_mix, t_mix = lam * xa + (1 - lam) * xb, lam * ta + (1 - lam) * tb
-        x_cut, w = cutmix(xa, xb, rng.beta(cfg["mix_alpha"], cfg["mix_alpha"]), rng)
-        t_cut = w * ta + (1 - w) * tb
-        if audit_suspects is not None and cfg["audit_cls"] == "on":
-            index_b = batch_b.index.to(run.device, non_blocking=True)
-            keep = (~(audit_suspects[index] | audit_suspects[index_b])).float()
-    v2 = v3 = suspect = None
-    if run.use_con:
-        v2, v3 = run.prep(batch_a.views["v2"]), run.prep(batch_a.views["v3"])
-        suspect = audit_suspects[index] if audit_suspects is not None else None
-    return StepInputs(x_mix, t_mix, x_cut, t_cut, v2, v3, y, is_syn, index, protos, epoch,
-                      suspect, keep)
+def step_inputs(run, cfg, batch_a, batch_b, mix, protos, epoch=0, audit_suspects=None):
+    """StepInputs from one pair of batches of the two streams and this step's mix_draws, on the
+    device. audit_suspects [N] bool: the epoch audit's suspects over the mixed set (--relabel
+    audit), else None."""
+    a, b = (None if x is None else data.Batches.to(x, run.device) for x in (batch_a, batch_b))
+    keep = suspect = None
+    if audit_suspects is not None:
+        suspect = audit_suspects[a.index] if cfg["w_con"] > 0 else None
+        if b is not None and cfg["audit_cls"] == "on":
+            keep = (~(audit_suspects[a.index] | audit_suspects[b.index])).float()
+    return StepInputs(a, b, mix, protos, epoch, suspect, keep)
 
 
 def train_step(run, inputs, counts):
@@ -257,18 +258,21 @@ def train_step(run, inputs, counts):
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
-    counts.index_add_(0, inputs.index, (suspect & inputs.is_syn).int())
+    counts.index_add_(0, inputs.a.index, (suspect & inputs.a.is_syn).int())
     return torch.stack([loss.detach(), loss_cls.detach(), loss_con.detach()]).float()
 
 
 # ---------------------------------------------------------------- one epoch, and the run
 
 
-def train_epoch(run, cfg, epoch, protos, suspects, out):
+def train_epoch(run, cfg, epoch, protos, suspects, folder):
     """One pass of stream A: ([loss, cls, con] means over steps and processes, images seen)."""
     # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
     epoch_seed = cfg["seed"] * views.SEED_MIX + epoch
     rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix
+    # drawn for the epoch at once (at least its steps): one copy to the device, none a step
+    steps = -(-len(run.mixed) // (cfg["batch_size"] // run.world))
+    mixes = mix_draws(rng, steps, cfg["mix_alpha"]).to(run.device) if cfg["w_cls"] > 0 else None
     audit_suspects = suspects.next.to(run.device) if cfg["relabel"] == "audit" else None
     run.model.train()
     sums = torch.zeros(3, device=run.device)  # loss, cls, con
@@ -279,53 +283,53 @@ def train_epoch(run, cfg, epoch, protos, suspects, out):
                leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
                disable=run.rank != 0)
     for step, (batch_a, batch_b) in enumerate(streams(run, cfg, epoch_seed)):
-        cli.check_interrupt()  # a Ctrl-C that came during a DataLoader worker's fork
-        inputs = step_inputs(run, cfg, batch_a, batch_b, rng, protos, epoch, audit_suspects)
+        mix = None if mixes is None else mixes[step]
+        inputs = step_inputs(run, cfg, batch_a, batch_b, mix, protos, epoch, audit_suspects)
         losses = train_step(run, inputs, suspects.counts)
         sums += losses
         bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(losses[0]), step + 1)
         seen += len(batch_a.index) * run.world
         bar.update(len(batch_a.index) * run.world)
         if step % 20 == 0:  # .item() syncs the device: only now and then
-            runner.check_finite(bad_step, epoch, out, run.world)
+            folder.check_finite(run, bad_step, epoch)
             bar.set_postfix(loss=f"{losses[0].item():.3f}")
-    runner.check_finite(bad_step, epoch, out, run.world, run.model)
+    folder.check_finite(run, bad_step, epoch, weights=True)
     bar.close()
-    means = [s / run.world / (step + 1) for s in runner.all_sum(sums, run.world).tolist()]
+    means = [s / run.world / (step + 1) for s in run.sum(sums).tolist()]
     return means, seen
 
 
 def train(cfg):
     """The run in its folder (runner.Folder): each epoch trains, evaluates, makes the next epoch's
     prototypes, audits the mixed set and is checkpointed."""
-    with runner.Folder(cfg, run_name(cfg), CONFIG) as folder:
+    with runner.Folder(cfg, run_name(cfg)) as folder:
         run = setup(cfg)
         suspects = audit.Suspects.new(run, folder.ckpt)
-        audit_on = run.use_con and run.mixed.is_syn.any()
+        use_con = cfg["w_con"] > 0
         protos = None
-        for epoch in folder.epochs(run):
+        for epoch in range(folder.restore(run), folder.epochs()):
             epoch_seed = cfg["seed"] * views.SEED_MIX + epoch
             t0 = time.time()
             # made by the previous epoch's audit, except in a run's first epoch
-            if run.use_con and protos is None:
+            if use_con and protos is None:
                 protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes"))
             lr = run.opt.param_groups[0]["lr"]
             (loss, loss_cls, loss_con), seen = train_epoch(run, cfg, epoch, protos, suspects,
-                                                           folder.out)
+                                                           folder)
             run.sched.step()
             train_s = time.time() - t0
             ev = evaluate(run)
-            epoch_suspects = suspects.end_epoch(run.world)
+            epoch_suspects = suspects.end_epoch(run)
             audited, t1 = {}, time.time()
             # The next epoch's prototypes, made now: they are the ones it would make itself (same
             # weights, same seed), and the audit measures every sample against them.
             protos = None
-            if run.use_con:
+            if use_con:
                 protos = prototypes(run, data.stream_seed(epoch_seed + 1, "prototypes"))
-            if audit_on:
+            if use_con and run.mixed.is_syn.any():
                 audited = audit.epoch_audit(run, cfg, protos, suspects, epoch_suspects)
                 audited["audit_s"] = time.time() - t1
-            detected = report.detector(epoch_suspects, run.mixed) if run.use_con else {}
+            detected = report.detector(epoch_suspects, run.mixed) if use_con else {}
             folder.epoch_done(run, {
                 "epoch": epoch + 1, "lr": lr, "loss": loss, "loss_cls": loss_cls,
                 "loss_con": loss_con, "suspect_frac": None, **detected,
@@ -339,28 +343,29 @@ def train(cfg):
 # ---------------------------------------------------------------- prototypes and evaluation
 
 
-def project_views(run, *views):
-    """[B, V, D]: each view through the backbone and the projection head, under the autocast."""
+def project_views(run, batch, names=("v2", "v3")):
+    """[B, V, D]: the batch's views through the backbone and the projection head (autocast)."""
+    made = run.batches.finish(batch)
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
-        return torch.stack([run.model.project(run.model.features(run.prep(v))) for v in views], 1)
+        return torch.stack([run.model.project(run.model.features(run.prep(made[v])))
+                            for v in names], 1)
 
 
 @torch.no_grad()
 def prototypes(run, seed):
     """[C, 2, D]: per class, the mean projection of its real images' v2 and v3 (eval mode)."""
     model, device = run.model, run.device
-    runner.eval_mode(model, run.world)
+    run.eval()
     num_classes = len(run.mixed.classes)
     sums = torch.zeros(num_classes, 2, model.proj[-1].out_features, device=device)
     counts = torch.zeros(num_classes, device=device)
     seed = data.rank_seed(seed, run.rank)
-    for batch in run.batches(("v2", "v3"), 256, seed, run.real_share):
+    for batch in run.batches(("v2", "v3"), 256, seed, run.real, stream="prototypes"):
         y = batch.y.to(device, non_blocking=True)
-        z = project_views(run, batch.views["v2"], batch.views["v3"])
+        z = project_views(run, batch)
         sums.index_add_(0, y, z.float())  # C x 2 x D
         counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-    total = runner.all_sum(sums, run.world)
-    return total / runner.all_sum(counts, run.world).clamp(min=1)[:, None, None]
+    return run.sum(sums) / run.sum(counts).clamp(min=1)[:, None, None]
 
 
 @torch.no_grad()
@@ -368,16 +373,17 @@ def confusion_counts(run):
     """(confusion [C * C], top-5 hits []) of the classifier head on the test set, on the device,
     summed over processes."""
     model, device, num_classes = run.model, run.device, len(run.mixed.classes)
-    runner.eval_mode(model, run.world)
+    run.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
-    for i, x in runner.plain_batches(run, run.x_test):
-        y = run.y_test[i:i + len(x)].to(device)
+    x_test, y_test = run.test
+    for i, x in run.plain(x_test):
+        y = y_test[i:i + len(x)].to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=run.amp):
             top5 = model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices
         confusion.index_add_(0, y * num_classes + top5[:, 0], torch.ones_like(y))
         top5_hits += (top5 == y[:, None]).any(1).sum()
-    return runner.all_sum(confusion, run.world), runner.all_sum(top5_hits, run.world)
+    return run.sum(confusion), run.sum(top5_hits)
 
 
 def evaluate(run):
@@ -387,7 +393,7 @@ def evaluate(run):
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     groups = {g: [a for a, n in zip(per_class, n_real) if data.shot_group(n) == g]
               for g in data.GROUPS}
-    n_test = len(run.y_test)
+    n_test = len(run.test[1])
     return {"top1": 100 * confusion.diag().sum().item() / n_test,
             "top5": 100 * top5_hits.item() / n_test,
             **{g: 100 * sum(v) / len(v) if v else None for g, v in groups.items()},
@@ -411,14 +417,15 @@ def setup(cfg):  # runner.Run: processes, device, data, the network, the optimis
 def streams(run, cfg, epoch_seed):
     """The epoch's (batch A, batch B) pairs: stream A with the views the branches need, stream B
     (v1 only) the mixing partners of the classification branch, None without it."""
-    views_a = (("v1",) if run.use_cls else ()) + (("v2", "v3") if run.use_con else ())
-    return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, run.use_cls,
+    use_cls = cfg["w_cls"] > 0
+    views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if cfg["w_con"] > 0 else ())
+    return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, use_cls,
                               run.rank, run.world, run.batches)
 
 
 def bench(cfg):
     """--bench: the step, its data path and the forward passes timed (runner.bench)."""
-    return runner.bench(cfg, setup(cfg), streams, step_inputs, train_step, project_views)
+    return runner.bench(cfg, setup(cfg), sys.modules[__name__])
 
 
 # ---------------------------------------------------------------- the command line
@@ -441,7 +448,11 @@ def main():
     cfg = get_config()
     if cfg["summarize"]:
         return report.summarize(CONFIG, cfg["summarize"], cfg["out"])
-    bench(cfg) if cfg["bench"] else train(cfg)
+    try:
+        bench(cfg) if cfg["bench"] else train(cfg)
+    finally:  # under torchrun: a process group left at exit can hang it
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,11 +24,14 @@ SEED_MIX = 1_000_003  # a seed and an index mixed into one seed: seed * SEED_MIX
 
 
 class Batch(NamedTuple):
-    """A batch of the mixed set, as both loaders yield it."""
+    """A batch of the mixed set, as both loaders yield it: the cpu loader's with its views, the
+    gpu loader's with its images and the views' draws (DeviceViews.apply makes them)."""
     views: dict  # view name -> B x 3 x 32 x 32, normalised
     y: torch.Tensor  # B labels
     is_syn: torch.Tensor  # B bool
     index: torch.Tensor  # B: each sample's position in the mixed set
+    images: torch.Tensor = None  # uint8 B x 3 x 32 x 32
+    draws: dict = None  # view name -> its random numbers (DeviceViews.draw)
 
 
 def mean_std(dataset, device="cpu"):
@@ -48,8 +51,8 @@ def normalize(x, mean, std):
 
 # uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
 def random_cutout(x, length=16):
-    return cutout(x[None], torch.randint(x.shape[-2], (1, )), torch.randint(x.shape[-1], (1, )),
-                  length)[0]
+    cy, cx = torch.randint(x.shape[-2], (1,)), torch.randint(x.shape[-1], (1,))
+    return cutout(x[None], cy, cx, length)[0]
 
 
 # uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
@@ -66,13 +69,9 @@ class AutoAugment(T.AutoAugment):
     fill for the geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the
     reference shears bicubic)."""
 
-    _AUGMENTATION_SPACE = {
-        **T.AutoAugment._AUGMENTATION_SPACE,
-        "Solarize": (
-            lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255,
-            # x 255 (torchvision's bound) = the reference's thresholds
-            False)
-    }
+    # Solarize: x 255 (torchvision's bound) = the reference's thresholds
+    _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE, "Solarize": (
+        lambda num_bins, height, width: torch.linspace(256.0, 0.0, num_bins) / 255, False)}
 
     def __init__(self):
         super().__init__(T.AutoAugmentPolicy.CIFAR10, fill=AA_FILL)
@@ -87,19 +86,16 @@ def view_transforms(dataset):
     return {
         "v1": T.Compose(v1 + finish),
         "v2": T.Compose(v1 + [AutoAugment(), random_cutout] + finish),
-        "v3": T.Compose([
-            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([random_blur], p=0.5)
-        ] + finish),
+        "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                         T.RandomGrayscale(p=0.2), T.RandomApply([random_blur], p=0.5)] + finish),
         "test": T.Compose(finish),
     }
 
 
 class Views(torch.utils.data.Dataset):
-    """Item i -> a Batch of one (the DataLoader stacks them) with the named views."""
+    """Item i, or (i, seed) -> (views, label, is_syn, i) with the named views, drawn from a
+    generator seeded by (seed, i) alone, whatever --workers is."""
 
     def __init__(self, images, labels, is_syn, dataset, views, seed=None):
         self.seed = seed
@@ -112,13 +108,12 @@ class Views(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        # augmentation a function of (seed, i) alone, whatever --workers is
-        if self.seed is not None:
-            torch.default_generator.manual_seed(self.seed * SEED_MIX + int(i))
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, self.seed)
+        if seed is not None:
+            torch.default_generator.manual_seed(seed * SEED_MIX + int(i))
         x = self.images[i]
-        views = {v: t(x) for v, t in self.transforms.items()}
-        return Batch(views, self.labels[i], self.is_syn[i], i)
+        return {v: t(x) for v, t in self.transforms.items()}, self.labels[i], self.is_syn[i], i
 
 
 # ------------------------------------------------- the views as batched tensor ops (--loader gpu)
@@ -146,8 +141,7 @@ def _blend(xf, other, f):
 
 
 def crop_flip(x, top, left, flip, pad=4):
-    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W].
-    """
+    """Crop from the zero-padded image at (top, left), then flip where flip. x uint8 [B, C, H, W]"""
     b, _, h, w = x.shape
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     rows = top[:, None] + ar_h  # B x H
@@ -166,21 +160,19 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
     bb = -(a * torch.tan(sx) + torch.sin(rot))
     c = torch.sin(rot - sy) / torch.cos(sy)
     d = torch.cos(rot) - c * torch.tan(sx)
+    # the inverse map
     theta = torch.stack([d, -bb, cx - d * (cx + tx) + bb * (cy + ty),
-                         # the inverse map
                          -c, a, cy + c * (cx + tx) - a * (cy + ty)], 1).float().reshape(b, 2, 3)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
-    # H x W x 3
-    base = torch.stack(
-        [xs.expand(h, w), ys[:, None].expand(h, w),
-         torch.ones(h, w, device=x.device)], -1)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w),
+                        torch.ones(h, w, device=x.device)], -1)  # H x W x 3
     # to grid units; no host tensor
     theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)
     grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2))  # B x HW x 2
-    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w,
-                                                       2), mode="nearest", padding_mode="zeros",
-                        align_corners=False)  # outside the image: 0, so fill after adding it back
+    # outside the image: 0, so fill after adding it back
+    out = F.grid_sample(x.float() - fill, grid.reshape(b, h, w, 2), mode="nearest",
+                        padding_mode="zeros", align_corners=False)
     return (out + fill).round().to(torch.uint8)
 
 
@@ -205,10 +197,8 @@ def _autocontrast(xf):
     return ((xf - torch.where(flat, 0.0, lo)) / scale).clamp(0, 255).to(torch.uint8)
 
 
-AA_OPS = [
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-    "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"
-]
+AA_OPS = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+          "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert"]
 
 
 def autoaugment_op(x, op, mag):
@@ -258,9 +248,8 @@ def _aa_tables(h, w):
             mags = space(10, h, w)
             rows.append((AA_OPS.index(name), p, 0.0 if mags is None else float(mags[idx]), signed))
     op, p, mag, signed = zip(*rows)
-    return (torch.tensor(op).reshape(-1, 2), torch.tensor(p, dtype=torch.float64).reshape(-1, 2),
-            torch.tensor(mag, dtype=torch.float64).reshape(-1,
-                                                           2), torch.tensor(signed).reshape(-1, 2))
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64).reshape(-1, 2)
+    return torch.tensor(op).reshape(-1, 2), f64(p), f64(mag), torch.tensor(signed).reshape(-1, 2)
 
 
 def cutout(x, cy, cx, length=16):
@@ -278,8 +267,8 @@ def resized_crop(x, top, left, ch, cw, size):
     b, c = x.shape[:2]
 
     def axis(start, length):  # B x size: the two source indices and the weight of the second
-        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) -
-               0.5).clamp(min=0)
+        src = ((torch.arange(size, device=x.device) + 0.5) * (length[:, None] / size) - 0.5)
+        src = src.clamp(min=0)
         i0 = src.floor().long().minimum(length[:, None] - 1)
         return start[:, None] + i0, start[:, None] + (i0 + 1).minimum(length[:, None] - 1), src - i0
 
@@ -293,22 +282,17 @@ def resized_crop(x, top, left, ch, cw, size):
     return (cols(x0) + (cols(x1) - cols(x0)) * wx[:, None, None, :]).round().to(torch.uint8)
 
 
-def _resized_crop_params(g, b, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """torchvision's RandomResizedCrop.get_params for b samples: the first of 10 tries that fits,
-    else the image."""
-    dev = g.device
-    area = h * w * (torch.rand(b, tries, generator=g, device=dev) *
-                    (scale[1] - scale[0]) + scale[0])
-    log_r = torch.rand(b, tries, generator=g, device=dev) * math.log(
-        ratio[1] / ratio[0]) + math.log(ratio[0])
+def resized_crop_box(area, log_r, top, left, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params per sample from its uniform draws (area and
+    log_r [B, 10]: ten tries, top and left [B]): the first try that fits, else the image."""
+    area = h * w * (area * (scale[1] - scale[0]) + scale[0])
+    log_r = log_r * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])
     cw, ch = (area * log_r.exp()).sqrt().round().long(), (area / log_r.exp()).sqrt().round().long()
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = ok.int().argmax(1, keepdim=True)
     cw = torch.where(ok.any(1), cw.gather(1, first)[:, 0], w)
     ch = torch.where(ok.any(1), ch.gather(1, first)[:, 0], h)
-    top = (torch.rand(b, generator=g, device=dev) * (h - ch + 1)).long()
-    left = (torch.rand(b, generator=g, device=dev) * (w - cw + 1)).long()
-    return top, left, ch, cw
+    return (top * (h - ch + 1)).long(), (left * (w - cw + 1)).long(), ch, cw
 
 
 # per hue sector: R, G, B from (v p q t)
@@ -322,10 +306,10 @@ def _hsv_to_rgb(hsv, select):
     h6 = h * 6
     i = h6.floor()
     sxf = s * (h6 - i)
-    q, t, p = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1), ((1.0 - s) *
-                                                                                   v).clamp(0, 1)
-    return torch.stack((v, p, q, t),
-                       -3).gather(-3, select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3))
+    q, t = ((1.0 - sxf) * v).clamp(0, 1), ((sxf + (1.0 - s)) * v).clamp(0, 1)
+    p = ((1.0 - s) * v).clamp(0, 1)
+    sector = select[:, i.to(torch.int32).remainder(6)].moveaxis(0, -3)
+    return torch.stack((v, p, q, t), -3).gather(-3, sector)
 
 
 def color_jitter(x, order, bf, cf, sf, hf, select=None):
@@ -342,15 +326,17 @@ def color_jitter(x, order, bf, cf, sf, hf, select=None):
         ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
               _blend(xf, gray, sf.double()), hue]
         o = _col(order[:, k])
-        x = torch.where(o == 0, ys[0], torch.where(o == 1, ys[1], torch.where(o == 2, ys[2],
-                                                                              ys[3])))
+        x = torch.where(o == 0, ys[0],
+                        torch.where(o == 1, ys[1], torch.where(o == 2, ys[2], ys[3])))
     return x
 
 
 def _pil_box_radius(sigma, passes=3):
     """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance
     sigma^2, computed in float32 (and float64 where PIL's C does)."""
-    s2 = sigma.float() ** 2 / passes
+    # divided by a tensor: CUDA multiplies by the rounded reciprocal of a Python number, and
+    # PIL's weights would move by one for some sigmas
+    s2 = sigma.float() ** 2 / torch.full_like(sigma, passes, dtype=torch.float)
     # PIL's l: the whole-pixel radius
     n = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()
     return n + (2 * n + 1) * (n * (n + 1) - 3 * s2) / (6 * (s2 - (n + 1) * (n + 1)))
@@ -366,20 +352,20 @@ def gaussian_blur(x, sigma, passes=3):
     fw = ((1 << 24) - (2 * n.double() + 1) * ww).div(2).floor()  # weight of the two fractional ones
     d = torch.arange(-2, 3, device=x.device).abs()  # offsets; n <= 1 for sigma < 2.45
     # B x 5
-    k = torch.where(d <= n[:, None], ww[:, None], torch.where(d == n[:, None] + 1, fw[:, None],
-                                                              0.0))
-    y, (h, w) = x.double(), x.shape[-2:]  # integers below 2^33: exact in float64
-    for dim, n, pad in ((3, w, (2, 2, 0, 0)), (2, h, (0, 0, 2, 2))):
+    k = torch.where(d <= n[:, None], ww[:, None], torch.where(d == n[:, None] + 1, fw[:, None], 0.))
+    # integers below 2^35, summed exactly in float64 in any order
+    y, k = x.double(), k[:, None, None, None, :]
+    for pad in ((2, 2, 0, 0), (0, 0, 2, 2)):
         for _ in range(passes):
-            yp = F.pad(y, pad, mode="replicate")
-            y = sum(_col(k[:, i]) * yp.narrow(dim, i, n)
-                    for i in range(5)).add_(1 << 23).div_(1 << 24).floor_()
+            windows = F.pad(y, pad, mode="replicate").unfold(3 if pad[0] else 2, 5, 1)
+            y = (windows * k).sum(-1).add_(1 << 23).div_(1 << 24).floor_()
     return y.to(torch.uint8)
 
 
 class DeviceViews:
-    """view name -> the batched view of uint8 [B, 3, 32, 32] images on their device, random draws
-    from generator g."""
+    """The batched views of uint8 [B, 3, 32, 32] images on their device, in two parts: draw, every
+    random number of a batch from generator g, in the calls and order the views have always made
+    them; apply, a pure function of the images and the draws (torch.compile traces it)."""
 
     def __init__(self, dataset, device, size=32):
         self.mean, self.std = mean_std(dataset, device)
@@ -387,46 +373,55 @@ class DeviceViews:
         # constants made once, not in every batch
         self.hsv_select = torch.tensor(HSV_SELECT, device=device)
 
-    def finish(self, x):
-        return (x.float() * (1 / 255) - self.mean) / self.std
+    def __call__(self, x, names, g):
+        return self.apply(x, self.draw(names, len(x), g, *x.shape[-2:]))
 
-    def v1(self, x, g):
-        b = len(x)
-        top, left = (torch.randint(9, (b,), generator=g, device=g.device) for _ in range(2))
-        return crop_flip(x, top, left, torch.rand(b, generator=g, device=g.device) < 0.5)
-
-    def __call__(self, x, views, g):
-        b, _, h, w = x.shape
+    def draw(self, names, b, g, h=32, w=32):
+        """{view: {name: tensor [B] or [B, n]}}: uniform floats, or whole numbers below a bound."""
         rand = lambda *shape: torch.rand(*shape, generator=g, device=g.device)
+        below = lambda n: torch.randint(n, (b,), generator=g, device=g.device)
+        crop = lambda: {"top": below(9), "left": below(9), "flip": rand(b)}
         out = {}
-        for v in views:
+        for v in names:
             if v == "v1":
-                out[v] = self.finish(self.v1(x, g))
-            elif v == "v2":
-                y, (op, p, mag, signed) = self.v1(x, g), self.aa
-                # one sub-policy per sample
-                k = torch.randint(len(op), (b,), generator=g, device=g.device)
-                for j in range(2):
-                    sign = torch.where(signed[k, j] & (rand(b) <= 0.5), -1.0, 1.0).double()
-                    y = autoaugment_op(y, torch.where(rand(b) <= p[k, j], op[k, j], -1),
-                                       mag[k, j] * sign)
-                y = cutout(y, torch.randint(h, (b,), generator=g, device=g.device),
-                           torch.randint(w, (b,), generator=g, device=g.device))
-                out[v] = self.finish(y)
+                out[v] = crop()
+            elif v == "v2":  # a sub-policy per sample, its two ops' signs and coins, cutout
+                out[v] = {**crop(), "k": below(len(self.aa[0])),
+                          "sign_on": [(rand(b), rand(b)) for _ in range(2)],
+                          "cy": below(h), "cx": below(w)}
             elif v == "v3":
-                top, left, ch, cw = _resized_crop_params(g, b, h, w)
-                y = resized_crop(x, top, left, ch, cw, h)
-                y = torch.where(_col(rand(b) < 0.5), y.flip(-1), y)
-                jittered = color_jitter(y,
-                                        rand(b, 4).argsort(1),
-                                        rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.8 + 0.6,
-                                        rand(b) * 0.2 - 0.1, self.hsv_select)
-                y = torch.where(_col(rand(b) < 0.8), jittered, y)
-                y = torch.where(_col(rand(b) < 0.2), _u8(_gray(y.float())).expand_as(y), y)
-                y = torch.where(_col(rand(b) < 0.5), gaussian_blur(y, rand(b) * 1.9 + 0.1), y)
-                out[v] = self.finish(y)
+                out[v] = {"area": rand(b, 10), "log_r": rand(b, 10), "top": rand(b),
+                          "left": rand(b), "flip": rand(b), "order": rand(b, 4),
+                          "bcs": [rand(b) for _ in range(3)], "hue": rand(b), "jitter": rand(b),
+                          "gray": rand(b), "blur": rand(b), "sigma": rand(b)}
             else:
                 raise ValueError(f"unknown view {v!r}")
+        return out
+
+    def apply(self, x, draws):
+        """{view: B x 3 x H x W normalised}: the views of uint8 x [B, 3, H, W] from its draws."""
+        h, w = x.shape[-2:]
+        out = {}
+        for v, d in draws.items():
+            if v in ("v1", "v2"):
+                y = crop_flip(x, d["top"], d["left"], d["flip"] < 0.5)
+            if v == "v2":
+                op, p, mag, signed = self.aa
+                k = d["k"]
+                for j, (sign, on) in enumerate(d["sign_on"]):
+                    sign = torch.where(signed[k, j] & (sign <= 0.5), -1.0, 1.0).double()
+                    y = autoaugment_op(y, torch.where(on <= p[k, j], op[k, j], -1),
+                                       mag[k, j] * sign)
+                y = cutout(y, d["cy"], d["cx"])
+            elif v == "v3":
+                box = resized_crop_box(d["area"], d["log_r"], d["top"], d["left"], h, w)
+                y = resized_crop(x, *box, h)
+                y = torch.where(_col(d["flip"] < 0.5), y.flip(-1), y)
+                bf, cf, sf = (f * 0.8 + 0.6 for f in d["bcs"])
+                jittered = color_jitter(y, d["order"].argsort(1), bf, cf, sf, d["hue"] * 0.2 - 0.1,
+                                        self.hsv_select)
+                y = torch.where(_col(d["jitter"] < 0.8), jittered, y)
+                y = torch.where(_col(d["gray"] < 0.2), _u8(_gray(y.float())).expand_as(y), y)
+                y = torch.where(_col(d["blur"] < 0.5), gaussian_blur(y, d["sigma"] * 1.9 + 0.1), y)
+            out[v] = (y.float() * (1 / 255) - self.mean) / self.std
         return out
