@@ -150,17 +150,6 @@ def plan_batches(targets, batch_size):
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def runs(indices):
-    """Split sorted indices into contiguous runs: [3, 4, 5, 9] -> [[3, 4, 5], [9]]."""
-    out = []
-    for k in indices:
-        if out and k == out[-1][-1] + 1:
-            out[-1].append(k)
-        else:
-            out.append([k])
-    return out
-
-
 # ---------------------------------------------------------------- the pipeline
 
 
@@ -655,7 +644,9 @@ def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p)
     made = 0
     for c in sorted({c for c, _ in batch}):
         rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]
-        for run in runs(rows):
+        # runs of consecutive indices: [3, 4, 5, 9] -> [3, 4, 5], [9]
+        for _, group in itertools.groupby(enumerate(rows), lambda p: p[1] - p[0]):
+            run = [i for _, i in group]
             ks = [batch[i][1] for i in run]
             redone = np.array([seeds[i] != image_seed(cfg["seed"], c, k) for i, k in zip(run, ks)])
             clip = {} if clip_p is None else {

@@ -77,13 +77,12 @@ class Run:
     prep: Callable  # a batch to the device, in the network's memory format
     mixed: data.MixedSet  # the training set: real + synthetic, with is_syn and is_noisy
     batches: data.Batches  # (views, batch size, seed, order) -> views.Batch; .images: the set
-    real: object  # this process's share of the real images, for the prototypes (a device tensor
-    # with the gpu loader: no copy in the pass)
+    real: object  # this process's real images for the prototypes (on the device: gpu loader)
     test: tuple  # (uint8 [10000, 3, 32, 32], labels [10000]) on the host
-    model: torch.nn.Module  # the ResNet-32 (its backbone compiled with --compile on)
+    model: torch.nn.Module  # the ResNet-32
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    step_fn: torch.nn.Module  # train.Step, in DistributedDataParallel under torchrun
+    step_fn: torch.nn.Module  # train.Step (in DDP under torchrun; compiled with --compile on)
 
     def sum(self, t, op="SUM"):  # over the processes, in place
         if self.world > 1:
@@ -307,7 +306,8 @@ def start_line(out, cfg, run, start):
 
 
 def timed(batches, work, n, warmup, device, begin=lambda: None):
-    it = iter(batches)
+    """(seconds a batch over n batches, seconds of the warmup ones before: compilation)."""
+    it, t0 = iter(batches), time.perf_counter()
     for i in range(warmup + n):
         if i == warmup:
             cli.synchronize(device)
@@ -315,7 +315,7 @@ def timed(batches, work, n, warmup, device, begin=lambda: None):
             t = time.perf_counter()
         work(next(it))
     cli.synchronize(device)
-    return (time.perf_counter() - t) / n
+    return (time.perf_counter() - t) / n, t - t0
 
 
 def bench(cfg, run, method, warmup=3):
@@ -342,15 +342,15 @@ def bench(cfg, run, method, warmup=3):
     with warnings.catch_warnings(record=True) as syncs:
         warnings.simplefilter("always")
         try:
-            step_s = timed(pairs(), step, n, warmup, device,
-                           begin=lambda: cli.sync_debug(device, "warn"))
+            step_s, warmup_s = timed(pairs(), step, n, warmup, device,
+                                     begin=lambda: cli.sync_debug(device, "warn"))
         finally:
             cli.sync_debug(device, "default")
     syncs = sum("synchroniz" in str(w.message) for w in syncs) if cuda else None
-    data_s = timed(pairs(), inputs, n, warmup, device)
+    data_s = timed(pairs(), inputs, n, warmup, device)[0]
     run.model.eval()
     with torch.no_grad():
-        proto_s = timed(*forward, n, warmup, device)
+        proto_s = timed(*forward, n, warmup, device)[0]
     bs, steps = cfg["batch_size"] // run.world, math.ceil(len(run.mixed) / cfg["batch_size"])
     # per epoch: the steps, the prototypes (real images, two views, batches of 256) and the test
     # set (one view, about half the cost)
@@ -362,10 +362,11 @@ def bench(cfg, run, method, warmup=3):
            "compile": cfg["compile"], "steps_timed": n, "step_images_per_s": bs / step_s,
            "data_images_per_s": bs / data_s, "data_fraction": data_s / step_s,
            "forward_images_per_s": 2 * 256 / proto_s, "epoch_s": epoch_s,
-           "run_s": epoch_s * cfg["epochs"], "peak": peak, "host_syncs_in_timed_steps": syncs}
+           "run_s": epoch_s * cfg["epochs"], "peak": peak, "host_syncs_in_timed_steps": syncs,
+           "warmup_s": warmup_s}
     print(f"bench ({name}; loader {run.loader}, amp {res['amp']}, channels_last "
           f"{cfg['channels_last']}, compile {cfg['compile']}, width {cfg['width']}, batch {bs}; "
-          f"{n} steps after {warmup} warm-up):\n"
+          f"{n} steps after {warmup} warm-up, {warmup_s:.1f} s with any compilation):\n"
           f"  whole step      {bs / step_s:8.1f} images/s  ({1000 * step_s:.1f} ms/step)\n"
           f"  data path alone {bs / data_s:8.1f} images/s  ({100 * data_s / step_s:.1f}% of a "
           f"step)\n"

@@ -28,13 +28,16 @@ import train
 import views
 from model import param_counts, resnet32
 
+
+# ---------------------------------------------------------------- helpers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 CIFAR10_NAMES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
 ]
 
-
-# ---------------------------------------------------------------- fixtures
 
 def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
     """Standard python-layout CIFAR files with n_train / n_test random images per class."""
@@ -112,6 +115,15 @@ def pictures_unrendered(request, monkeypatch):
         monkeypatch.setattr(report, "save_figure", unrendered)
 
 
+
+
+
+
+
+
+
+
+
 def on_cpu(script, args):
     """The script's argv with the CPU and fp32 pinned first (a later flag wins): on a machine with
     a GPU the CPU tests stay CPU tests, bit-exact as they expect, and on a CPU with native bf16
@@ -121,22 +133,263 @@ def on_cpu(script, args):
     return [*pinned.get(script, []), *map(str, args)]
 
 
-def cpu_config(argv):
-    return train.get_config(on_cpu("train.py", argv))
+# the tiny run, spelled once: the tests' data at imbalance 10, width 2, batch 16, one epoch
+TINY = ["--imb", 10, "--width", 2, "--batch-size", 16, "--epochs", 1]
 
 
-def script(name, *args):
-    return [sys.executable, os.path.join(HERE, name), *on_cpu(name, args)]
+def config(*flags):
+    """train.py's settings of these flags, parsed as its command line parses them, on the CPU."""
+    return train.get_config(on_cpu("train.py", flags))
 
 
-def run(name, *args, cwd=HERE):
-    return subprocess.run(script(name, *args), cwd=cwd, capture_output=True, text=True, timeout=600)
+def tiny(root, out, *flags):
+    """The settings of a tiny run in folder out: TINY on the tests' data, the held-out fill."""
+    return config("--data-root", root, "--out", out, *TINY, "--syn", "heldout", *flags)
 
 
-TINY = ["--width", 2, "--batch-size", 16, "--imb", 10]
+def script(name, *args, wait=True, env=None, **kw):
+    """A script run as a process, the CPU pinned: its CompletedProcess (text), or its Popen."""
+    argv = [sys.executable, os.path.join(HERE, name), *on_cpu(name, args)]
+    kw = {"cwd": HERE, "env": {**os.environ, **(env or {})}, **kw}
+    if not wait:
+        return subprocess.Popen(argv, **kw)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=900, **kw)
 
 
-# ---------------------------------------------------------------- data
+def main_here(capsys, *args):
+    """(exit status, stderr lines) of train.py's main with these flags, in this process."""
+    return in_process(lambda: train.main(on_cpu("train.py", args)), capsys)
+
+
+def in_process(fn, capsys):
+    """(exit status, stderr lines) of fn under the scripts' own error handling."""
+    capsys.readouterr()
+    try:
+        cli.run_cli(fn)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def one_step(root, *flags):
+    """(run, step): a tiny run's set-up and one training step of it at a time (--loader gpu,
+    both branches, planted images), in fp32."""
+    cfg = tiny(root, "x", "--width", 4, "--batch-size", 32, "--syn-noise", 0.3, "--loader",
+                   "gpu", *flags)
+    run = train.setup(cfg)
+    protos = train.prototypes(run, 0)
+    counts, rng = torch.zeros(len(run.mixed), dtype=torch.int32), np.random.default_rng(0)
+    run.model.train()
+
+    def step(a, b, epoch=0):
+        mix = train.mix_draws(rng, 1, 1.0)[0]
+        return train.train_step(run, train.step_inputs(run, cfg, a, b, mix, protos, epoch), counts)
+    return run, cfg, step
+
+
+def batch_of(x, y, is_syn=None, **named):
+    """A views.Batch of these views (x for each name given) and labels."""
+    is_syn = torch.zeros(len(y), dtype=torch.bool) if is_syn is None else is_syn
+    return views.Batch(named or {"v1": x}, y, is_syn, torch.arange(len(y)))
+
+
+# Two processes on two cores with two threads each spend most of their time waiting for each
+# other (60 s against 17 s for the gloo run, measured on 2 cores): one thread a process.
+ONE_THREAD_EACH = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def finished_run(folder, cfg, top1):
+    """A run folder as a finished run leaves it, for what reads it: config.json and final.json."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "resume"}))
+    final = {"top1": top1, "top5": 90.0, "many": None, "medium": top1 + 1, "few": top1 - 1}
+    (folder / "final.json").write_text(json.dumps({"final_epoch": final}))
+    return folder
+
+
+
+
+
+
+
+
+def final_without_timings(out):
+    f = json.loads((out / "final.json").read_text())
+    return {k: v for k, v in f.items() if k not in ("seconds_per_epoch", "images_per_s")}
+
+
+class Killed(BaseException):
+    """A stand-in for kill -9 between two writes: nothing of the run catches it."""
+
+
+@pytest.fixture(autouse=True)
+def global_settings_restored():
+    """Each test leaves torch's global settings as it found them (train.setup sets deterministic
+    mode and the fp32 precisions, for the process a run is)."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[2:4]
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None) if saved[4] is None else os.environ.update(
+        CUBLAS_WORKSPACE_CONFIG=saved[4])
+    torch.set_num_threads(saved[5])
+
+
+# ---------------------------------------------------------------- cli.py: settings, errors, locks
+
+@pytest.mark.quick
+def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys):
+    """A fork adds one entry; the parser, the checks, the run name, config.json, --resume and
+    --summarize follow, and runs made before the entry existed still resume and summarise (they had
+    its default)."""
+    # the classifier alone: this test is about the settings
+    old, fast = tmp_path / "old", ["--w-con", 0]
+    train.train(tiny(root, old, "--epochs", 2, "--stop-after", 1, *fast))
+    monkeypatch.setitem(train.CONFIG, "la_tau",
+                        cli.Setting(0.0, "logit adjustment", cli.NON_NEGATIVE, tag="tau"))
+    assert "--la-tau" in cli.parser(train.CONFIG, "").format_help()
+    code, err = in_process(lambda: config("--la-tau", "-1"), capsys)
+    assert code == 2 and len(err) == 1 and "--la-tau must be >= 0, got -1.0" in err[0]
+    cfg = config("--la-tau", "0.5", "--syn", "heldout")
+    assert "tau0.5" in train.run_name(cfg) and "tau" not in train.run_name(config())
+    train.train(config("--resume", old))  # made before la_tau: resumes with its default
+    assert json.loads((old / "config.json").read_text())["la_tau"] == 0.0
+    assert json.loads((old / "final.json").read_text())["epochs"] == 2
+    new = train.train(
+        tiny(root, tmp_path / "new", "--epochs", 2, "--la-tau", 0.5, "--seed", 1, *fast))
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["la_tau"] == 0.5
+    code, err = in_process(lambda: train.train(config("--resume", new, "--la-tau", "0.7")),
+                           capsys)
+    assert code == 2 and "--la-tau 0.5 (now 0.7)" in err[-1]
+    code, err = in_process(
+        lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
+    assert code == 2 and "--la-tau" in err[-1]
+    # the old run without the key, a finished one with its default
+    same = finished_run(tmp_path / "same",
+                        tiny(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast), 40.0)
+    report.summarize(train.CONFIG, [str(old), str(same)], str(tmp_path / "sum"))
+    assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--relabel", "off", "--strategy", "drop"
+       ], "--strategy drop has no effect with --relabel off"),
+     (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
+     (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
+     (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
+     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
+     (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
+     (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
+     (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
+     (["--syn-ratio", 0, "--syn-noise", 0.5], "--syn-noise 0.5 has no effect with --syn-ratio 0"),
+     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
+@pytest.mark.quick
+def test_a_setting_without_effect_is_refused(flags, message, capsys):
+    code, err = in_process(lambda: config(*flags), capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_sync_bn_on_a_cpu_is_refused_in_one_line(root, monkeypatch, capsys):
+    # as under torchrun: --sync-bn acts, but torch's SyncBatchNorm needs GPUs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config("--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16")
+    code, err = in_process(lambda: train.setup(cfg), capsys)
+    assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
+
+
+def flag_cases():
+    """Every numeric and choice flag of the three scripts, from their tables: a new flag is walked
+    too."""
+    import generate
+    check_data = lambda a: cli.parse_settings(data.DATA_CONFIG, [], "", a)
+    for script, table, parse in (("train.py", train.CONFIG, train.get_config),
+                                 ("data.py", data.DATA_CONFIG, check_data),
+                                 ("generate.py", generate.CONFIG, generate.parse_args)):
+        for key, s in table.items():
+            if key != "summarize" and s.default is not False:
+                yield pytest.param(script, key, s, parse, id=f"{script}--{key}")
+
+
+NEGATIVE_OK = {"workers"}  # -1: the automatic choice
+
+
+# else refused
+ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},
+             **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
+
+
+@pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
+def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, capsys):
+    """NaN, inf, a negative, zero and a wrong type: each refused in one line, exit 2, where it is
+    wrong for the flag; every numeric flag has a check, and refuses negatives unless named in
+    NEGATIVE_OK."""
+    flag = "--" + key.replace("_", "-")
+    kind = setting.type or type(setting.default)
+    if setting.choices:
+        cases = {"not-a-choice": False, setting.choices[-1]: True}
+    elif kind in (int, float):
+        assert setting.check, f"{script} {flag} has no check"
+        cases = {
+            "nan": False,
+            "inf": False,
+            "-inf": False,
+            "abc": False,
+            "1.5" if kind is int else "1e": False
+        }
+        for v in (-1, 0):
+            cases[str(v)] = bool(setting.check[0](v))
+        assert key in NEGATIVE_OK or not cases["-1"], f"{script} {flag} takes a negative"
+    else:
+        pytest.skip("a path or a name: tested with the runs")
+
+    for value, ok in cases.items():
+        code, err = in_process(lambda: parse(ACTS_WITH.get(key, []) + [flag, value]), capsys)
+        assert (code == 0) == ok, (flag, value, err)
+        if not ok:
+            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (
+                flag, value, err)
+
+
+def test_every_torch_load_names_map_location():
+    """A CUDA run's files must load on a CPU-only machine, and never put a whole model on the GPU by
+    surprise."""
+    import ast
+    for name in ("train.py", "data.py", "generate.py", "model.py", "test_sau.py"):
+        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                assert "map_location" in {k.arg for k in node.keywords}, f"{name}:{node.lineno}"
+
+
+def test_an_empty_resume_is_refused(capsys):
+    code, err = in_process(lambda: config("--resume", ""), capsys)
+    assert code == 2 and "--resume needs the run's folder" in err[0], err
+
+
+def test_two_runners_on_one_grid_one_is_refused(tmp_path):
+    first = cli.own(str(tmp_path / "grid"), "--name", "runner")
+    with pytest.raises(cli.SAUError, match="in use by another runner"):
+        cli.own(str(tmp_path / "grid"), "--name", "runner")
+    first.close()
+
+
+# ---------------------------------------------------------------- data.py
 
 @pytest.mark.parametrize("n_max,classes,imb,total", [
     (5000, 10, 100, 12406), (500, 100, 100, 10847), (5000, 10, 10, 20431), (500, 100, 10, 19573),
@@ -236,38 +489,6 @@ def test_cifar100_layout(root):
     assert data.class_names("cifar100", root)[7] == "class_7"
 
 
-@pytest.mark.parametrize("breakage,message", [
-    ("dataset", "made for cifar100"), ("small", "needs"), ("dtype", "expected uint8"),
-    ("gap", "gap"), ("corrupt", "unreadable"), ("manifest", "malformed")])
-def test_bad_pools_are_refused(root, tmp_path, breakage, message):
-    folder = str(tmp_path / "pool")
-    write_pool(folder, "cifar100" if breakage == "dataset" else "cifar10", CIFAR10_NAMES,
-               5 if breakage == "small" else 20,
-               dtype=np.float32 if breakage == "dtype" else np.uint8)
-    if breakage == "gap":
-        os.remove(os.path.join(folder, data.shard_name(3, 7)))
-    if breakage == "corrupt":
-        with open(os.path.join(folder, data.shard_name(2, 0)), "wb") as f:
-            f.write(b"PK\x03\x04 not a zip")
-    if breakage == "manifest":
-        with open(os.path.join(folder, "manifest.json"), "w") as f:
-            f.write("{")
-    with pytest.raises(cli.SAUError, match=message):
-        data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder)
-
-
-def test_views_shapes_and_cutout():
-    x = torch.full((3, 32, 32), 200, dtype=torch.uint8)
-    made = views.view_transforms("cifar10")
-    for v in ("v1", "v2", "v3", "test"):
-        out = made[v](x)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    torch.manual_seed(0)
-    cut = views.random_cutout(torch.ones(3, 32, 32))
-    zeros = int((cut[0] == 0).sum())
-    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
-
-
 def test_train_streams_are_two_independent_shuffles(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     batches = list(data.train_streams(m, 50, seed=5))
@@ -282,7 +503,294 @@ def test_train_streams_are_two_independent_shuffles(root):
     assert not torch.equal(a_labels, b_labels)
 
 
-# --------------------------------------------------- the views as batched tensor ops (--loader gpu)
+def test_the_cpu_loader_keeps_its_workers_for_the_run(root, tmp_path, monkeypatch):
+    """--loader cpu with workers: one DataLoader a stream, its workers started once for the run
+    (stream A, stream B, the prototypes: 3), not again every epoch (before: 11 over 2 epochs),
+    and the same views as without workers."""
+    started = tmp_path / "started"
+    monkeypatch.setattr(cli, "ignore_sigint", lambda _: open(started, "a").write("1"))
+    runs = {}
+    for workers in (0, 1):
+        out = tmp_path / f"w{workers}"
+        train.train(tiny(root, out, "--epochs", 2, "--loader", "cpu", "--workers", workers))
+        runs[workers] = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert started.read_text() == "111"
+    assert all(torch.equal(runs[0]["model"][k], runs[1]["model"][k]) for k in runs[0]["model"])
+
+
+def test_gpu_loader_batches_like_the_cpu_loader(root):
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    order = np.random.default_rng(0).permutation(len(m)).tolist()
+    cpu = list(data.Batches(m, "cpu")(("v1", "v2", "v3"), 32, 7, order))
+    dev = data.Batches(m, "gpu", "cpu")
+    made = lambda *args: [b._replace(views=dev.finish(b)) for b in dev(*args)]
+    ours = made(("v1", "v2", "v3"), 32, 7, order)
+    assert len(cpu) == len(ours) and list(cpu[0].views) == list(ours[0].views)
+    for v in ("v1", "v2", "v3"):
+        c, o = cpu[0].views[v], ours[0].views[v]
+        assert c.shape == o.shape and c.dtype == o.dtype
+    for c, o in zip(cpu, ours):  # the same images (by index), labels and flags in the same order
+        same = lambda k: torch.equal(getattr(c, k), getattr(o, k).cpu())
+        assert all(same(k) for k in ("y", "is_syn", "index"))
+    again = made(("v1", "v2", "v3"), 32, 7, order)
+    # a function of the seed
+    for x, y in zip(ours, again):
+        assert all(torch.equal(x.views[v], y.views[v]) for v in x.views)
+        assert torch.equal(x.index, y.index)
+    other = made(("v1",), 32, 8, order)
+    assert not torch.equal(other[0].views["v1"], ours[0].views["v1"])
+
+
+def test_data_script_prints_counts(root, monkeypatch, capsys):
+    r = script("data.py", "--dataset", "cifar10", "--imb", 10, "--data-root", root)
+    assert r.returncode == 0, r.stderr
+    real = sum(data.lt_counts(20, 10, 10))
+    assert f"total: {real} real + {200 - real} synthetic = 200 images" in r.stdout
+    assert "airplane" in r.stdout and r.stdout.count(" few") == 10 and "planted" not in r.stdout
+    capsys.readouterr()
+    data.main(["--imb", "10", "--data-root", root, "--syn", "heldout", "--syn-noise", "0.5"])
+    out = capsys.readouterr().out
+    planted = [int(round(0.5 * (20 - n))) for n in data.lt_counts(20, 10, 10)]
+    rows = [line.split() for line in out.splitlines()[1:11]]
+    assert [int(row[4]) for row in rows] == planted, out
+    assert f"planted wrong-class images among the synthetic: {sum(planted)}" in out
+    code, err = in_process(lambda: data.main(["--data-root", root, "--syn-noise", "2"]), capsys)
+    assert code == 2 and "--syn-noise must be in [0, 1]" in err[0]
+
+
+def test_every_stream_of_draws_has_its_own_seed(root):
+    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e
+    once reused stream A's seed of epoch e + 1), and train_streams seeds its orders and its views
+    apart."""
+    seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
+    assert len(set(seeds)) == len(seeds)
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    used = []
+    fake = lambda views, bs, seed, order, stream: used.append(seed) or [None]
+    for e in (7, 8):
+        list(data.train_streams(m, 50, e, batches=fake))
+    assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
+    orders = [
+        torch.randperm(len(m),
+                       generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
+        for s in ("order_a", "order_b")
+    ]
+    assert orders[0] != orders[1]
+
+
+def test_shares_are_disjoint_and_cover_the_epoch():
+    order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()
+    parts = [data.share(order, r, 2) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
+    assert set(parts[0]) | set(parts[1]) == set(order) - {order[-1]}  # one image left over of 103
+    assert data.share(order) == order
+
+
+def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
+    mixed = data.build_mixed("cifar10", root, 10, 0, "none")
+    bs = next(b for b in range(4, 64) if len(mixed) % b == 1)
+    sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
+    assert sum(sizes) == len(mixed) - 1 and min(sizes) >= 2
+    out = tmp_path / "run"
+    train.train(tiny(root, out, "--syn", "none", "--w-con", 0, "--batch-size", bs))
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+
+
+def cifar_breakages():
+    yield "missing key", lambda d: d.pop("data"), "is not a CIFAR batch"
+    yield "wrong type", lambda d: d.update(labels="abc"), "is not a CIFAR batch"
+    yield "wrong shape", lambda d: d.update(data=d["data"][:, :100]), "is not a CIFAR batch"
+    yield "label out of range", lambda d: d["labels"].__setitem__(0, 10), "is not a CIFAR batch"
+    yield "not a dict", lambda d: d.clear() or d.update(x=1), "is not a CIFAR batch"
+
+
+@pytest.mark.parametrize("what,breakage,message", list(cifar_breakages()))
+def test_malformed_cifar_files_are_one_line(tmp_path, what, breakage, message, capsys):
+    r = str(tmp_path)
+    write_cifar(r)
+    path = os.path.join(r, "cifar-10-batches-py", "data_batch_1")
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    breakage(d)
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+    code, err = in_process(lambda: data.build_mixed("cifar10", r, 10, 0, "none"), capsys)
+    assert code == 2 and len(err) == 1 and message in err[0] and "data_batch_1" in err[0]
+
+
+def pool_breakages():
+    write = lambda f, name, text: open(os.path.join(f, name), "w").write(text)
+    shard = lambda f, c, s: os.path.join(f, data.shard_name(c, s))
+    yield "manifest a list", lambda f: write(f, "manifest.json", "[1, 2]"), "malformed"
+    yield "classes not a list", lambda f: write(f, "manifest.json", json.dumps(
+        {"dataset": "cifar10", "classes": 3})), "malformed"
+    yield "manifest not JSON", lambda f: write(f, "manifest.json", "{"), "not JSON"
+    yield "another dataset", lambda f: write(f, "manifest.json", json.dumps(
+        {"dataset": "cifar100", "classes": CIFAR10_NAMES})), "made for cifar100"
+    yield "shard without seeds", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
+        (7, 32, 32, 3), np.uint8)), "unreadable"
+    yield "seeds of another length", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
+        (7, 32, 32, 3), np.uint8), seeds=np.zeros((7, 2))), "with n seeds"
+    yield "float images", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
+        (7, 32, 32, 3), np.float32), seeds=np.zeros(7)), "expected uint8"
+    yield "a gap", lambda f: os.remove(shard(f, 3, 7)), "gap"
+    yield "not a zip", lambda f: write(f, data.shard_name(2, 0), "PK not a zip"), "unreadable"
+    yield "too small", lambda f: [os.remove(shard(f, 2, s)) for s in (7, 14)], "needs"
+
+
+@pytest.mark.parametrize("what,breakage,message", list(pool_breakages()))
+def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, capsys):
+    folder = str(tmp_path / "pool")
+    write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
+    breakage(folder)
+    code, err = in_process(lambda: data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder),
+                           capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_processes_started_at_once_on_an_empty_data_root_fetch_it_once(tmp_path, monkeypatch):
+    """Every torchrun rank, table.py child and generator calls the download: one at a time (a lock
+    in the data root), unpacked into a temporary folder renamed when whole. Here torchvision's
+    download writes the files one by one, slowly; four processes started at once all read whole
+    data, and the download ran once (before: "cannot read .../data_batch_N")."""
+    import multiprocessing
+    import time
+    import torchvision.datasets
+    root = tmp_path / "data"
+
+    def slow_download(where, train, download):
+        with open(tmp_path / "downloads", "a") as f:
+            f.write("1")
+        real_dump = pickle.dump
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(pickle, "dump", lambda *a: (time.sleep(0.05), real_dump(*a)))
+            write_cifar(str(where))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", slow_download)
+
+    def load(q):
+        try:
+            q.put(len(data.load_cifar("cifar10", str(root), train=True)[1]))
+        except cli.SAUError as e:
+            q.put(str(e))
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=load, args=(q,)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert results == [200] * 4 and (tmp_path / "downloads").read_text() == "1"
+    assert sorted(os.listdir(root)) == [".lock", "cifar-10-batches-py"]
+
+
+def authors_subset(labels, imb):
+    """The SAU authors' subset, written out from their dataset/cifar10.py (produce_train_data)
+    after main.py's np.random.seed(35180): per class in label order, choice(n, n_real) for the
+    real images, then choice(n, n_max - n_real) for the synthetic ones."""
+    num_cls = int(labels.max()) + 1
+    data_num = int(len(labels) / num_cls)
+    real = [int(data_num * ((1 / imb) ** (c / (num_cls - 1)))) for c in range(num_cls)]
+    np.random.seed(35180)
+    keep = []
+    for i in range(1, num_cls + 1):
+        positions = np.flatnonzero((labels >= i - 1) & (labels < i))
+        index = np.random.choice(len(positions), real[i - 1], replace=False)
+        np.random.choice(len(positions), data_num - real[i - 1], replace=False)
+        keep += positions[index].tolist()
+    return sorted(keep)
+
+
+def ldam_subset(labels, imb):
+    """LDAM-DRW's IMBALANCECIFAR10 (imbalance_cifar.py), written out: np.random.seed(0), then
+    per class idx = np.where(targets == c)[0]; np.random.shuffle(idx); idx[:n]."""
+    cls_num = int(labels.max()) + 1
+    img_max = len(labels) / cls_num
+    counts = [int(img_max * ((1 / imb) ** (c / (cls_num - 1.0)))) for c in range(cls_num)]
+    np.random.seed(0)
+    keep = []
+    for c, n in zip(np.unique(labels), counts):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        keep += idx[:n].tolist()
+    return sorted(keep)
+
+
+@pytest.fixture
+def global_numpy_restored():
+    state = np.random.get_state()
+    yield
+    np.random.set_state(state)
+
+
+def cifar_like_labels(num_classes, per_class):
+    """A label array with CIFAR's layout (per_class of each class, in a shuffled order)."""
+    return np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+@pytest.mark.parametrize("num_classes,per_class", [(10, 5000), (100, 500)])
+@pytest.mark.parametrize("imb", [100, 50, 10])
+def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, per_class, imb,
+                                                                   global_numpy_restored):
+    labels = cifar_like_labels(num_classes, per_class)
+    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
+        ours = data.long_tail_indices(labels, imb, 0, split)
+        assert sorted(ours.tolist()) == theirs(labels, imb), (split, imb)
+        assert np.bincount(labels[ours]).tolist() == data.lt_counts(per_class, num_classes, imb)
+
+
+def test_the_splits_on_the_tiny_data_and_seeded_unchanged(root, global_numpy_restored):
+    _, labels = data.load_cifar("cifar10", root, train=True)
+    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
+        assert sorted(data.long_tail_indices(labels, 10, 0, split).tolist()) == theirs(labels, 10)
+    # seeded, as it always drew: the per-class draws of one generator of the data seed
+    rng = np.random.default_rng(3)
+    drawn = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
+             for c, n in enumerate(data.lt_counts(20, 10, 10))]
+    assert np.array_equal(data.long_tail_indices(labels, 10, 3), np.concatenate(drawn))
+    assert np.array_equal(data.long_tail_indices(labels, 10, 3, "seeded"), np.concatenate(drawn))
+
+
+def test_data_script_prints_a_splits_counts_and_saves_its_indices(root, tmp_path, capsys,
+                                                                  global_numpy_restored):
+    out = tmp_path / "subset.txt"
+    code, err = in_process(lambda: data.main(["--data-root", root, "--imb", "10", "--split",
+                                              "reference", "--save-indices", str(out)]), capsys)
+    assert code == 0, err
+    _, labels = data.load_cifar("cifar10", root, train=True)
+    saved = [int(x) for x in out.read_text().split()]
+    assert saved == authors_subset(labels, 10) and saved == sorted(saved)
+    code, err = in_process(lambda: data.main(["--data-root", root, "--split", "ldam",
+                                              "--data-seed", "3"]), capsys)
+    assert code == 2 and "--data-seed 3 has no effect with --split reference or ldam" in err[0]
+
+
+def test_split_is_a_data_setting_named_in_the_run_and_taken_by_table_rows(root, capsys):
+    import table
+    cfg = config("--data-root", root, "--split", "ldam")
+    assert "_splitldam_" in train.run_name(cfg) and "split" not in train.run_name(config())
+    capsys.readouterr()
+    table.main(["--dry-run", "--datasets", "cifar10", "--imbs", "10", "--rows", "l", "--row",
+                "l=--split ldam", "--seeds", "0"])
+    printed = capsys.readouterr().out
+    assert "--split ldam" in printed and "_splitldam_" in printed
+
+
+# ---------------------------------------------------------------- views.py
+
+def test_views_shapes_and_cutout():
+    x = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    made = views.view_transforms("cifar10")
+    for v in ("v1", "v2", "v3", "test"):
+        out = made[v](x)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    torch.manual_seed(0)
+    cut = views.random_cutout(torch.ones(3, 32, 32))
+    zeros = int((cut[0] == 0).sum())
+    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
+
 
 TF = views.T.functional
 SIGNED = {name for name, (_, signed) in views.T.AutoAugment._AUGMENTATION_SPACE.items() if signed}
@@ -498,45 +1006,26 @@ def test_device_views_match_the_cpu_views_in_distribution():
         assert ((stats["v1"][0] - stats[v][0]).abs() >= 4 * stats[v][1]).any()
 
 
-def test_the_cpu_loader_keeps_its_workers_for_the_run(root, tmp_path, monkeypatch):
-    """--loader cpu with workers: one DataLoader a stream, its workers started once for the run
-    (stream A, stream B, the prototypes: 3), not again every epoch (before: 11 over 2 epochs),
-    and the same views as without workers."""
-    started = tmp_path / "started"
-    monkeypatch.setattr(cli, "ignore_sigint", lambda _: open(started, "a").write("1"))
-    runs = {}
-    for workers in (0, 1):
-        out = tmp_path / f"w{workers}"
-        train.train(tiny_cfg(root, out, "--epochs", 2, "--loader", "cpu", "--workers", workers))
-        runs[workers] = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert started.read_text() == "111"
-    assert all(torch.equal(runs[0]["model"][k], runs[1]["model"][k]) for k in runs[0]["model"])
-
-
-def test_gpu_loader_batches_like_the_cpu_loader(root):
-    m = data.build_mixed("cifar10", root, 10, 0, "pool")
-    order = np.random.default_rng(0).permutation(len(m)).tolist()
-    cpu = list(data.Batches(m, "cpu")(("v1", "v2", "v3"), 32, 7, order))
-    dev = data.Batches(m, "gpu", "cpu")
-    made = lambda *args: [b._replace(views=dev.finish(b)) for b in dev(*args)]
-    ours = made(("v1", "v2", "v3"), 32, 7, order)
-    assert len(cpu) == len(ours) and list(cpu[0].views) == list(ours[0].views)
+def test_views_are_drawn_apart_on_each_process(root):
+    """--loader gpu: the same image at the same position of two processes' batches gets other crops,
+    flips and AutoAugment draws (each process has its stream of draws); one process draws as before.
+    """
+    mixed = data.build_mixed("cifar10", root, 10, 0, "heldout")
+    mixed.images[:] = mixed.images[0]  # every image the same: the views differ only by their draws
+    batches = data.Batches(mixed, "gpu", "cpu")
+    drawn = [
+        next(iter(data.train_streams(mixed, 16, 5, rank=r, world=2, batches=batches)))[0]
+        for r in (0, 1)
+    ]
+    drawn = [batches.finish(d) for d in drawn]
     for v in ("v1", "v2", "v3"):
-        c, o = cpu[0].views[v], ours[0].views[v]
-        assert c.shape == o.shape and c.dtype == o.dtype
-    for c, o in zip(cpu, ours):  # the same images (by index), labels and flags in the same order
-        same = lambda k: torch.equal(getattr(c, k), getattr(o, k).cpu())
-        assert all(same(k) for k in ("y", "is_syn", "index"))
-    again = made(("v1", "v2", "v3"), 32, 7, order)
-    # a function of the seed
-    for x, y in zip(ours, again):
-        assert all(torch.equal(x.views[v], y.views[v]) for v in x.views)
-        assert torch.equal(x.index, y.index)
-    other = made(("v1",), 32, 8, order)
-    assert not torch.equal(other[0].views["v1"], ours[0].views["v1"])
+        assert not torch.equal(drawn[0][v], drawn[1][v]), v
+    one = next(iter(data.train_streams(mixed, 8, 5, batches=batches)))[0]
+    assert data.rank_seed(7, 0) == 7 and data.rank_seed(7, 1) != data.rank_seed(7, 2)
+    assert batches.finish(one)["v1"].shape[0] == 8
 
 
-# ---------------------------------------------------------------- model and losses
+# ---------------------------------------------------------------- model.py
 
 @pytest.mark.quick
 def test_parameter_counts():
@@ -549,6 +1038,13 @@ def test_forward_shapes_and_unit_z():
     assert logits.shape == (3, 10) and z.shape == (3, 128)
     assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
 
+
+def test_model_script_prints_counts():
+    r = script("model.py")
+    assert r.returncode == 0 and "7,386,186" in r.stdout and "4,993,152" in r.stdout
+
+
+# ---------------------------------------------------------------- train.py: the losses and the step
 
 @pytest.mark.quick
 def test_soft_ce_equals_cross_entropy_on_one_hot():
@@ -686,6 +1182,219 @@ def test_no_suspects_means_every_strategy_agrees():
     assert all(torch.allclose(losses[0], v) for v in losses[1:])
 
 
+def test_contrastive_loss_backpropagates_to_z_only():
+    z, labels, is_syn, protos = relabel_case()
+    z = z.clone().requires_grad_()
+    train.sau_contrastive_loss(z, labels, is_syn, protos).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_an_eager_step_dispatches_few_operations(root):
+    """Each aten operation of the eager step is a kernel launch and host time on a GPU: the views'
+    and losses' per-sample reshapes, constants and loops folded (4,092 a step before; 3,513 on
+    torch 2.14.1)."""
+    run, cfg, step = one_step(root)
+    pairs = iter(train.streams(run, cfg, 0))
+    step(*next(pairs))
+    with CountOps() as ops:
+        step(*next(pairs))
+    assert 3000 < ops.n <= 3600, ops.n
+
+
+def test_the_compiled_step_is_one_graph_without_a_break(root):
+    """--compile on: the views' pure part, the mixing, the four passes, both losses and the relabel
+    rule trace as one graph (dynamo's eager backend here), a second for the short last batch, and
+    no graph again in the next epoch."""
+    import functools
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+        run, cfg, step = one_step(root, "--compile", "on")
+    try:
+        for epoch in (0, 1):
+            sizes = []
+            for a, b in train.streams(run, cfg, epoch):
+                step(a, b, epoch)
+                sizes.append(len(a.index))
+            assert sizes[-1] < sizes[0]  # a short last batch
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+
+
+class TinyNet(torch.nn.Module):
+    """The network's interface (features, fc, project) at a size inductor compiles in seconds."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.BatchNorm2d(4)
+        self.fc, self.proj = torch.nn.Linear(4, num_classes), torch.nn.Linear(4, 8)
+
+    def features(self, x):
+        return F.relu(self.bn(self.conv(x))).mean((2, 3))
+
+    def project(self, f):
+        return F.normalize(self.proj(f), dim=1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f), self.project(f)
+
+
+def test_the_step_compiled_by_inductor_trains_as_eager(root):
+    """The one inductor test: the whole step (the views' pure part, mixing, the passes, both losses,
+    the relabel rule, the backward) compiled by inductor on the CPU, in fp32, with a stand-in
+    network (ResNet-32's kernels alone take minutes to build on a CPU), three steps against eager:
+    losses within 1e-3 relative, weights within 1e-4 (inductor rounds the views' blends once
+    where eager rounds twice: a few pixels move by a level)."""
+    cfg = tiny(root, "x", "--syn-noise", 0.3, "--loader", "gpu")
+    mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
+    batches = data.Batches(mixed, "gpu", "cpu")
+    run = argparse.Namespace(mixed=mixed, rank=0, world=1, batches=batches, device="cpu")
+    protos = F.normalize(torch.randn(10, 2, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    n = [torch.tensor(c) for c in (mixed.n_real, mixed.n_syn)]
+    losses, weights = {}, {}
+    for mode in ("eager", "inductor"):
+        torch.manual_seed(0)
+        model = TinyNet(10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step = train.Step(model, cfg, *n, batches.finish)
+        step = step if mode == "eager" else torch.compile(step)
+        pairs, rng, losses[mode] = iter(train.streams(run, cfg, 0)), np.random.default_rng(0), []
+        for _ in range(3):
+            mix = train.mix_draws(rng, 1, 1.0)[0]
+            loss, cls, con, _ = step(train.step_inputs(run, cfg, *next(pairs), mix, protos))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[mode].append(torch.stack([loss, cls, con]).detach())
+        weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch._dynamo.reset()
+    assert torch.allclose(torch.stack(losses["inductor"]), torch.stack(losses["eager"]), rtol=1e-3)
+    assert torch.allclose(weights["inductor"], weights["eager"], atol=1e-4)
+
+
+def test_projection_head_batchnorm_sees_the_mixed_images():
+    """As the reference, the classification branch runs the whole model: the projection head's
+    BatchNorm running statistics count the mixup and cutmix batches too (prototypes are computed in
+    eval mode with them)."""
+    torch.manual_seed(0)
+    model = resnet32(3, width=4).train()
+    cfg = {**{k: s.default for k, s in train.CONFIG.items()}, "w_con": 0.0}
+    step = train.Step(model, cfg, torch.tensor([4, 2, 1]), torch.tensor([0, 2, 3]))
+    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
+    step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
+    bn = model.proj[1]
+    assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
+
+
+@pytest.mark.quick
+def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
+    torch.manual_seed(0)
+    model = resnet32(3, width=4).train()
+    cfg = {k: s.default for k, s in train.CONFIG.items()}
+    n_real, n_syn = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])
+    step = train.Step(model, cfg, n_real, n_syn)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    t, is_syn = F.one_hot(y, 3).float(), torch.arange(8) % 2 == 1
+    protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
+    mix = torch.tensor([1.0, 0.0, 16.0, 16.0], dtype=torch.float64)  # mixup: A; cutmix: all B
+    a = batch_of(x, y, is_syn, v1=x, v2=x.flip(-1), v3=x.flip(-2))
+    batch = train.StepInputs(a, batch_of(x.flip(0), y.flip(0)), mix, protos, 3)
+    loss, cls, con, suspect = step(batch)
+    assert batch.epoch == 3 and torch.equal(step.n_real, n_real) and torch.equal(step.n_syn, n_syn)
+    # the same passes by hand (eval mode: BatchNorm statistics do not move between the two)
+    model.eval()
+    with torch.no_grad():
+        loss, cls, con, suspect = step(batch)
+        ref_cls = train.soft_ce(model(x)[0], t) + train.soft_ce(model(x.flip(0))[0], t.flip(0))
+        z = torch.stack([model.project(model.features(v)) for v in (x.flip(-1), x.flip(-2))], 1)
+        suspect = train.paper_suspects(z, y, is_syn, protos)
+        ref_con = train.sau_contrastive_loss(z, y, is_syn, protos, suspect)
+    assert torch.allclose(cls, ref_cls) and torch.allclose(con, ref_con)
+    assert torch.allclose(loss, cls + con)
+
+
+@pytest.mark.quick
+def test_the_forking_section_points_at_names_that_exist():
+    """README's worked ablations name functions and fields of the code: each must still exist."""
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Forking", 1)[1].split("\n## ", 1)[0]
+    owners = "train|data|model|generate|cli|views|runner|audit"
+    names = set(re.findall(rf"`((?:{owners})(?:\.\w+)+)`", section))
+    assert len(names) >= 5, names
+    modules = {"train": train, "data": data}
+    for name in names:
+        mod, *path = name.split(".")
+        obj = modules.get(mod) or __import__(mod)
+        for part in path:
+            fields = getattr(obj, "_fields", ())
+            assert hasattr(obj, part) or part in fields, name
+            obj = getattr(obj, part, None)
+
+
+def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypatch):
+    """Each ```diff block of README's Forking section is the patch as a reader would copy it: git
+    apply takes it on a copy of the repo, and a tiny run of the fork's train.py (imported in this
+    process) trains with the flag it adds, named by its tag, its value in config.json. A snippet
+    that no longer applies fails here."""
+    import importlib.util
+    import re
+    import shutil
+    section = open(os.path.join(HERE, "README.md")).read().split("## Forking",
+                                                                 1)[1].split("\n## ", 1)[0]
+    patches = re.findall(r"```diff\n(.*?)```", section, re.S)
+    assert len(patches) >= 2
+    for i, patch in enumerate(patches):
+        fork = tmp_path / f"fork{i}"
+        fork.mkdir()
+        for name in os.listdir(HERE):
+            if name.endswith(".py") or name == "prompts":
+                (shutil.copytree if name == "prompts" else shutil.copy)(os.path.join(HERE, name),
+                                                                        fork / name)
+        (tmp_path / f"{i}.patch").write_text(patch)
+        r = subprocess.run(["git", "apply", str(tmp_path / f"{i}.patch")], cwd=fork,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (i, r.stderr)
+        key, tag = re.search(r'\+    "(\w+)": S\(.*tag="(\w+)"\)', patch).groups()
+        # the fork's train.py beside this process's other modules (the patches touch train.py
+        # alone), run from the fork's folder: runs/<name> lands there
+        spec = importlib.util.spec_from_file_location(f"train_fork{i}", fork / "train.py")
+        forked = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(forked)
+        monkeypatch.chdir(fork)
+        forked.train(forked.get_config(on_cpu("train.py", [
+            "--data-root", root, *TINY, "--syn", "heldout", cli.flag(key), 1])))
+        (run_dir,) = (fork / "runs").iterdir()
+        assert f"_{tag}1_" in run_dir.name and json.loads(
+            (run_dir / "config.json").read_text())[key] == 1
+
+
+def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(12, 2, 16), dim=-1)
+    labels, is_syn = torch.randint(0, 3, (12,)), torch.arange(12) % 3 == 0
+    protos = F.normalize(torch.randn(3, 2, 16), dim=-1)
+    both = lambda: (train.sau_contrastive_loss(z, labels, is_syn, protos, suspect),
+                    train.paper_suspects(z, labels, is_syn, protos))
+    suspect = train.paper_suspects(z, labels, is_syn, protos)
+    plain = both()
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = both()
+        f = torch.randn(5, 2, 16)
+        # autocast is on: a bare product would be bf16
+        assert (f @ f[:, 0].T).dtype == torch.bfloat16
+    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0]) and torch.equal(
+        inside[1], plain[1])
+
+
+# ---------------------------------------------------------------- audit.py
+
 def test_detector_figures_on_flags_with_a_known_answer():
     """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; flagged: 2 planted, 1 clean and
     a real sample (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per
@@ -701,8 +1410,6 @@ def test_detector_figures_on_flags_with_a_known_answer():
     mixed.is_noisy[:] = False
     assert "recall" not in report.detector(flag, mixed)
 
-
-# ---------------------------------------------------------------- the epoch audit (ours)
 
 @pytest.mark.quick
 def test_audit_scores_on_a_hand_built_batch():
@@ -754,44 +1461,14 @@ def test_the_real_reference_flags_about_q_and_a_low_mode():
                                                              real)) and ranks.shape == (10000, 3)
 
 
-def test_contrastive_loss_backpropagates_to_z_only():
-    z, labels, is_syn, protos = relabel_case()
-    z = z.clone().requires_grad_()
-    train.sau_contrastive_loss(z, labels, is_syn, protos).backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
-
-
-# ---------------------------------------------------------------- the scripts
-
-def test_model_script_prints_counts():
-    r = run("model.py")
-    assert r.returncode == 0 and "7,386,186" in r.stdout and "4,993,152" in r.stdout
-
-
-def test_data_script_prints_counts(root, monkeypatch, capsys):
-    r = run("data.py", "--dataset", "cifar10", "--imb", 10, "--data-root", root)
-    assert r.returncode == 0, r.stderr
-    real = sum(data.lt_counts(20, 10, 10))
-    assert f"total: {real} real + {200 - real} synthetic = 200 images" in r.stdout
-    assert "airplane" in r.stdout and r.stdout.count(" few") == 10 and "planted" not in r.stdout
-    capsys.readouterr()
-    data.main(["--imb", "10", "--data-root", root, "--syn", "heldout", "--syn-noise", "0.5"])
-    out = capsys.readouterr().out
-    planted = [int(round(0.5 * (20 - n))) for n in data.lt_counts(20, 10, 10)]
-    rows = [line.split() for line in out.splitlines()[1:11]]
-    assert [int(row[4]) for row in rows] == planted, out
-    assert f"planted wrong-class images among the synthetic: {sum(planted)}" in out
-    code, err = in_process(lambda: data.main(["--data-root", root, "--syn-noise", "2"]), capsys)
-    assert code == 2 and "--syn-noise must be in [0, 1]" in err[0]
-
+# ---------------------------------------------------------------- runs, kills and resume
 
 @pytest.mark.quick
 @pytest.mark.pictures
 def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
     out = tmp_path / "run"
     capsys.readouterr()
-    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(out),
-                            *map(str, TINY), "--syn-noise", "0.5"]))
+    train.train(tiny(root, out, "--syn", "pool", "--syn-noise", 0.5))
     stdout = capsys.readouterr().out
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
               "per_class.png", "confusion.png", "suspects.png", "audit.png"):
@@ -830,8 +1507,7 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
     "flags",
     [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0, "--strategy", "drop"]])
 def test_train_ablations_run(root, tmp_path, flags):
-    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(tmp_path / "run"),
-                            *map(str, TINY), *map(str, flags)]))
+    train.train(tiny(root, tmp_path / "run", "--syn", "pool", *flags))
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls"
                                                                                      in flags)
@@ -845,19 +1521,15 @@ def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, mon
     out = tmp_path / "run"
     capsys.readouterr()
     # a third of the fill: 8 steps (bf16 without native support here is slow)
-    monkeypatch.setattr(sys, "argv", ["train.py", *on_cpu("train.py", [
-        "--data-root", root, "--epochs", 1, "--out", out, *TINY, "--loader", "gpu", "--amp",
-        "bf16", "--syn-ratio", 0.3])])
-    train.main()
+    train.main(on_cpu("train.py", ["--data-root", root, "--out", out, *TINY, "--loader", "gpu",
+                                   "--amp", "bf16", "--syn-ratio", 0.3]))
     assert "cpu bf16, loader gpu" in capsys.readouterr().out
     assert 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
-    monkeypatch.setattr(sys, "argv", ["train.py", *on_cpu("train.py", [
-        "--data-root", root, *TINY, "--bench", 2, "--loader", "gpu", "--epochs", 200, "--out",
-        tmp_path / "bench"])])
     made, orders = data.Batches.__call__, []
     monkeypatch.setattr(data.Batches, "__call__", lambda self, names, bs, seed, order, stream="":
                         orders.append((stream, len(order))) or made(self, names, bs, seed, order))
-    train.main()
+    train.main(on_cpu("train.py", ["--data-root", root, *TINY, "--bench", 2, "--loader", "gpu",
+                                   "--epochs", 200, "--out", tmp_path / "bench"]))
     # the forward passes' images: enough for 5 batches of 256 (before: 129 copies of the set)
     real = sum(data.build_mixed("cifar10", root, 10, 0, "pool").n_real)
     assert 5 * 256 <= dict(orders)["bench"] < 5 * 256 + real
@@ -870,23 +1542,22 @@ def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, mon
 
 
 def test_compiled_run_matches_eager_and_saves_plain_weights(root, tmp_path, monkeypatch):
-    """--compile on: the same losses as eager up to rounding, and a checkpoint an eager run can
-    resume (no torch.compile prefixes in the weights). Here dynamo captures the backbone's
-    training and evaluation graphs and runs them as captured (the eager backend): inductor's C++
-    build of them took 129 s of the suite's 715 s on a 2-core AVX2 CPU. Inductor itself runs in
-    test_cuda_compiled_step_matches_eager, on a GPU."""
+    """--compile on: the same losses as eager, and a checkpoint an eager run can resume (no
+    torch.compile prefixes in the weights). The classification branch alone, traced by dynamo and
+    run as traced (its eager backend): the whole step is traced in
+    test_the_compiled_step_is_one_graph_without_a_break, compiled in
+    test_the_step_compiled_by_inductor_trains_as_eager."""
     import functools
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     try:
         for mode in ("off", "on"):
-            train.train(tiny_cfg(root, tmp_path / mode, "--epochs", 1, "--lr", 1e-6, "--compile",
-                                 mode))
+            train.train(tiny(root, tmp_path / mode, "--w-con", 0, "--compile", mode))
     finally:
         torch._dynamo.reset()
     eager, compiled = (json.loads((tmp_path / m / "metrics.jsonl").read_text())
                        for m in ("off", "on"))
-    for k in ("loss", "loss_cls", "loss_con"):
-        assert compiled[k] == pytest.approx(eager[k], rel=1e-4), k
+    for k in ("loss", "loss_cls", "top1"):
+        assert compiled[k] == pytest.approx(eager[k], rel=1e-6), k
     keys = torch.load(tmp_path / "on" / "checkpoint.pt", map_location="cpu",
                       weights_only=True)["model"].keys()
     assert keys == torch.load(tmp_path / "off" / "checkpoint.pt", map_location="cpu",
@@ -902,7 +1573,7 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case,
     """What is wrong beyond one flag's value (test_every_flag_refuses_what_is_wrong_for_it has
     those): missing data, pools that do not fit, a resume or a folder that clash with the flags.
     In this process: the command line is not what is under test."""
-    base = ["--data-root", root, "--epochs", 1, "--out", tmp_path / "run", *TINY]
+    base = ["--data-root", root, "--out", tmp_path / "run", *TINY]
     flags = {"no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
     if case.endswith("pool"):
         write_pool(str(tmp_path / "pool"), "cifar100" if case == "other_pool" else "cifar10",
@@ -910,11 +1581,375 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case,
                    dtype=np.float32 if case == "float_pool" else np.uint8)
         flags = ["--pool", tmp_path / "pool"]
     if case in ("resume_config", "exists"):
-        train.train(cpu_config([*map(str, base), "--stop-after", "1", "--epochs", "2"]))
+        train.train(config(*base, "--stop-after", "1", "--epochs", "2"))
         flags = ["--resume", tmp_path /
                  "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
-    code, err = main_here(monkeypatch, capsys, "train.py", *base, *flags)
+    code, err = main_here(capsys, *base, *flags)
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path, capsys):
+    """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it),
+    no temporary file stays, and the resumed run ends with the weights of an uninterrupted one."""
+    import signal
+    import time
+    # 13 steps an epoch, 4-5 s on a 2-core CPU: the kill lands 0.3 s into epoch 2
+    args = ["--data-root", root, *TINY, "--epochs", 2, "--width", 4, "--syn", "heldout"]
+    train.train(config(*args, "--out", tmp_path / "full"))
+    p = script("train.py", *args, "--out", tmp_path / "kill", wait=False,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and
+                                          metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu",
+                      weights_only=True)["epoch"] == 1
+    assert (tmp_path / "kill" / "lock").read_text().startswith(f"pid {p.pid} ")
+    capsys.readouterr()
+    train.train(config("--resume", tmp_path / "kill"))
+    out = capsys.readouterr().out
+    assert f"(pid {p.pid} on" in out and "ended without releasing it" in out
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("full", "kill"))
+    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not [f for f in os.listdir(tmp_path / "kill") if f.endswith(".tmp")]
+    assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny(root, out, "--syn", "pool", "--epochs", 3, "--stop-after", 1))
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    code, err = in_process(lambda: train.train(config("--resume", out)), capsys)
+    # beside the progress bar's lines
+    errors = [line for line in err if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "non-finite loss at epoch 2, step " in errors[0], err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny(root, out, "--epochs", 2, "--stop-after", 1))
+    data_ = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data_[: len(data_) // 2])
+    code, err = in_process(lambda: train.train(config("--resume", out)), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err[0]
+
+
+def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, monkeypatch):
+    """The run is stopped right after each rename of its life in turn (every write of every
+    epoch's end and of the reports; of the pictures, which final.json follows, after the first and
+    the last), then --resume: final.json, the weights, the audit's scores and suspects and the
+    metrics of an uninterrupted run. The pictures are drawn but not rendered
+    (pictures_unrendered): this test is about the order. The run relabels by the epoch audit
+    (--relabel audit --audit-cls on): epoch 1 has no suspects (no audit yet), and epoch 2's step
+    flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
+    # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
+    # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
+    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
+             "--loader", "gpu", "--relabel", "audit", "--audit-cls", "on", "--audit-score",
+             "both", "--audit-q", 0.3]
+    real_replace, written = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst),
+                                                         written.append(os.path.basename(dst))))
+    train.train(tiny(root, tmp_path / "full", *flags))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert written[:2] == ["config.json", "metrics.jsonl"] and written[-1] == "final.json"
+    pictures = [i for i, name in enumerate(written) if name.endswith(".png")]
+    assert len(pictures) >= 4 and pictures == list(range(pictures[0], pictures[-1] + 1))
+    kills = [k for k in range(1, len(written) + 1) if k - 1 not in pictures[1:-1]]
+    ref_final = final_without_timings(tmp_path / "full")
+    load = lambda out: torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ref = load(tmp_path / "full")
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
+    first = None  # the checkpoint of epoch 1, as the kill right after its write leaves it
+    for k in kills:
+        out, count = tmp_path / f"kill{k}", [0]
+
+        def replace(src, dst):
+            real_replace(src, dst)
+            count[0] += 1
+            if count[0] == k:
+                raise Killed
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            train.train(tiny(root, out, *flags))
+        monkeypatch.setattr(os, "replace", real_replace)
+        if first is None and written[k - 1] == "checkpoint.pt":
+            first = load(out)
+        train.train(config("--resume", out))
+        assert final_without_timings(out) == ref_final, k
+        b = load(out)
+        assert all(torch.equal(b["model"][n], ref["model"][n]) for n in ref["model"]), k
+        assert torch.equal(b["audit"], ref["audit"]) and torch.equal(b["suspects"],
+                                                                     ref["suspects"]), k
+        assert [drop(m) for m in b["metrics"]] == [drop(m) for m in ref["metrics"]], k
+        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png", "audit.png",
+                "metrics.jsonl"} <= set(os.listdir(out))
+    # config, metrics, 2 x (checkpoint, metrics), the first and last pictures, final.json
+    assert len(kills) >= 9
+    m1, m2 = ref["metrics"]
+    n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_ratio=0.5,
+                             syn_noise=0.3).is_syn.sum()
+    assert first["epoch"] == 1 and m1["suspect_frac"] == 0 and first["suspects"].any()
+    # epoch 2's step took exactly those as suspects
+    assert torch.equal(ref["flagged"] > 0, first["suspects"])
+    assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
+    # the chosen score
+    assert abs(m2["audit"]["both"]["suspect_frac"] - ref["suspects"].sum().item() / n_syn) < 1e-12
+    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2)
+
+
+def test_resume_rebuilds_every_derived_file(root, tmp_path):
+    """config.json, metrics.jsonl, final.json and the pictures are derived from checkpoint.pt:
+    deleted (or left stale), --resume of the finished run writes them again, the same."""
+    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
+                                    "per_class.png", "confusion.png")
+    train.train(tiny(root, out, "--epochs", 1, "--w-con", 0))
+    ref, metrics = final_without_timings(out), (out / "metrics.jsonl").read_text()
+    for f in files:
+        os.remove(out / f)
+    train.train(config("--resume", out))
+    assert all((out / f).stat().st_size > 0 for f in files)
+    assert final_without_timings(out) == ref and (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path):
+    out = tmp_path / "run"
+    cmd = lambda seed: script("train.py", "--data-root", root, *TINY, "--syn", "heldout", "--seed",
+                              seed, "--out", out, wait=False, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=ONE_THREAD_EACH)
+    procs = [cmd(0), cmd(1)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for c, e in results if c == 2)
+    assert len(err.strip().splitlines()) == 1 and ("in use by another run" in err or
+                                                   "already holds a run" in err)
+    seed = json.loads((out / "config.json").read_text())["seed"]
+    assert json.loads((out / "final.json").read_text())["seed"] == seed
+    assert torch.load(out / "checkpoint.pt", map_location="cpu",
+                      weights_only=True)["config"]["seed"] == seed
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
+    import resource
+    out = tmp_path / "run"
+    train.train(tiny(root, out, "--syn", "pool", "--epochs", 2, "--stop-after", 1))
+    before = (out / "checkpoint.pt").read_bytes()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+    r = script("train.py", "--resume", out, preexec_fn=limit)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], r.stderr
+    assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
+    assert (out / "checkpoint.pt"
+            ).read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    # a suite started with & has SIGINT ignored: the run undoes it
+    p = script("train.py", "--data-root", root, *TINY, "--syn", "heldout", "--out", out,
+               wait=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    # written once training begins
+    while time.time() < deadline and not (out / "config.json").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert p.returncode == 130 and len(
+        lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    train.train(config("--resume", out))
+    assert (out / "final.json").exists()
+
+
+def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys):
+    """An update that overflows on the epoch's last step: its loss (computed before the update) is
+    finite, the weights after it are not, and they are what would be saved."""
+    real_step = train.train_step
+
+    def overflowing_step(run, *args):
+        parts = real_step(run, *args)
+        with torch.no_grad():
+            run.model.fc.weight[0, 0] = float("inf")
+        return parts
+
+    monkeypatch.setattr(train, "train_step", overflowing_step)
+    out = tmp_path / "run"  # one step an epoch: 256 > the 78 images of the set
+    cfg = tiny(root, out, "--epochs", 2, "--syn", "none", "--w-con", 0, "--batch-size", 256)
+    code, err = in_process(lambda: train.train(cfg), capsys)
+    errors = [line for line in err if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "non-finite weights after epoch 1" in errors[0], err
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
+def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case,
+                                                                    capsys):
+    import generate
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)
+    if case.startswith("out"):
+        out = tmp_path / "file" if case == "out is a file" else "/proc/sau_run"
+        code, err = in_process(lambda: train.train(tiny(root, out, "--syn", "pool")), capsys)
+        message = "is a file" if case == "out is a file" else "is not writable"
+    else:
+        extra = ["--pool", tmp_path /
+                 "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
+        # the last --pool is the one
+        argv = gen_argv(root, pipe_dir, str(tmp_path / "pool"), *extra)
+        code, err = in_process(lambda: generate.main(argv), capsys)
+        message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.quick
+def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
+    """--resume takes the run's runtime settings (finding: it used to drop --deterministic and
+    --compile) unless they are given again (that a resumed run ends with an uninterrupted run's
+    weights: the kill tests)."""
+    out, flags = tmp_path / "run", [
+        "--epochs", 2, "--deterministic", "on", "--channels-last", "off"
+    ]
+    train.train(tiny(root, out, *flags, "--stop-after", 1))
+    cfg = config("--resume", out, "--deterministic", "off")
+    assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
+    cfg = config("--resume", out)
+    assert cfg["deterministic"] == "on" and cfg["channels_last"] == "off" and cfg["stop_after"] == 0
+
+
+# ---------------------------------------------------------------- several processes
+
+RECORD_VIEW_SEEDS = """import json, os, sys
+sys.path.insert(0, {here!r})
+import cli, data, train, views
+made = views.DeviceViews.draw
+# the seed of the stream each batch of views is drawn from, per process
+def record(self, names, b, g, *hw):
+    with open(os.path.join({folder!r}, "seeds" + os.environ.get("RANK", "0")), "a") as f:
+        f.write(json.dumps([list(names), g.initial_seed()]) + "\\n")
+    return made(self, names, b, g, *hw)
+views.DeviceViews.draw = record
+counted = train.confusion_counts
+def bn_stats(run):  # the BatchNorm statistics each process evaluates with, per epoch
+    out = counted(run)
+    with open(os.path.join({folder!r}, "bn" + os.environ.get("RANK", "0")), "a") as f:
+        f.write(json.dumps(sum(b.double().sum().item() for b in run.model.buffers())) + "\\n")
+    return out
+train.confusion_counts = bn_stats
+stepped, steps = train.train_step, []
+# NAN_ON_RANK_1: that process's loss is NaN from its third step
+def nan_on_rank_1(run, batch, flagged):
+    parts = stepped(run, batch, flagged)
+    steps.append(1)
+    nan = os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3
+    return parts * float("nan") if nan else parts
+train.train_step = nan_on_rank_1
+sys.argv[0] = "train.py"
+import atexit, torch
+# the process group is gone at exit (before: NCCL's "destroy_process_group() was not called")
+atexit.register(lambda: open(os.path.join({folder!r}, "pg" + os.environ.get("RANK", "0")),
+                             "w").write(str(torch.distributed.is_initialized())))
+cli.run_cli(train.main)
+"""
+
+
+def test_two_process_gloo_run(root, tmp_path, loader="gpu", port=29518):
+    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each
+    process draws its views from its own streams, rank 0 from the seeds of a one-process run. The
+    DataLoader's path under torchrun: the next test."""
+    out, wrapper = tmp_path / "ddp", tmp_path / "record_view_seeds.py"
+    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
+    r = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={port}", wrapper, *on_cpu("train.py", [
+            "--data-root", root, "--out", out, *TINY, "--epochs", 2, "--loader", loader])
+    ], capture_output=True, text=True, timeout=600, cwd=HERE, env=ONE_THREAD_EACH)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # rank 0 alone reports
+    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
+    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images
+    # a class)
+    final = json.loads((out / "final.json").read_text())["final_epoch"]
+    assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
+    bn = [(tmp_path / f"bn{rank}").read_text().splitlines() for rank in (0, 1)]
+    # every process evaluates rank 0's BatchNorm statistics
+    assert len(bn[0]) == 2 and bn[0] == bn[1]
+    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
+    if loader == "gpu":
+        seeds = [{
+            s
+            for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())
+        } for rank in (0, 1)]
+        # no stream of draws shared between the processes
+        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]
+        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")} | {
+            # the last audit's: a third epoch's prototypes
+            data.stream_seed(e, "prototypes") for e in range(3)}
+        # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
+        assert seeds[0] == one
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, tmp_path):
+    """The check is decided over all processes: rank 1's NaN stops rank 0 too, each with the one
+    line (before, rank 0 went on into the next all_reduce alone). With --loader cpu: DataLoader
+    workers under torchrun."""
+    wrapper = tmp_path / "record.py"
+    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
+    r = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+        wrapper, *on_cpu("train.py", ["--data-root", root, "--out", tmp_path / "ddp", *TINY,
+                                      "--epochs", 2, "--loader", "cpu"])
+    ], capture_output=True, text=True, timeout=300, cwd=HERE,
+        env={**ONE_THREAD_EACH, "NAN_ON_RANK_1": "1"})
+    assert r.returncode != 0 and r.stderr.count(
+        "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
+    # the error path too
+    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
+
+
+# ---------------------------------------------------------------- report.py: --summarize
+
+def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeypatch, capsys):
+    runs = [finished_run(tmp_path / f"s{seed}", tiny(root, "x", "--seed", seed, *extra), top1)
+            for seed, extra, top1 in ((0, [], 41.5), (1, [], 47.0), (2, ["--lr", 0.02], 50.0))]
+    code, err = main_here(capsys, "--summarize", runs[0], runs[1],
+                          "--out", tmp_path / "summary")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]
+    assert summary["top1"]["runs"] == 2 and abs(summary["top1"]["mean"] - 44.25) < 1e-9
+    assert abs(summary["top1"]["std"] - np.std([41.5, 47.0], ddof=1)) < 1e-9
+    assert "many" not in summary and "44.25 ± 3.89" in (tmp_path / "summary.md").read_text()
+    code, err = main_here(capsys, "--summarize", runs[0], "--out",
+                          tmp_path / "one")
+    assert code == 0 and "41.50 (n = 1)" in (tmp_path / "one.md").read_text()
+    code, err = main_here(capsys, "--summarize", runs[0], runs[2])
+    assert code == 2 and "differs from" in err[0] and "--lr" in err[0]
+
+
+def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
+    a = str(finished_run(tmp_path / "a", tiny(root, tmp_path / "a", "--epochs", 1), 40.0))
+    (tmp_path / "empty").mkdir()
+    code, err = in_process(lambda: report.summarize(train.CONFIG, [a, str(tmp_path / "empty")]),
+                           capsys)
+    assert code == 2 and len(err) == 1 and "is not a run folder" in err[0]
 
 
 # ---------------------------------------------------------------- generate.py
@@ -962,17 +1997,6 @@ def gen_argv(root, pipe_dir, pool, *args):
     ]
 
 
-def gen_run(root, pipe_dir, pool, *args, env=None):
-    cmd = [
-        sys.executable,
-        os.path.join(HERE, "generate.py"), *gen_argv(root, pipe_dir, pool, *args)
-    ]
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600, env={
-        **os.environ,
-        **(env or {})
-    })
-
-
 def gen_here(root, pipe_dir, pool, *args):
     """generate.py in this process, for runs that must succeed: the script as a subprocess spends 8
     s of each call importing diffusers here (gen_pool and the refusals run it so). Its stdout."""
@@ -993,7 +2017,7 @@ def pool_bytes(folder):
 def gen_pool(root, pipe_dir, tmp_path_factory):
     """The imb-10 pool of the tiny CIFAR-10, made once."""
     pool = str(tmp_path_factory.mktemp("gen") / "pool")
-    r = gen_run(root, pipe_dir, pool, "--imb", 10)
+    r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--imb", 10))
     assert r.returncode == 0, r.stderr
     return pool
 
@@ -1059,32 +2083,6 @@ def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
         pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
 
 
-CIFAR100_SOME = [
-    "apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman",
-    "worm"
-]
-
-
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
-def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
-    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of
-    class c takes prompt k mod the count, the same on every call with the seed (a rerun, a resume
-    and a shard split call it alike: the pool bytes tests check the prompts stored with the images),
-    another order with another seed."""
-    names = CIFAR10_NAMES if dataset == "cifar10" else list(prompting.read_tables("cifar100")[0])
-    if dataset == "cifar100":
-        assert len(names) == 100 and names == sorted(names) and set(CIFAR100_SOME) <= set(names)
-    prompts = prompting.built_prompts(dataset, names, 0)
-    for c, name in enumerate(names):
-        assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
-        assert all(p.startswith(name.replace("_", " ") + ", ") for p in prompts[c])
-    assert prompts == prompting.built_prompts(dataset, names, 0)
-    other = prompting.built_prompts(dataset, names, 1)
-    assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
-    assert prompting.class_prompts(
-        names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
-
-
 def write_tiny_clip(folder, blind=False):
     """A CLIP small enough for tests, saved as a user's would be. Its image token carries no
     constant (class and position embeddings zero, patch weights scaled up), so its classes rank
@@ -1133,7 +2131,7 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
                 counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
     assert counted == refused
     # the same folder without the filter: other settings
-    r = gen_run(root, pipe_dir, pool, "--per-class", 3)
+    r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--per-class", 3))
     assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
 
 
@@ -1150,8 +2148,9 @@ def test_generate_refuses_settings_without_effect(flags, message, capsys):
 def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
     # p = 0.1 for every class: never >= 0.5
     clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)
-    r = gen_run(root, pipe_dir, str(tmp_path / "pool"), "--per-class", 1, "--filter", "clip",
-                "--clip-model", clip, "--clip-min-p", 0.5)
+    r = script("generate.py", *gen_argv(root, pipe_dir, tmp_path / "pool", "--per-class", 1,
+                                        "--filter", "clip", "--clip-model", clip, "--clip-min-p",
+                                        0.5))
     # on a line of its own after the progress bar's (split at newlines alone: a bar left open
     # would hold the error after its last carriage return)
     errors = [line for line in r.stderr.split("\n") if "error" in line]
@@ -1162,8 +2161,7 @@ def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
 
 
 def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path, capsys):
-    train.train(cpu_config(["--data-root", root, "--pool", gen_pool, "--epochs", "1", "--out",
-                            str(tmp_path / "run"), *map(str, TINY)]))
+    train.train(tiny(root, tmp_path / "run", "--syn", "pool", "--pool", gen_pool))
     assert "122 synthetic" in capsys.readouterr().out
 
 
@@ -1184,7 +2182,8 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, me
         shutil.copytree(gen_pool, pool)
     before = pool_bytes(pool) if os.path.isdir(pool) else {}
     if case == "offline_hub":
-        r = gen_run(root, pipe_dir, pool, *args, env={"HF_HUB_OFFLINE": "1"})
+        r = script("generate.py", *gen_argv(root, pipe_dir, pool, *args),
+                   env={"HF_HUB_OFFLINE": "1"})
         code, err = r.returncode, r.stderr.strip().splitlines()
     else:
         code, err = in_process(lambda: generate.main(gen_argv(root, pipe_dir, pool, *args)), capsys)
@@ -1192,7 +2191,166 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, me
     assert (pool_bytes(pool) if os.path.isdir(pool) else {}) == before
 
 
-# ---------------------------------------------------------------- generate.py --generator ddpm
+# ---------------------------------------------------------------- prompting.py
+
+CIFAR100_SOME = [
+    "apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman",
+    "worm"
+]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
+    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of
+    class c takes prompt k mod the count, the same on every call with the seed (a rerun, a resume
+    and a shard split call it alike: the pool bytes tests check the prompts stored with the images),
+    another order with another seed."""
+    names = CIFAR10_NAMES if dataset == "cifar10" else list(prompting.read_tables("cifar100")[0])
+    if dataset == "cifar100":
+        assert len(names) == 100 and names == sorted(names) and set(CIFAR100_SOME) <= set(names)
+    prompts = prompting.built_prompts(dataset, names, 0)
+    for c, name in enumerate(names):
+        assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
+        assert all(p.startswith(name.replace("_", " ") + ", ") for p in prompts[c])
+    assert prompts == prompting.built_prompts(dataset, names, 0)
+    other = prompting.built_prompts(dataset, names, 1)
+    assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
+    assert prompting.class_prompts(
+        names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
+
+
+def broken_tables(tmp_path, monkeypatch, content=None, variation=None):
+    """prompts/ copied to tmp_path with cifar10.json's or variation.json's text replaced."""
+    import shutil
+
+    import prompting
+    folder = tmp_path / "prompts"
+    shutil.copytree(prompting.PROMPTS, folder)
+    for name, text in (("cifar10.json", content), ("variation.json", variation)):
+        if text is not None:
+            (folder / name).write_text(text)
+    monkeypatch.setattr(prompting, "PROMPTS", str(folder))
+    return prompting
+
+
+@pytest.mark.parametrize("content,variation,message", [
+    ('{"about": "no classes"}', None, r"cifar10.json must read \{\"classes\""),
+    ("[1, 2]", None, "cifar10.json must read"),
+    (None, '{"viewpoint": ["seen from the side"], "style": ["a photo"]}',
+     "variation.json must read"),
+    ('{"classes": {"truck": "a red truck on a highway"}}', None, "cifar10.json must read"),
+])
+def test_a_prompts_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, variation,
+                                                        message):
+    """Hand-edited tables: a missing key, a list, a class entry that is a string (before: a
+    KeyError, a TypeError, or prompts built from single letters)."""
+    prompting = broken_tables(tmp_path, monkeypatch, content, variation)
+    with pytest.raises(cli.SAUError, match=message):
+        prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
+
+
+def write_tiny_language_model(folder, names):
+    """A causal language model and its tokenizer from configs, no download: GPT-2 shapes at a
+    width of 16, a word-level vocabulary of the class names and common words, so that its random
+    samples are lines of words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    common = ("a the on in at of with under near over by its and light sky road grass water wall "
+              "morning evening sun shadow side view close wide field street tree cloud snow")
+    words = ["[PAD]", "[EOS]", "[UNK]", *(w for n in names for w in n.replace("_", " ").split()),
+             *common.split()]
+    words = list(dict.fromkeys(words))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]",
+                                  unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=256, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1,
+                                       pad_token_id=0))
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(root, tmp_path, capsys):
+    """prompting.write_lm_prompts with a tiny model: the asked number of lines per class, each
+    beginning with its class name, within the length window, none twice in a class; the same
+    file again from scratch; a file cut by a kill (a partial last line) resumed to the same
+    bytes; a rerun that has nothing to write loads no model."""
+    import prompting
+    names = CIFAR10_NAMES
+    lm = write_tiny_language_model(tmp_path / "lm", names)
+    counts = [0, 3] + [2] * 8  # a class with no fill gets no line
+    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1)]
+    for p in paths:
+        p.parent.mkdir()
+        prompting.write_lm_prompts(str(p), names, counts, lm, torch.device("cpu"), 5,
+                                   batch_size=4)
+    text = paths[0].read_text()
+    assert text == paths[1].read_text() and "refused and drawn again, per class" in (
+        capsys.readouterr().out)
+    lines = prompting.lm_lines(str(paths[0]), names)
+    assert [len(lines[c]) for c in range(10)] == counts
+    for c, ls in lines.items():
+        assert len(set(ls)) == len(ls)
+        for line in ls:
+            assert line.lower().startswith(names[c]) and 20 <= len(line.split()) <= 70
+    # killed in its fourth call, then a line cut short: the rest written as an uninterrupted run
+    # writes it
+    killed = tmp_path / "killed" / prompting.LM_FILE
+    killed.parent.mkdir()
+    real_describe, count = prompting.describe, [0]
+
+    def describe(*args):
+        count[0] += 1
+        if count[0] == 4:
+            raise Killed
+        return real_describe(*args)
+
+    with pytest.raises(Killed), pytest.MonkeyPatch.context() as m:
+        m.setattr(prompting, "describe", describe)
+        prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
+                                   batch_size=4)
+    assert len(text) > len(killed.read_text()) > 0
+    with open(killed, "a") as f:
+        f.write("Deer shadow clo")
+    prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
+                               batch_size=4)
+    assert killed.read_text() == text
+    prompting.write_lm_prompts(str(killed), names, counts, "no/such-model", None, 5)  # nothing
+    assert prompting.class_prompts(names, str(paths[0]), "built")[1] == lines[1]
+
+
+def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(root, pipe_dir,
+                                                                               tmp_path):
+    import prompting
+    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
+    pool = tmp_path / "pool"
+    gen_here(root, pipe_dir, pool, "--prompt-model", lm, "--per-class", 2, "--prompt-batch", 4)
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["generator"]["prompts"]["file"] == prompting.LM_FILE
+    assert manifest["generator"]["prompts"]["written_by"] == lm
+    with np.load(pool / data.shard_name(3, 0)) as z:
+        written = prompting.lm_lines(str(pool / prompting.LM_FILE), CIFAR10_NAMES)[3]
+        assert list(z["prompts"]) == written[:2]
+
+
+def test_a_language_model_whose_lines_are_all_refused_is_named_in_one_line(root, pipe_dir,
+                                                                          tmp_path, monkeypatch):
+    """Before: "--prompts .../prompts_lm.txt has no line for airplane: add lines beginning with
+    each class name", which blamed a file the user never wrote."""
+    import prompting
+    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
+    monkeypatch.setattr(prompting, "WORDS", (500, 600))  # no description is that long
+    monkeypatch.setattr(prompting, "MAX_TRIES", 2)
+    with pytest.raises(cli.SAUError, match=r"--prompt-model .* wrote no line that was kept for "
+                                           r"airplane.*\(airplane: 8 lines in 2 calls"):
+        gen_here(root, pipe_dir, tmp_path / "pool", "--prompt-model", lm, "--per-class", 4,
+                 "--prompt-batch", 4)
+
+
+# ---------------------------------------------------------------- ddpm.py
 
 DDPM = [
     "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3, "--warmup",
@@ -1234,10 +2392,11 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, c
         "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2, "--steps", 2,
         "--batch-size", 64, "--imb", 10, "--data-root", root
     ]
-    cmd = lambda pool, steps: [*script("generate.py"), "--pool", pool, *map(str, flags),
-                               "--train-steps", str(steps), "--ckpt-every", "5"]
+    argv = lambda steps: on_cpu("generate.py", ["--pool", pool, *flags, "--train-steps", steps,
+                                                "--ckpt-every", 5])
     pool = str(tmp_path / "killed")
-    p = subprocess.Popen(cmd(pool, 30), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = script("generate.py", *argv(30)[2:], wait=False, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)
     state = os.path.join(pool, "ddpm", "state.pt")
     deadline = time.time() + 300
     while not os.path.isfile(state) and p.poll() is None and time.time() < deadline:
@@ -1248,7 +2407,6 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, c
     assert 5 <= killed_at < 30 and not os.path.isfile(os.path.join(pool, "manifest.json"))
     # the rest in this process (the kill is what needs one of its own)
     import generate
-    argv = lambda steps: cmd(pool, steps)[2:]
     capsys.readouterr()
     generate.main(argv(30))  # resumes
     assert f"steps {killed_at + 1}-30" in "".join(capsys.readouterr())
@@ -1278,726 +2436,235 @@ def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path, capsys):
     assert "= 200 images" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------- several processes, reports, failures
+# ---------------------------------------------------------------- table.py
 
-def test_every_stream_of_draws_has_its_own_seed(root):
-    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e
-    once reused stream A's seed of epoch e + 1), and train_streams seeds its orders and its views
-    apart."""
-    seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
-    assert len(set(seeds)) == len(seeds)
-    m = data.build_mixed("cifar10", root, 10, 0, "pool")
-    used = []
-    fake = lambda views, bs, seed, order, stream: used.append(seed) or [None]
-    for e in (7, 8):
-        list(data.train_streams(m, 50, e, batches=fake))
-    assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
-    orders = [
-        torch.randperm(len(m),
-                       generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
-        for s in ("order_a", "order_b")
-    ]
-    assert orders[0] != orders[1]
+def table_run(cwd, root, name, *args, extra=(), wait=True):
+    """table.py in folder cwd on the tiny data, its runs TINY (but its own --imb) unless extra says
+    otherwise; wait=False: in a session of its own, quiet."""
+    quiet = {} if wait else dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+    return script("table.py", "--name", name, *args, "--",
+                  *on_cpu("train.py", ["--data-root", root, *TINY[2:], *extra]), cwd=cwd,
+                  wait=wait, **quiet)
 
 
-def batch_of(x, y, is_syn=None, **named):
-    """A views.Batch of these views (x for each name given) and labels."""
-    is_syn = torch.zeros(len(y), dtype=torch.bool) if is_syn is None else is_syn
-    return views.Batch(named or {"v1": x}, y, is_syn, torch.arange(len(y)))
+def grid_runs(folder):
+    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("cifar"))
 
 
-def test_projection_head_batchnorm_sees_the_mixed_images():
-    """As the reference, the classification branch runs the whole model: the projection head's
-    BatchNorm running statistics count the mixup and cutmix batches too (prototypes are computed in
-    eval mode with them)."""
-    torch.manual_seed(0)
-    model = resnet32(3, width=4).train()
-    cfg = {**{k: s.default for k, s in train.CONFIG.items()}, "w_con": 0.0}
-    step = train.Step(model, cfg, torch.tensor([4, 2, 1]), torch.tensor([0, 2, 3]))
-    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
-    step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
-    bn = model.proj[1]
-    assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
+GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper", "--seeds", 0, 1,
+        "--syn", "heldout")
 
 
-def test_shares_are_disjoint_and_cover_the_epoch():
-    order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()
-    parts = [data.share(order, r, 2) for r in (0, 1)]
-    assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
-    assert set(parts[0]) | set(parts[1]) == set(order) - {order[-1]}  # one image left over of 103
-    assert data.share(order) == order
+def grid_plan(root, *args, extra=()):
+    """table.py's settings and plan of a grid on the tiny data, in this process."""
+    import table
+    argv = [*map(str, args), "--", "--data-root", root, "--width", "2", "--epochs", "1", *extra]
+    cfg, extra = table.parse(argv)
+    return cfg, table.plan(cfg, extra), argv
 
 
-# Two processes on two cores with two threads each spend most of their time waiting for each
-# other (60 s against 17 s for the gloo run, measured on 2 cores): one thread a process.
-ONE_THREAD_EACH = {**os.environ, "OMP_NUM_THREADS": "1"}
-RECORD_VIEW_SEEDS = """import json, os, sys
-sys.path.insert(0, {here!r})
-import cli, data, train, views
-made = views.DeviceViews.draw
-# the seed of the stream each batch of views is drawn from, per process
-def record(self, names, b, g, *hw):
-    with open(os.path.join({folder!r}, "seeds" + os.environ.get("RANK", "0")), "a") as f:
-        f.write(json.dumps([list(names), g.initial_seed()]) + "\\n")
-    return made(self, names, b, g, *hw)
-views.DeviceViews.draw = record
-counted = train.confusion_counts
-def bn_stats(run):  # the BatchNorm statistics each process evaluates with, per epoch
-    out = counted(run)
-    with open(os.path.join({folder!r}, "bn" + os.environ.get("RANK", "0")), "a") as f:
-        f.write(json.dumps(sum(b.double().sum().item() for b in run.model.buffers())) + "\\n")
-    return out
-train.confusion_counts = bn_stats
-stepped, steps = train.train_step, []
-# NAN_ON_RANK_1: that process's loss is NaN from its third step
-def nan_on_rank_1(run, batch, flagged):
-    parts = stepped(run, batch, flagged)
-    steps.append(1)
-    nan = os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3
-    return parts * float("nan") if nan else parts
-train.train_step = nan_on_rank_1
-sys.argv[0] = "train.py"
-import atexit, torch
-# the process group is gone at exit (before: NCCL's "destroy_process_group() was not called")
-atexit.register(lambda: open(os.path.join({folder!r}, "pg" + os.environ.get("RANK", "0")),
-                             "w").write(str(torch.distributed.is_initialized())))
-cli.run_cli(train.main)
-"""
+@pytest.mark.pictures
+def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
+                                                               capsys):
+    """The arithmetic on written final.json files: each cell the mean and std over the seeds that
+    finished, a missing seed named, a missing cell said, one seed no spread (n = 1)."""
+    import table
+    monkeypatch.chdir(tmp_path)
+    cfg, runs, argv = grid_plan(root, "--name", "g", *GRID)
+    rng = np.random.default_rng(0)
+    for cell, row, seed, _, folder, _ in runs:
+        if (row, cell, seed) == ("paper", "cifar10_imb5", 1) or (row, cell) == ("baseline",
+                                                                                 "cifar10_imb10"):
+            continue  # one seed of one cell, and a whole cell, never finished
+        os.makedirs(folder)
+        final = {k: float(rng.uniform(10, 90)) for k in ("top1", "many", "medium", "few")}
+        (tmp_path / folder / "final.json").write_text(json.dumps({"final_epoch": final}))
+    capsys.readouterr()
+    table.main([*argv[:argv.index("--")], "--dry-run", "--", *argv[argv.index("--") + 1:]])
+    assert len(capsys.readouterr().out.splitlines()) == 3  # what is left: three runs, no pool
+    table.write_table(str(tmp_path / "runs" / "g"), cfg, runs)
+    folder = tmp_path / "runs" / "g"
+    written = json.loads((folder / "table.json").read_text())["table"]
+    md = (folder / "table.md").read_text()
+    assert set(written) == {"baseline", "paper"}
+    assert set(written["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
+    for row, cells in written.items():
+        for cell, entry in cells.items():
+            finals = [json.loads((tmp_path / run / "final.json").read_text())["final_epoch"]
+                      for run in entry["runs"]]
+            top1 = np.array([f["top1"] for f in finals])
+            if not len(top1):
+                assert entry["top1"] is None and entry["missing_seeds"] == [0, 1]
+            elif len(top1) == 1:  # no spread from one seed
+                assert entry["top1"] == {"mean": top1[0], "std": None, "runs": 1}
+                assert f"{top1[0]:.2f} (n = 1) (1 of 2 seeds)" in md
+            else:
+                assert entry["seeds"] == [0, 1] and not entry["missing_seeds"]
+                assert abs(entry["top1"]["mean"] - top1.mean()) < 1e-9
+                assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
+                assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in md
+    assert "| baseline `--syn none --w-con 0` | missing |" in md
+    assert (folder / "table.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_two_process_gloo_run(root, tmp_path, loader="gpu", port=29518):
-    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each
-    process draws its views from its own streams, rank 0 from the seeds of a one-process run. The
-    DataLoader's path under torchrun: the next test."""
-    out, wrapper = tmp_path / "ddp", tmp_path / "record_view_seeds.py"
-    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", wrapper, *map(str, [
-            "--data-root", root, "--epochs", 2, "--out", out, *on_cpu("train.py", TINY), "--loader",
-            loader
-        ])
-    ], capture_output=True, text=True, timeout=600, cwd=HERE, env=ONE_THREAD_EACH)
-    assert r.returncode == 0, r.stderr[-2000:]
-    # rank 0 alone reports
-    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1
-    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
-    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images
-    # a class)
-    final = json.loads((out / "final.json").read_text())["final_epoch"]
-    assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
-    bn = [(tmp_path / f"bn{rank}").read_text().splitlines() for rank in (0, 1)]
-    # every process evaluates rank 0's BatchNorm statistics
-    assert len(bn[0]) == 2 and bn[0] == bn[1]
-    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
-    if loader == "gpu":
-        seeds = [{
-            s
-            for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())
-        } for rank in (0, 1)]
-        # no stream of draws shared between the processes
-        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]
-        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")} | {
-            # the last audit's: a third epoch's prototypes
-            data.stream_seed(e, "prototypes") for e in range(3)}
-        # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
-        assert seeds[0] == one
-
-
-def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, tmp_path):
-    """The check is decided over all processes: rank 1's NaN stops rank 0 too, each with the one
-    line (before, rank 0 went on into the next all_reduce alone). With --loader cpu: DataLoader
-    workers under torchrun."""
-    wrapper = tmp_path / "record.py"
-    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-        wrapper, *map(str, [
-            "--data-root", root, "--epochs", 2, "--out", tmp_path / "ddp",
-            *on_cpu("train.py", TINY), "--loader", "cpu"
-        ])
-    ], capture_output=True, text=True, timeout=300, cwd=HERE, env={
-        **ONE_THREAD_EACH, "NAN_ON_RANK_1": "1"
-    })
-    assert r.returncode != 0 and r.stderr.count(
-        "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
-    # the error path too
-    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
-
-
-def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path, capsys):
-    """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it),
-    no temporary file stays, and the resumed run ends with the weights of an uninterrupted one."""
+def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
+    """The one grid run end to end: kill -9 of the runner's process group in its first run's
+    second epoch; the next invocation resumes that run and runs the other (a cheaper row of its
+    own: one epoch, the classifier alone), and the table holds what an uninterrupted run of the
+    same settings gives."""
     import signal
     import time
-    # 13 steps an epoch, 4-5 s on a 2-core CPU: the kill lands 0.3 s into epoch 2
-    args = ["--data-root", root, "--epochs", 2, *TINY, "--width", 4, "--syn", "heldout"]
-    train.train(cpu_config([*map(str, args), "--out", str(tmp_path / "full")]))
-    p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", tmp_path / "kill"],
-                         cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "kill" / "metrics.jsonl"
+    args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--row",
+            "one=--w-con 0 --epochs 1", "--seeds", 0, "--syn", "heldout")
+    p = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2], wait=False)
+    flags = ["--imb", "10", "--syn", "heldout", "--epochs", "2", "--width", "2", "--batch-size",
+             "16", "--data-root", root]
+    run0 = tmp_path / "runs" / "killed" / train.run_name(config(*flags))
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and
-                                          metrics.read_text().count("\n") >= 1):
+    while time.time() < deadline and not ((run0 / "metrics.jsonl").exists() and
+                                          (run0 / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2
-    os.kill(p.pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu",
-                      weights_only=True)["epoch"] == 1
-    assert (tmp_path / "kill" / "lock").read_text().startswith(f"pid {p.pid} ")
-    capsys.readouterr()
-    train.train(cpu_config(["--resume", str(tmp_path / "kill")]))
-    out = capsys.readouterr().out
-    assert f"(pid {p.pid} on" in out and "ended without releasing it" in out
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "kill"))
-    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert not [f for f in os.listdir(tmp_path / "kill") if f.endswith(".tmp")]
-    assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
+    assert not (run0 / "final.json").exists()
+    assert not (tmp_path / "runs" / "killed" / "table.json").exists()
+    r = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
+    table = json.loads((tmp_path / "runs" / "killed" / "table.json").read_text())["table"]
+    # the killed run against an uninterrupted one
+    train.train(config(*flags, "--seed", "0", "--out", tmp_path / "whole"))
+    whole, killed = (json.loads((d / "final.json").read_text())["final_epoch"]
+                     for d in (tmp_path / "whole", run0))
+    assert killed == whole and table["paper"]["cifar10_imb10"]["top1"]["mean"] == whole["top1"]
+    assert table["one"]["cifar10_imb10"]["top1"]["runs"] == 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, capsys):
-    out = tmp_path / "run"
-    train.train(
-        cpu_config([
-            "--data-root", root, "--epochs", "3", "--out",
-            str(out), *map(str, TINY), "--stop-after", "1"
-        ]))
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
-    torch.save(ckpt, out / "checkpoint.pt")
-    before = (out / "checkpoint.pt").read_bytes()
-    code, err = in_process(lambda: train.train(cpu_config(["--resume", str(out)])), capsys)
-    # beside the progress bar's lines
-    errors = [line for line in err if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "non-finite loss at epoch 2, step " in errors[0], err
-    assert (out / "checkpoint.pt").read_bytes() == before
+def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
+    """One run blows up, in one line, and the other finishes."""
+    import table
+    r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
+                  "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
+    failures = [line for line in r.stderr.splitlines() if "failed, exit 2" in line]
+    assert r.returncode == 1 and len(failures) == 1, r.stderr[-2000:]
+    assert "non-finite loss" in failures[0] and "to run on the CPU, one at a time" in r.stdout
+    written = json.loads((tmp_path / "runs" / "f" / "table.json").read_text())["table"]
+    assert written["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1
+    assert written["blowup"]["cifar10_imb10"]["top1"] is None
+    assert "| blowup `--lr 1e30` | missing |" in (tmp_path / "runs" / "f" / "table.md").read_text()
+    assert len(grid_runs(tmp_path / "runs" / "f")) == 2
+    code, err = in_process(lambda: table.main(["--rows", "nosuch"]), capsys)
+    assert code == 2 and len(err) == 1 and "no such row" in err[0]
 
 
-def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path, capsys):
-    out = tmp_path / "run"
-    train.train(tiny_cfg(root, out, "--epochs", 2, "--stop-after", 1))
-    data_ = (out / "checkpoint.pt").read_bytes()
-    (out / "checkpoint.pt").write_bytes(data_[: len(data_) // 2])
-    code, err = in_process(lambda: train.train(cpu_config(["--resume", str(out)])), capsys)
-    assert code == 2 and len(err) == 1, err
-    assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err[0]
-
-
-def finished_run(folder, cfg, top1):
-    """A run folder as a finished run leaves it, for what reads it: config.json and final.json."""
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "resume"}))
-    final = {"top1": top1, "top5": 90.0, "many": None, "medium": top1 + 1, "few": top1 - 1}
-    (folder / "final.json").write_text(json.dumps({"final_epoch": final}))
-    return folder
-
-
-def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeypatch, capsys):
-    runs = [finished_run(tmp_path / f"s{seed}", tiny_cfg(root, "x", "--seed", seed, *extra), top1)
-            for seed, extra, top1 in ((0, [], 41.5), (1, [], 47.0), (2, ["--lr", 0.02], 50.0))]
-    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], runs[1],
-                          "--out", tmp_path / "summary")
-    assert code == 0, err
-    summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]
-    assert summary["top1"]["runs"] == 2 and abs(summary["top1"]["mean"] - 44.25) < 1e-9
-    assert abs(summary["top1"]["std"] - np.std([41.5, 47.0], ddof=1)) < 1e-9
-    assert "many" not in summary and "44.25 ± 3.89" in (tmp_path / "summary.md").read_text()
-    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], "--out",
-                          tmp_path / "one")
-    assert code == 0 and "41.50 (n = 1)" in (tmp_path / "one.md").read_text()
-    code, err = main_here(monkeypatch, capsys, "train.py", "--summarize", runs[0], runs[2])
-    assert code == 2 and "differs from" in err[0] and "--lr" in err[0]
-
-
-# ------------------------------------------------------------- settings, forks (one entry per flag)
-
-def in_process(fn, capsys):
-    """(exit status, stderr lines) of fn under the scripts' own error handling."""
-    capsys.readouterr()
-    try:
-        cli.run_cli(fn)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-def main_here(monkeypatch, capsys, name, *args):
-    """(exit status, stderr lines) of a script's main in this process, given these command-line
-    arguments (the CPU pinned as for a subprocess): for what a run does, not its command line."""
-    import importlib
-    module = importlib.import_module(name[:-3])
-    monkeypatch.setattr(sys, "argv", [name, *on_cpu(name, args)])
-    return in_process(module.main, capsys)
-
-
-def tiny_cfg(root, out, *flags):
-    return cpu_config([
-        "--data-root", root, "--out",
-        str(out), *map(str, TINY), "--syn", "heldout", *map(str, flags)
-    ])
-
-
-@pytest.mark.quick
-def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys):
-    """A fork adds one entry; the parser, the checks, the run name, config.json, --resume and
-    --summarize follow, and runs made before the entry existed still resume and summarise (they had
-    its default)."""
-    # the classifier alone: this test is about the settings
-    old, fast = tmp_path / "old", ["--w-con", 0]
-    train.train(tiny_cfg(root, old, "--epochs", 2, "--stop-after", 1, *fast))
-    monkeypatch.setitem(train.CONFIG, "la_tau",
-                        cli.Setting(0.0, "logit adjustment", cli.NON_NEGATIVE, tag="tau"))
-    assert "--la-tau" in cli.parser(train.CONFIG, "").format_help()
-    code, err = in_process(lambda: cpu_config(["--la-tau", "-1"]), capsys)
-    assert code == 2 and len(err) == 1 and "--la-tau must be >= 0, got -1.0" in err[0]
-    cfg = cpu_config(["--la-tau", "0.5", "--syn", "heldout"])
-    assert "tau0.5" in train.run_name(cfg) and "tau" not in train.run_name(cpu_config([]))
-    train.train(cpu_config(["--resume", str(old)]))  # made before la_tau: resumes with its default
-    assert json.loads((old / "config.json").read_text())["la_tau"] == 0.0
-    assert json.loads((old / "final.json").read_text())["epochs"] == 2
-    new = train.train(
-        tiny_cfg(root, tmp_path / "new", "--epochs", 2, "--la-tau", 0.5, "--seed", 1, *fast))
-    assert json.loads((tmp_path / "new" / "config.json").read_text())["la_tau"] == 0.5
-    code, err = in_process(lambda: train.train(cpu_config(["--resume", new, "--la-tau", "0.7"])),
-                           capsys)
-    assert code == 2 and "--la-tau 0.5 (now 0.7)" in err[-1]
-    code, err = in_process(
-        lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
-    assert code == 2 and "--la-tau" in err[-1]
-    # the old run without the key, a finished one with its default
-    same = finished_run(tmp_path / "same",
-                        tiny_cfg(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast), 40.0)
-    report.summarize(train.CONFIG, [str(old), str(same)], str(tmp_path / "sum"))
-    assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
-
-
-@pytest.mark.parametrize(
-    "flags,message",
-    [(["--relabel", "off", "--strategy", "drop"
-       ], "--strategy drop has no effect with --relabel off"),
-     (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
-     (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
-     (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
-     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
-     (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
-     (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
-     (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
-     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
-@pytest.mark.quick
-def test_a_setting_without_effect_is_refused(flags, message, capsys):
-    code, err = in_process(lambda: cpu_config(list(map(str, flags))), capsys)
-    assert code == 2 and len(err) == 1 and message in err[0]
-
-
-def test_sync_bn_on_a_cpu_is_refused_in_one_line(root, monkeypatch, capsys):
-    # as under torchrun: --sync-bn acts, but torch's SyncBatchNorm needs GPUs
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = cpu_config(
-        ["--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16"])
-    code, err = in_process(lambda: train.setup(cfg), capsys)
-    assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
-
-
-def flag_cases():
-    """Every numeric and choice flag of the three scripts, from their tables: a new flag is walked
-    too."""
+def test_table_makes_each_pool_once_one_shard_a_gpu_the_bytes_of_one_process(
+        root, pipe_dir, gen_pool, tmp_path, monkeypatch):
+    """Two imbalance factors from one pool: generate.py for the larger fill, one shard per GPU
+    (before: every pool on one GPU while the others waited), whose pool is byte for byte the
+    one-process pool; none once the pool's manifest is there; a trained DDPM is one process."""
     import generate
-    check_data = lambda a: cli.parse_settings(data.DATA_CONFIG, [], "", a)
-    for script, table, parse in (("train.py", train.CONFIG, train.get_config),
-                                 ("data.py", data.DATA_CONFIG, check_data),
-                                 ("generate.py", generate.CONFIG, generate.parse_args)):
-        for key, s in table.items():
-            if key != "summarize" and s.default is not False:
-                yield pytest.param(script, key, s, parse, id=f"{script}--{key}")
+    import table
+    monkeypatch.chdir(tmp_path)
+    pool = str(tmp_path / "pool")
+    gen = "--device cpu --model {} --steps 2 --guidance 0 --batch-size 8".format(pipe_dir)
+    cfg, runs, _ = grid_plan(root, "--datasets", "cifar10", "--imbs", 5, 10, "--rows", "paper",
+                             "--seeds", 0, "--gen", gen, extra=["--pool", pool])
+    needed = table.pools(cfg, runs, 2)
+    assert [f for f, _ in needed] == [pool, pool]
+    for i, (_, argv) in enumerate(needed):
+        assert argv[:5] == ["generate.py", "--dataset", "cifar10", "--imb", "10"]
+        assert argv[-2:] == ["--shard", f"{i}/2"]
+        generate.main(argv[1:])
+    assert pool_bytes(pool) == pool_bytes(gen_pool)
+    assert table.pools(cfg, runs, 2) == []
+    cfg["gen"] = "--generator ddpm"
+    os.remove(os.path.join(pool, "manifest.json"))
+    assert [a[-2:] for _, a in table.pools(cfg, runs, 2)] == [["--generator", "ddpm"]]
 
 
-NEGATIVE_OK = {"workers"}  # -1: the automatic choice
-# else refused
-ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},
-             **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
+def test_a_run_the_runner_cannot_start_is_a_failed_run(tmp_path):
+    import table
+    (tmp_path / "file").write_text("")
+    log = str(tmp_path / "file" / "run" / "log.txt")  # its folder cannot be made
+    failed = table.execute([(["train.py", "--help"], log)], [None], "runs")
+    assert len(failed) == 1 and "could not start" in failed[0][1]
 
 
-@pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
-def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, capsys):
-    """NaN, inf, a negative, zero and a wrong type: each refused in one line, exit 2, where it is
-    wrong for the flag; every numeric flag has a check, and refuses negatives unless named in
-    NEGATIVE_OK."""
-    flag = "--" + key.replace("_", "-")
-    kind = setting.type or type(setting.default)
-    if setting.choices:
-        cases = {"not-a-choice": False, setting.choices[-1]: True}
-    elif kind in (int, float):
-        assert setting.check, f"{script} {flag} has no check"
-        cases = {
-            "nan": False,
-            "inf": False,
-            "-inf": False,
-            "abc": False,
-            "1.5" if kind is int else "1e": False
-        }
-        for v in (-1, 0):
-            cases[str(v)] = bool(setting.check[0](v))
-        assert key in NEGATIVE_OK or not cases["-1"], f"{script} {flag} takes a negative"
-    else:
-        pytest.skip("a path or a name: tested with the runs")
-
-    for value, ok in cases.items():
-        code, err = in_process(lambda: parse(ACTS_WITH.get(key, []) + [flag, value]), capsys)
-        assert (code == 0) == ok, (flag, value, err)
-        if not ok:
-            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (
-                flag, value, err)
+@pytest.mark.parametrize("argv,message", [
+    (["--row", "b=--bench 2", "--rows", "b"], "row b: --bench makes no training run"),
+    (["--rows", "paper", "--", "--stop-after", "1"], "after --: --stop-after makes no"),
+    (["--row", "o=--out x", "--rows", "o"], "row o: --out makes no"),
+    (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus"),
+])
+def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, capsys):
+    import table
+    code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
 
 
-@pytest.mark.quick
-def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
-    torch.manual_seed(0)
-    model = resnet32(3, width=4).train()
-    cfg = {k: s.default for k, s in train.CONFIG.items()}
-    n_real, n_syn = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])
-    step = train.Step(model, cfg, n_real, n_syn)
-    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    t, is_syn = F.one_hot(y, 3).float(), torch.arange(8) % 2 == 1
-    protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
-    mix = torch.tensor([1.0, 0.0, 16.0, 16.0], dtype=torch.float64)  # mixup: A; cutmix: all B
-    a = batch_of(x, y, is_syn, v1=x, v2=x.flip(-1), v3=x.flip(-2))
-    batch = train.StepInputs(a, batch_of(x.flip(0), y.flip(0)), mix, protos, 3)
-    loss, cls, con, suspect = step(batch)
-    assert batch.epoch == 3 and torch.equal(step.n_real, n_real) and torch.equal(step.n_syn, n_syn)
-    # the same passes by hand (eval mode: BatchNorm statistics do not move between the two)
-    model.eval()
-    with torch.no_grad():
-        loss, cls, con, suspect = step(batch)
-        ref_cls = train.soft_ce(model(x)[0], t) + train.soft_ce(model(x.flip(0))[0], t.flip(0))
-        z = torch.stack([model.project(model.features(v)) for v in (x.flip(-1), x.flip(-2))], 1)
-        suspect = train.paper_suspects(z, y, is_syn, protos)
-        ref_con = train.sau_contrastive_loss(z, y, is_syn, protos, suspect)
-    assert torch.allclose(cls, ref_cls) and torch.allclose(con, ref_con)
-    assert torch.allclose(loss, cls + con)
+def test_a_row_of_your_own_joins_the_table(capsys):
+    """--row NAME=FLAGS adds its row after --rows without being named there too (before: it was
+    defined but never run, so the same command ran the default rows and never looked at it)."""
+    import table
+    cfg, _ = table.parse(["--rows", "paper", "--row", "drop=--strategy drop"])
+    assert cfg["rows"] == ["paper", "drop"] and cfg["row_flags"]["drop"] == "--strategy drop"
+    assert table.parse(["--row", "drop=--strategy drop"])[0]["rows"] == [*table.ROWS, "drop"]
+    code, err = in_process(lambda: table.main(["--dry-run", "--row", "b=--bench 2"]), capsys)
+    assert code == 2 and len(err) == 1 and "row b: --bench makes no training run" in err[0], err
 
 
-@pytest.mark.quick
-def test_the_forking_section_points_at_names_that_exist():
-    """README's worked ablations name functions and fields of the code: each must still exist."""
-    import re
-    readme = open(os.path.join(HERE, "README.md")).read()
-    section = readme.split("## Forking", 1)[1].split("\n## ", 1)[0]
-    owners = "train|data|model|generate|cli|views|runner|audit"
-    names = set(re.findall(rf"`((?:{owners})(?:\.\w+)+)`", section))
-    assert len(names) >= 5, names
-    modules = {"train": train, "data": data}
-    for name in names:
-        mod, *path = name.split(".")
-        obj = modules.get(mod) or __import__(mod)
-        for part in path:
-            fields = getattr(obj, "_fields", ())
-            assert hasattr(obj, part) or part in fields, name
-            obj = getattr(obj, part, None)
+def test_table_gives_each_run_a_gpu_of_its_own_allocation(root, tmp_path, monkeypatch, capsys):
+    """GPU k is the k-th this process sees: the child's CUDA_VISIBLE_DEVICES is the k-th entry of
+    the parent's (Slurm, a shared machine, UUID or MIG values), not k; a GPU it does not see is
+    refused in one line (before: GPU 7 on a machine without GPUs trained on the CPU); --dry-run
+    prints the commands for another machine."""
+    import table
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert table.devices_of("")[0] == ["4", "5", "6", "7"]
+    assert table.devices_of("1,3") == (["5", "7"], "GPU 1 (5), GPU 3 (7)")
+    with pytest.raises(cli.SAUError, match="torch sees 4 GPU"):
+        table.devices_of("4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-77c1")
+    assert table.devices_of("")[0] == ["GPU-8f2a", "MIG-77c1"]
+    # each child sees its own
+    show = tmp_path / "show.py"
+    show.write_text("import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n")
+    jobs = [([str(show)], str(tmp_path / f"log{i}.txt")) for i in range(4)]
+    assert table.execute(jobs, table.devices_of("")[0], "runs") == []
+    seen = [(tmp_path / f"log{i}.txt").read_text().splitlines()[-1] for i in range(4)]
+    assert sorted(seen) == ["GPU-8f2a", "GPU-8f2a", "MIG-77c1", "MIG-77c1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    argv = ["--gpus", "7", "--datasets", "cifar10", "--imbs", "10", "--rows", "paper",
+            "--seeds", "0", "--syn", "heldout", "--", "--data-root", root]
+    code, err = in_process(lambda: table.main(argv), capsys)
+    assert code == 2 and len(err) == 1 and "torch sees 0 GPU(s)" in err[0], err
+    table.main(["--dry-run", *argv])
+    assert capsys.readouterr().out.count("python train.py") == 1
 
 
+def test_table_fetches_the_data_once_before_it_makes_anything(tmp_path, monkeypatch, capsys):
+    """A grid whose data cannot be fetched ends in one line before any folder (before: runs/ and
+    a pool log were left behind)."""
+    import table
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    fetched = []
 
-def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypatch):
-    """Each ```diff block of README's Forking section is the patch as a reader would copy it: git
-    apply takes it on a copy of the repo, and a tiny run of the fork's train.py (imported in this
-    process) trains with the flag it adds, named by its tag, its value in config.json. A snippet
-    that no longer applies fails here."""
-    import importlib.util
-    import re
-    import shutil
-    section = open(os.path.join(HERE, "README.md")).read().split("## Forking",
-                                                                 1)[1].split("\n## ", 1)[0]
-    patches = re.findall(r"```diff\n(.*?)```", section, re.S)
-    assert len(patches) >= 2
-    for i, patch in enumerate(patches):
-        fork = tmp_path / f"fork{i}"
-        fork.mkdir()
-        for name in os.listdir(HERE):
-            if name.endswith(".py") or name == "prompts":
-                (shutil.copytree if name == "prompts" else shutil.copy)(os.path.join(HERE, name),
-                                                                        fork / name)
-        (tmp_path / f"{i}.patch").write_text(patch)
-        r = subprocess.run(["git", "apply", str(tmp_path / f"{i}.patch")], cwd=fork,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, (i, r.stderr)
-        key, tag = re.search(r'\+    "(\w+)": S\(.*tag="(\w+)"\)', patch).groups()
-        # the fork's train.py beside this process's other modules (the patches touch train.py
-        # alone), run from the fork's folder: runs/<name> lands there
-        spec = importlib.util.spec_from_file_location(f"train_fork{i}", fork / "train.py")
-        forked = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(forked)
-        monkeypatch.chdir(fork)
-        forked.train(forked.get_config(on_cpu("train.py", [
-            "--data-root", root, "--epochs", 1, *TINY, "--syn", "heldout", cli.flag(key), 1])))
-        (run_dir,) = (fork / "runs").iterdir()
-        assert f"_{tag}1_" in run_dir.name and json.loads(
-            (run_dir / "config.json").read_text())[key] == 1
+    def unreachable(*args):
+        fetched.append(args)
+        raise cli.SAUError("cifar10 not found at x and the download failed")
+
+    monkeypatch.setattr(data, "cifar_folder", unreachable)
+    code, err = in_process(lambda: table.main(["--datasets", "cifar10", "--imbs", "10"]), capsys)
+    assert code == 2 and len(err) == 1 and "download failed" in err[0], err
+    assert fetched == [("cifar10", "./data")] and not os.listdir(tmp_path)
 
 
-# ---------------------------------------------- run folders: kills, two runs, full disks, bad input
-
-def final_without_timings(out):
-    f = json.loads((out / "final.json").read_text())
-    return {k: v for k, v in f.items() if k not in ("seconds_per_epoch", "images_per_s")}
-
-
-def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
-    mixed = data.build_mixed("cifar10", root, 10, 0, "none")
-    bs = next(b for b in range(4, 64) if len(mixed) % b == 1)
-    sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
-    assert sum(sizes) == len(mixed) - 1 and min(sizes) >= 2
-    out = tmp_path / "run"
-    train.train(cpu_config(["--data-root", root, "--epochs", "1", "--out", str(out),
-                            *map(str, TINY), "--syn", "none", "--w-con", "0", "--batch-size",
-                            str(bs)]))
-    assert json.loads((out / "final.json").read_text())["epochs"] == 1
-
-
-class Killed(BaseException):
-    """A stand-in for kill -9 between two writes: nothing of the run catches it."""
-
-
-def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, monkeypatch):
-    """The run is stopped right after each rename of its life in turn (every write of every
-    epoch's end and of the reports; of the pictures, which final.json follows, after the first and
-    the last), then --resume: final.json, the weights, the audit's scores and suspects and the
-    metrics of an uninterrupted run. The pictures are drawn but not rendered
-    (pictures_unrendered): this test is about the order. The run relabels by the epoch audit
-    (--relabel audit --audit-cls on): epoch 1 has no suspects (no audit yet), and epoch 2's step
-    flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
-    # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
-    # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
-    flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
-             "--loader", "gpu", "--relabel", "audit", "--audit-cls", "on", "--audit-score",
-             "both", "--audit-q", 0.3]
-    real_replace, written = os.replace, []
-    monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst),
-                                                         written.append(os.path.basename(dst))))
-    train.train(tiny_cfg(root, tmp_path / "full", *flags))
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert written[:2] == ["config.json", "metrics.jsonl"] and written[-1] == "final.json"
-    pictures = [i for i, name in enumerate(written) if name.endswith(".png")]
-    assert len(pictures) >= 4 and pictures == list(range(pictures[0], pictures[-1] + 1))
-    kills = [k for k in range(1, len(written) + 1) if k - 1 not in pictures[1:-1]]
-    ref_final = final_without_timings(tmp_path / "full")
-    load = lambda out: torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    ref = load(tmp_path / "full")
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
-    first = None  # the checkpoint of epoch 1, as the kill right after its write leaves it
-    for k in kills:
-        out, count = tmp_path / f"kill{k}", [0]
-
-        def replace(src, dst):
-            real_replace(src, dst)
-            count[0] += 1
-            if count[0] == k:
-                raise Killed
-
-        monkeypatch.setattr(os, "replace", replace)
-        with pytest.raises(Killed):
-            train.train(tiny_cfg(root, out, *flags))
-        monkeypatch.setattr(os, "replace", real_replace)
-        if first is None and written[k - 1] == "checkpoint.pt":
-            first = load(out)
-        train.train(cpu_config(["--resume", str(out)]))
-        assert final_without_timings(out) == ref_final, k
-        b = load(out)
-        assert all(torch.equal(b["model"][n], ref["model"][n]) for n in ref["model"]), k
-        assert torch.equal(b["audit"], ref["audit"]) and torch.equal(b["suspects"],
-                                                                     ref["suspects"]), k
-        assert [drop(m) for m in b["metrics"]] == [drop(m) for m in ref["metrics"]], k
-        assert {"curves.png", "per_class.png", "confusion.png", "suspects.png", "audit.png",
-                "metrics.jsonl"} <= set(os.listdir(out))
-    # config, metrics, 2 x (checkpoint, metrics), the first and last pictures, final.json
-    assert len(kills) >= 9
-    m1, m2 = ref["metrics"]
-    n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_ratio=0.5,
-                             syn_noise=0.3).is_syn.sum()
-    assert first["epoch"] == 1 and m1["suspect_frac"] == 0 and first["suspects"].any()
-    # epoch 2's step took exactly those as suspects
-    assert torch.equal(ref["flagged"] > 0, first["suspects"])
-    assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
-    # the chosen score
-    assert abs(m2["audit"]["both"]["suspect_frac"] - ref["suspects"].sum().item() / n_syn) < 1e-12
-    assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2)
-
-
-def test_resume_rebuilds_every_derived_file(root, tmp_path):
-    """config.json, metrics.jsonl, final.json and the pictures are derived from checkpoint.pt:
-    deleted (or left stale), --resume of the finished run writes them again, the same."""
-    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
-                                    "per_class.png", "confusion.png")
-    train.train(tiny_cfg(root, out, "--epochs", 1, "--w-con", 0))
-    ref, metrics = final_without_timings(out), (out / "metrics.jsonl").read_text()
-    for f in files:
-        os.remove(out / f)
-    train.train(cpu_config(["--resume", str(out)]))
-    assert all((out / f).stat().st_size > 0 for f in files)
-    assert final_without_timings(out) == ref and (out / "metrics.jsonl").read_text() == metrics
-
-
-def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path):
-    out = tmp_path / "run"
-    cmd = lambda seed: subprocess.Popen(
-        [*script("train.py"), *map(str, ["--data-root", root, "--epochs", 1, *TINY,
-                                         "--syn", "heldout", "--seed", seed, "--out", out])],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_EACH)
-    procs = [cmd(0), cmd(1)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    codes = sorted(c for c, _ in results)
-    assert codes == [0, 2], results
-    err = next(e for c, e in results if c == 2)
-    assert len(err.strip().splitlines()) == 1 and ("in use by another run" in err or
-                                                   "already holds a run" in err)
-    seed = json.loads((out / "config.json").read_text())["seed"]
-    assert json.loads((out / "final.json").read_text())["seed"] == seed
-    assert torch.load(out / "checkpoint.pt", map_location="cpu",
-                      weights_only=True)["config"]["seed"] == seed
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-
-
-def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
-    import resource
-    out = tmp_path / "run"
-    train.train(cpu_config(["--data-root", root, "--epochs", "2", "--out", str(out),
-                            *map(str, TINY), "--stop-after", "1"]))
-    before = (out / "checkpoint.pt").read_bytes()
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
-    r = subprocess.run([*script("train.py"), "--resume", str(out)], capture_output=True,
-                       text=True, timeout=600, cwd=HERE, preexec_fn=limit)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], r.stderr
-    assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
-    assert (out / "checkpoint.pt"
-            ).read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
-
-
-def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
-    import signal
-    import time
-    out = tmp_path / "run"
-    args = ["--data-root", root, "--epochs", 1, *TINY, "--syn", "heldout"]
-    # a suite started with & has SIGINT ignored: the run undoes it
-    p = subprocess.Popen([*script("train.py"), *map(str, args), "--out", out], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    # written once training begins
-    while time.time() < deadline and not (out / "config.json").exists():
-        time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert p.returncode == 130 and len(
-        lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
-    train.train(cpu_config(["--resume", str(out)]))
-    assert (out / "final.json").exists()
-
-
-def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys):
-    """An update that overflows on the epoch's last step: its loss (computed before the update) is
-    finite, the weights after it are not, and they are what would be saved."""
-    real_step = train.train_step
-
-    def overflowing_step(run, *args):
-        parts = real_step(run, *args)
-        with torch.no_grad():
-            run.model.fc.weight[0, 0] = float("inf")
-        return parts
-
-    monkeypatch.setattr(train, "train_step", overflowing_step)
-    out = tmp_path / "run"  # one step an epoch: 256 > the 78 images of the set
-    cfg = cpu_config([
-        "--data-root", root, "--epochs", "2", "--out",
-        str(out), *map(str, TINY), "--syn", "none", "--w-con", "0", "--batch-size", "256"
-    ])
-    code, err = in_process(lambda: train.train(cfg), capsys)
-    errors = [line for line in err if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "non-finite weights after epoch 1" in errors[0], err
-    assert not (out / "checkpoint.pt").exists()
-
-
-def cifar_breakages():
-    yield "missing key", lambda d: d.pop("data"), "is not a CIFAR batch"
-    yield "wrong type", lambda d: d.update(labels="abc"), "is not a CIFAR batch"
-    yield "wrong shape", lambda d: d.update(data=d["data"][:, :100]), "is not a CIFAR batch"
-    yield "label out of range", lambda d: d["labels"].__setitem__(0, 10), "is not a CIFAR batch"
-    yield "not a dict", lambda d: d.clear() or d.update(x=1), "is not a CIFAR batch"
-
-
-@pytest.mark.parametrize("what,breakage,message", list(cifar_breakages()))
-def test_malformed_cifar_files_are_one_line(tmp_path, what, breakage, message, capsys):
-    r = str(tmp_path)
-    write_cifar(r)
-    path = os.path.join(r, "cifar-10-batches-py", "data_batch_1")
-    with open(path, "rb") as f:
-        d = pickle.load(f)
-    breakage(d)
-    with open(path, "wb") as f:
-        pickle.dump(d, f)
-    code, err = in_process(lambda: data.build_mixed("cifar10", r, 10, 0, "none"), capsys)
-    assert code == 2 and len(err) == 1 and message in err[0] and "data_batch_1" in err[0]
-
-
-def pool_breakages():
-    yield "manifest a list", lambda f: open(os.path.join(f, "manifest.json"), "w").write(
-        "[1, 2]"), "malformed"
-    yield "classes not a list", lambda f: open(os.path.join(f, "manifest.json"), "w").write(
-        json.dumps({"dataset": "cifar10", "classes": 3})), "malformed"
-    yield "manifest not JSON", lambda f: open(os.path.join(f, "manifest.json"), "wb").write(
-        b"\xff\x00"), "not JSON"
-    yield "shard without seeds", lambda f: np.savez(os.path.join(f, data.shard_name(
-        1, 0)), images=np.zeros((7, 32, 32, 3), np.uint8)), "unreadable"
-    yield "seeds of another length", lambda f: np.savez(os.path.join(f, data.shard_name(1, 0)),
-                                                        images=np.zeros((7, 32, 32, 3), np.uint8),
-                                                        seeds=np.zeros((7, 2))), "with n seeds"
-
-
-@pytest.mark.parametrize("what,breakage,message", list(pool_breakages()))
-def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, capsys):
-    folder = str(tmp_path / "pool")
-    write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
-    breakage(folder)
-    code, err = in_process(lambda: data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder),
-                           capsys)
-    assert code == 2 and len(err) == 1 and message in err[0]
-
-
-@pytest.mark.parametrize(
-    "case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
-def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case,
-                                                                    capsys):
-    import generate
-    (tmp_path / "file").write_text("x")
-    (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)
-    if case.startswith("out"):
-        out = tmp_path / "file" if case == "out is a file" else "/proc/sau_run"
-        argv = ["--data-root", root, "--epochs", "1", "--out", str(out), *map(str, TINY)]
-        code, err = in_process(lambda: train.train(cpu_config(argv)), capsys)
-        message = "is a file" if case == "out is a file" else "is not writable"
-    else:
-        extra = ["--pool", tmp_path /
-                 "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
-        # the last --pool is the one
-        argv = gen_argv(root, pipe_dir, str(tmp_path / "pool"), *extra)
-        code, err = in_process(lambda: generate.main(argv), capsys)
-        message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
-    assert code == 2 and len(err) == 1 and message in err[0], err
-
-
-def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
-    a = str(finished_run(tmp_path / "a", tiny_cfg(root, tmp_path / "a", "--epochs", 1), 40.0))
-    (tmp_path / "empty").mkdir()
-    code, err = in_process(lambda: report.summarize(train.CONFIG, [a, str(tmp_path / "empty")]),
-                           capsys)
-    assert code == 2 and len(err) == 1 and "is not a run folder" in err[0]
-
-
-# ---------------------------------------------------------------- the CUDA path, checked on the CPU
+# ---------------------------------------------------------------- the CUDA path on the CPU
 
 class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every op that would make a CUDA host wait for the device, with the line of ours it
@@ -2035,10 +2702,7 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     step, two training steps (--loader gpu, planted images, both branches), a prototype pass and two
     DDPM steps make no op that would wait for a CUDA device."""
     from diffusers import DDPMScheduler
-    cfg = cpu_config([
-        "--data-root", root, "--device", "cpu", "--imb", "10", "--width", "4", "--batch-size", "16",
-        "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16"
-    ])
+    cfg = tiny(root, "x", "--width", 4, "--syn-noise", 0.3, "--loader", "gpu", "--amp", "bf16")
     run_ = train.setup(cfg)
     protos = train.prototypes(run_, 0)
     run_.model.train()
@@ -2083,78 +2747,6 @@ def test_the_sync_recorder_finds_what_it_looks_for():
     assert "test_sau.py" not in HostSyncs.OURS and all("from no line of ours" in f
                                                        for f in syncs.found)
 
-
-def test_views_are_drawn_apart_on_each_process(root):
-    """--loader gpu: the same image at the same position of two processes' batches gets other crops,
-    flips and AutoAugment draws (each process has its stream of draws); one process draws as before.
-    """
-    mixed = data.build_mixed("cifar10", root, 10, 0, "heldout")
-    mixed.images[:] = mixed.images[0]  # every image the same: the views differ only by their draws
-    batches = data.Batches(mixed, "gpu", "cpu")
-    drawn = [
-        next(iter(data.train_streams(mixed, 16, 5, rank=r, world=2, batches=batches)))[0]
-        for r in (0, 1)
-    ]
-    drawn = [batches.finish(d) for d in drawn]
-    for v in ("v1", "v2", "v3"):
-        assert not torch.equal(drawn[0][v], drawn[1][v]), v
-    one = next(iter(data.train_streams(mixed, 8, 5, batches=batches)))[0]
-    assert data.rank_seed(7, 0) == 7 and data.rank_seed(7, 1) != data.rank_seed(7, 2)
-    assert batches.finish(one)["v1"].shape[0] == 8
-
-
-def test_every_torch_load_names_map_location():
-    """A CUDA run's files must load on a CPU-only machine, and never put a whole model on the GPU by
-    surprise."""
-    import ast
-    for name in ("train.py", "data.py", "generate.py", "model.py", "test_sau.py"):
-        tree = ast.parse(open(os.path.join(HERE, name)).read())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                assert "map_location" in {k.arg for k in node.keywords}, f"{name}:{node.lineno}"
-
-
-def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
-    torch.manual_seed(0)
-    z = F.normalize(torch.randn(12, 2, 16), dim=-1)
-    labels, is_syn = torch.randint(0, 3, (12,)), torch.arange(12) % 3 == 0
-    protos = F.normalize(torch.randn(3, 2, 16), dim=-1)
-    both = lambda: (train.sau_contrastive_loss(z, labels, is_syn, protos, suspect),
-                    train.paper_suspects(z, labels, is_syn, protos))
-    suspect = train.paper_suspects(z, labels, is_syn, protos)
-    plain = both()
-    with torch.autocast("cpu", torch.bfloat16):
-        inside = both()
-        f = torch.randn(5, 2, 16)
-        # autocast is on: a bare product would be bf16
-        assert (f @ f[:, 0].T).dtype == torch.bfloat16
-    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0]) and torch.equal(
-        inside[1], plain[1])
-
-
-@pytest.mark.quick
-def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
-    """--resume takes the run's runtime settings (finding: it used to drop --deterministic and
-    --compile) unless they are given again (that a resumed run ends with an uninterrupted run's
-    weights: the kill tests)."""
-    out, flags = tmp_path / "run", [
-        "--epochs", 2, "--deterministic", "on", "--channels-last", "off"
-    ]
-    train.train(tiny_cfg(root, out, *flags, "--stop-after", 1))
-    cfg = cpu_config(["--resume", str(out), "--deterministic", "off"])
-    assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
-    cfg = cpu_config(["--resume", str(out)])
-    assert cfg["deterministic"] == "on" and cfg["channels_last"] == "off" and cfg["stop_after"] == 0
-
-
-# ------------------------------------------------- the CUDA stand-in: every CUDA branch runs here
-# Two layers. (a) Emulation: torch.cuda reports one device, whatever is asked for on "cuda" is made
-# on the CPU, and the torch.cuda calls that touch a device check their arguments with torch's own
-# device-index checks and do nothing else: the scripts' CUDA branches run to the end, their
-# arithmetic on the CPU. (b) Device propagation: the forward passes under FakeTensorMode with their
-# inputs on a fake "cuda" device, so that a CPU tensor meeting a CUDA one, or a CPU index into a
-# CUDA tensor, fails the test. Neither sees kernels, speed or rounding: the test_cuda_* tests below
-# do, on a GPU.
 
 class StandInGenerator(torch._C.Generator):
     """A generator whose state lives on the CPU and whose .device says what was asked for ("cuda"
@@ -2253,35 +2845,6 @@ def fake_cuda(monkeypatch):
         yield
 
 
-@pytest.fixture(autouse=True)
-def global_settings_restored():
-    """Each test leaves torch's global settings as it found them (train.setup sets deterministic
-    mode and the fp32 precisions, for the process a run is)."""
-    saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[2:4]
-    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None) if saved[4] is None else os.environ.update(
-        CUBLAS_WORKSPACE_CONFIG=saved[4])
-    torch.set_num_threads(saved[5])
-
-
-def test_the_settings_a_test_changes_are_restored(root, tmp_path):
-    """The fixture itself: a --deterministic on run in this process turns deterministic mode on; the
-    next test (below, in file order) finds it off again. On its own this one checks the run did turn
-    it on."""
-    train.setup(tiny_cfg(root, tmp_path / "r", "--deterministic", "on"))
-    assert torch.are_deterministic_algorithms_enabled()
-
-
-def test_the_settings_a_test_changes_are_restored_after(root):
-    assert not torch.are_deterministic_algorithms_enabled()
-    assert torch.backends.cuda.matmul.fp32_precision != "tf32"
-
-
 def emulated_cfg(root, out, *flags):
     """A tiny run with the defaults a GPU user gets (--device auto: cuda, so the gpu loader and
     bf16)."""
@@ -2337,7 +2900,8 @@ def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(
         train, "train_step", lambda *a: steps.append(
             ("set_sync_debug_mode", "warn") in emulated_cuda and emulated_cuda[-1][1] == "warn") or
         made(*a))
-    res = train.bench(emulated_cfg(root, "unused", "--bench", 2))
+    cfg = emulated_cfg(root, "unused", "--bench", 2)
+    res = runner.bench(cfg, train.setup(cfg), train)
     assert steps == [False] * 3 + [True] * 2  # 3 warm-up steps, then the 2 timed ones in "warn"
     assert [c for c in emulated_cuda
             if c[0] == "set_sync_debug_mode"][-1] == ("set_sync_debug_mode", "default")
@@ -2469,7 +3033,7 @@ def test_a_ddpm_trained_on_one_device_type_samples_on_another(root, tmp_path):
     assert torch.load(state_file, map_location="cpu", weights_only=True)["step"] == 3
 
 
-# -------------------------------------------- CUDA (skipped without a GPU; the GPU check runs them)
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -2576,16 +3140,16 @@ def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_pa
         "--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn",
         "heldout", "--syn-noise", 0.3, "--deterministic", "on"
     ]
-    r = run("train.py", *args, "--out", tmp_path / "full")
+    r = script("train.py", *args, "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
               "per_class.png", "confusion.png", "suspects.png"):
         assert (tmp_path / "full" / f).stat().st_size > 0, f
     assert "cuda bf16, loader gpu" in r.stdout
-    r = run("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
+    r = script("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
     assert r.returncode == 0, r.stderr
     # run() pins the CPU unless told
-    r = run("train.py", "--resume", tmp_path / "part", "--device", "cuda")
+    r = script("train.py", "--resume", tmp_path / "part", "--device", "cuda")
     assert r.returncode == 0, r.stderr
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
             for d in ("full", "part"))
@@ -2597,7 +3161,8 @@ def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_pa
 def test_cuda_generate_bf16_pool_is_valid_and_reproducible(root, pipe_dir, tmp_path):
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
-        r = gen_run(root, pipe_dir, pool, "--imb", 10, "--device", "cuda", "--dtype", "bf16")
+        r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--imb", 10, "--device", "cuda",
+                                            "--dtype", "bf16"))
         assert r.returncode == 0, r.stderr
     assert pool_bytes(pools[0]) == pool_bytes(pools[1]) and pool_bytes(pools[0])
     pool = data.read_pool(pools[0], "cifar10", CIFAR10_NAMES)
@@ -2610,543 +3175,11 @@ def test_cuda_generate_bf16_pool_is_valid_and_reproducible(root, pipe_dir, tmp_p
 @CUDA
 def test_cuda_ddpm_trains_and_samples(root, tmp_path):
     pool = str(tmp_path / "ddpm")
-    r = subprocess.run([
-        *script("generate.py"), "--data-root", root, "--pool", pool, "--device", "cuda",
-        *map(str, DDPM), "--train-steps", "8"
-    ], capture_output=True, text=True, timeout=600)
+    r = script("generate.py", "--data-root", root, "--pool", pool, "--device", "cuda", *DDPM,
+               "--train-steps", 8)
     assert r.returncode == 0, r.stderr
     assert torch.load(os.path.join(pool, "ddpm", "state.pt"), map_location="cpu",
                       weights_only=True)["step"] == 8
     pool_images = data.read_pool(pool, "cifar10", CIFAR10_NAMES)
     assert sum(len(v) for v in pool_images.values()) == sum(20 - n
                                                             for n in data.lt_counts(20, 10, 10))
-
-
-# ---------------------------------------------------------------- table.py: the grid runner
-
-def table_run(cwd, root, name, *args, extra=(), wait=True):
-    """table.py in folder cwd on the tiny data: every run at width 2, one epoch unless extra says
-    otherwise."""
-    argv = [
-        *script("table.py"), "--name", name, *map(str, args), "--", "--data-root", root,
-        *on_cpu("train.py", ["--width", 2, "--batch-size", 16, "--epochs", 1, *extra])
-    ]
-    if not wait:
-        return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-def grid_runs(folder):
-    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("cifar"))
-
-
-GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper", "--seeds", 0, 1,
-        "--syn", "heldout")
-
-
-def grid_plan(root, *args, extra=()):
-    """table.py's settings and plan of a grid on the tiny data, in this process."""
-    import table
-    argv = [*map(str, args), "--", "--data-root", root, "--width", "2", "--epochs", "1", *extra]
-    cfg, extra = table.parse(argv)
-    return cfg, table.plan(cfg, extra), argv
-
-
-@pytest.mark.pictures
-def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
-                                                               capsys):
-    """The arithmetic on written final.json files: each cell the mean and std over the seeds that
-    finished, a missing seed named, a missing cell said, one seed no spread (n = 1)."""
-    import table
-    monkeypatch.chdir(tmp_path)
-    cfg, runs, argv = grid_plan(root, "--name", "g", *GRID)
-    rng = np.random.default_rng(0)
-    for cell, row, seed, _, folder, _ in runs:
-        if (row, cell, seed) == ("paper", "cifar10_imb5", 1) or (row, cell) == ("baseline",
-                                                                                 "cifar10_imb10"):
-            continue  # one seed of one cell, and a whole cell, never finished
-        os.makedirs(folder)
-        final = {k: float(rng.uniform(10, 90)) for k in ("top1", "many", "medium", "few")}
-        (tmp_path / folder / "final.json").write_text(json.dumps({"final_epoch": final}))
-    capsys.readouterr()
-    table.main([*argv[:argv.index("--")], "--dry-run", "--", *argv[argv.index("--") + 1:]])
-    assert len(capsys.readouterr().out.splitlines()) == 3  # what is left: three runs, no pool
-    table.write_table(str(tmp_path / "runs" / "g"), cfg, runs)
-    folder = tmp_path / "runs" / "g"
-    written = json.loads((folder / "table.json").read_text())["table"]
-    md = (folder / "table.md").read_text()
-    assert set(written) == {"baseline", "paper"}
-    assert set(written["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
-    for row, cells in written.items():
-        for cell, entry in cells.items():
-            finals = [json.loads((tmp_path / run / "final.json").read_text())["final_epoch"]
-                      for run in entry["runs"]]
-            top1 = np.array([f["top1"] for f in finals])
-            if not len(top1):
-                assert entry["top1"] is None and entry["missing_seeds"] == [0, 1]
-            elif len(top1) == 1:  # no spread from one seed
-                assert entry["top1"] == {"mean": top1[0], "std": None, "runs": 1}
-                assert f"{top1[0]:.2f} (n = 1) (1 of 2 seeds)" in md
-            else:
-                assert entry["seeds"] == [0, 1] and not entry["missing_seeds"]
-                assert abs(entry["top1"]["mean"] - top1.mean()) < 1e-9
-                assert abs(entry["top1"]["std"] - top1.std(ddof=1)) < 1e-9
-                assert f"{top1.mean():.2f} ± {top1.std(ddof=1):.2f}" in md
-    assert "| baseline `--syn none --w-con 0` | missing |" in md
-    assert (folder / "table.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
-    """The one grid run end to end: kill -9 of the runner's process group in its first run's
-    second epoch; the next invocation resumes that run and runs the other (a cheaper row of its
-    own: one epoch, the classifier alone), and the table holds what an uninterrupted run of the
-    same settings gives."""
-    import signal
-    import time
-    args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--row",
-            "one=--w-con 0 --epochs 1", "--seeds", 0, "--syn", "heldout")
-    p = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2], wait=False)
-    flags = ["--imb", "10", "--syn", "heldout", "--epochs", "2", "--width", "2", "--batch-size",
-             "16", "--data-root", root]
-    run0 = tmp_path / "runs" / "killed" / train.run_name(cpu_config(flags))
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run0 / "metrics.jsonl").exists() and
-                                          (run0 / "metrics.jsonl").read_text().count("\n") >= 1):
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (run0 / "final.json").exists()
-    assert not (tmp_path / "runs" / "killed" / "table.json").exists()
-    r = table_run(tmp_path, root, "killed", *args, extra=["--epochs", 2])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
-    table = json.loads((tmp_path / "runs" / "killed" / "table.json").read_text())["table"]
-    # the killed run against an uninterrupted one
-    train.train(cpu_config([*flags, "--seed", "0", "--out", str(tmp_path / "whole")]))
-    whole, killed = (json.loads((d / "final.json").read_text())["final_epoch"]
-                     for d in (tmp_path / "whole", run0))
-    assert killed == whole and table["paper"]["cifar10_imb10"]["top1"]["mean"] == whole["top1"]
-    assert table["one"]["cifar10_imb10"]["top1"]["runs"] == 1
-
-
-def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
-    """One run blows up, in one line, and the other finishes."""
-    import table
-    r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
-                  "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
-    failures = [line for line in r.stderr.splitlines() if "failed, exit 2" in line]
-    assert r.returncode == 1 and len(failures) == 1, r.stderr[-2000:]
-    assert "non-finite loss" in failures[0] and "to run on the CPU, one at a time" in r.stdout
-    written = json.loads((tmp_path / "runs" / "f" / "table.json").read_text())["table"]
-    assert written["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1
-    assert written["blowup"]["cifar10_imb10"]["top1"] is None
-    assert "| blowup `--lr 1e30` | missing |" in (tmp_path / "runs" / "f" / "table.md").read_text()
-    assert len(grid_runs(tmp_path / "runs" / "f")) == 2
-    code, err = in_process(lambda: table.main(["--rows", "nosuch"]), capsys)
-    assert code == 2 and len(err) == 1 and "no such row" in err[0]
-
-
-def test_table_makes_each_pool_once_one_shard_a_gpu_the_bytes_of_one_process(
-        root, pipe_dir, gen_pool, tmp_path, monkeypatch):
-    """Two imbalance factors from one pool: generate.py for the larger fill, one shard per GPU
-    (before: every pool on one GPU while the others waited), whose pool is byte for byte the
-    one-process pool; none once the pool's manifest is there; a trained DDPM is one process."""
-    import generate
-    import table
-    monkeypatch.chdir(tmp_path)
-    pool = str(tmp_path / "pool")
-    gen = "--device cpu --model {} --steps 2 --guidance 0 --batch-size 8".format(pipe_dir)
-    cfg, runs, _ = grid_plan(root, "--datasets", "cifar10", "--imbs", 5, 10, "--rows", "paper",
-                             "--seeds", 0, "--gen", gen, extra=["--pool", pool])
-    needed = table.pools(cfg, runs, 2)
-    assert [f for f, _ in needed] == [pool, pool]
-    for i, (_, argv) in enumerate(needed):
-        assert argv[:5] == ["generate.py", "--dataset", "cifar10", "--imb", "10"]
-        assert argv[-2:] == ["--shard", f"{i}/2"]
-        generate.main(argv[1:])
-    assert pool_bytes(pool) == pool_bytes(gen_pool)
-    assert table.pools(cfg, runs, 2) == []
-    cfg["gen"] = "--generator ddpm"
-    os.remove(os.path.join(pool, "manifest.json"))
-    assert [a[-2:] for _, a in table.pools(cfg, runs, 2)] == [["--generator", "ddpm"]]
-
-
-# ---------------------------------------------------------------- bad input, third round
-
-
-def broken_tables(tmp_path, monkeypatch, content=None, variation=None):
-    """prompts/ copied to tmp_path with cifar10.json's or variation.json's text replaced."""
-    import shutil
-
-    import prompting
-    folder = tmp_path / "prompts"
-    shutil.copytree(prompting.PROMPTS, folder)
-    for name, text in (("cifar10.json", content), ("variation.json", variation)):
-        if text is not None:
-            (folder / name).write_text(text)
-    monkeypatch.setattr(prompting, "PROMPTS", str(folder))
-    return prompting
-
-
-@pytest.mark.parametrize("content,variation,message", [
-    ('{"about": "no classes"}', None, r"cifar10.json must read \{\"classes\""),
-    ("[1, 2]", None, "cifar10.json must read"),
-    (None, '{"viewpoint": ["seen from the side"], "style": ["a photo"]}',
-     "variation.json must read"),
-    ('{"classes": {"truck": "a red truck on a highway"}}', None, "cifar10.json must read"),
-])
-def test_a_prompts_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, variation,
-                                                        message):
-    """Hand-edited tables: a missing key, a list, a class entry that is a string (before: a
-    KeyError, a TypeError, or prompts built from single letters)."""
-    prompting = broken_tables(tmp_path, monkeypatch, content, variation)
-    with pytest.raises(cli.SAUError, match=message):
-        prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
-
-
-def test_table_where_runs_cannot_be_made_is_one_line_before_anything_starts(root, tmp_path,
-                                                                           monkeypatch, capsys):
-    import table
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").write_text("a file where the folder should be")
-    argv = ["--name", "t", "--datasets", "cifar10", "--imbs", "10", "--rows", "paper", "--seeds",
-            "0", "--syn", "heldout", "--", "--data-root", root, "--epochs", "1"]
-    code, err = in_process(lambda: table.main(argv), capsys)
-    assert code == 2 and len(err) == 1 and "runs/t is not writable" in err[0], err
-    assert (tmp_path / "runs").is_file()
-
-
-def test_a_run_the_runner_cannot_start_is_a_failed_run(tmp_path):
-    import table
-    (tmp_path / "file").write_text("")
-    log = str(tmp_path / "file" / "run" / "log.txt")  # its folder cannot be made
-    failed = table.execute([(["train.py", "--help"], log)], [None], "runs")
-    assert len(failed) == 1 and "could not start" in failed[0][1]
-
-
-def test_an_empty_resume_is_refused(capsys):
-    code, err = in_process(lambda: cpu_config(["--resume", ""]), capsys)
-    assert code == 2 and "--resume needs the run's folder" in err[0], err
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--row", "b=--bench 2", "--rows", "b"], "row b: --bench makes no training run"),
-    (["--rows", "paper", "--", "--stop-after", "1"], "after --: --stop-after makes no"),
-    (["--row", "o=--out x", "--rows", "o"], "row o: --out makes no"),
-    (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus"),
-])
-def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, capsys):
-    import table
-    code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
-    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
-
-
-def test_a_row_of_your_own_joins_the_table(capsys):
-    """--row NAME=FLAGS adds its row after --rows without being named there too (before: it was
-    defined but never run, so the same command ran the default rows and never looked at it)."""
-    import table
-    cfg, _ = table.parse(["--rows", "paper", "--row", "drop=--strategy drop"])
-    assert cfg["rows"] == ["paper", "drop"] and cfg["row_flags"]["drop"] == "--strategy drop"
-    assert table.parse(["--row", "drop=--strategy drop"])[0]["rows"] == [*table.ROWS, "drop"]
-    code, err = in_process(lambda: table.main(["--dry-run", "--row", "b=--bench 2"]), capsys)
-    assert code == 2 and len(err) == 1 and "row b: --bench makes no training run" in err[0], err
-
-
-def test_table_gives_each_run_a_gpu_of_its_own_allocation(root, tmp_path, monkeypatch, capsys):
-    """GPU k is the k-th this process sees: the child's CUDA_VISIBLE_DEVICES is the k-th entry of
-    the parent's (Slurm, a shared machine, UUID or MIG values), not k; a GPU it does not see is
-    refused in one line (before: GPU 7 on a machine without GPUs trained on the CPU); --dry-run
-    prints the commands for another machine."""
-    import table
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert table.devices_of("")[0] == ["4", "5", "6", "7"]
-    assert table.devices_of("1,3") == (["5", "7"], "GPU 1 (5), GPU 3 (7)")
-    with pytest.raises(cli.SAUError, match="torch sees 4 GPU"):
-        table.devices_of("4")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-77c1")
-    assert table.devices_of("")[0] == ["GPU-8f2a", "MIG-77c1"]
-    # each child sees its own
-    show = tmp_path / "show.py"
-    show.write_text("import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n")
-    jobs = [([str(show)], str(tmp_path / f"log{i}.txt")) for i in range(4)]
-    assert table.execute(jobs, table.devices_of("")[0], "runs") == []
-    seen = [(tmp_path / f"log{i}.txt").read_text().splitlines()[-1] for i in range(4)]
-    assert sorted(seen) == ["GPU-8f2a", "GPU-8f2a", "MIG-77c1", "MIG-77c1"]
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    argv = ["--gpus", "7", "--datasets", "cifar10", "--imbs", "10", "--rows", "paper",
-            "--seeds", "0", "--syn", "heldout", "--", "--data-root", root]
-    code, err = in_process(lambda: table.main(argv), capsys)
-    assert code == 2 and len(err) == 1 and "torch sees 0 GPU(s)" in err[0], err
-    table.main(["--dry-run", *argv])
-    assert capsys.readouterr().out.count("python train.py") == 1
-
-
-def test_table_fetches_the_data_once_before_it_makes_anything(tmp_path, monkeypatch, capsys):
-    """A grid whose data cannot be fetched ends in one line before any folder (before: runs/ and
-    a pool log were left behind)."""
-    import table
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    fetched = []
-
-    def unreachable(*args):
-        fetched.append(args)
-        raise cli.SAUError("cifar10 not found at x and the download failed")
-
-    monkeypatch.setattr(data, "cifar_folder", unreachable)
-    code, err = in_process(lambda: table.main(["--datasets", "cifar10", "--imbs", "10"]), capsys)
-    assert code == 2 and len(err) == 1 and "download failed" in err[0], err
-    assert fetched == [("cifar10", "./data")] and not os.listdir(tmp_path)
-
-
-def test_processes_started_at_once_on_an_empty_data_root_fetch_it_once(tmp_path, monkeypatch):
-    """Every torchrun rank, table.py child and generator calls the download: one at a time (a lock
-    in the data root), unpacked into a temporary folder renamed when whole. Here torchvision's
-    download writes the files one by one, slowly; four processes started at once all read whole
-    data, and the download ran once (before: "cannot read .../data_batch_N")."""
-    import multiprocessing
-    import time
-    import torchvision.datasets
-    root = tmp_path / "data"
-
-    def slow_download(where, train, download):
-        with open(tmp_path / "downloads", "a") as f:
-            f.write("1")
-        real_dump = pickle.dump
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(pickle, "dump", lambda *a: (time.sleep(0.05), real_dump(*a)))
-            write_cifar(str(where))
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", slow_download)
-
-    def load(q):
-        try:
-            q.put(len(data.load_cifar("cifar10", str(root), train=True)[1]))
-        except cli.SAUError as e:
-            q.put(str(e))
-
-    ctx = multiprocessing.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=load, args=(q,)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join()
-    assert results == [200] * 4 and (tmp_path / "downloads").read_text() == "1"
-    assert sorted(os.listdir(root)) == [".lock", "cifar-10-batches-py"]
-
-
-def test_a_planted_share_without_a_fill_is_refused(capsys):
-    code, err = in_process(lambda: cpu_config(["--syn-ratio", "0", "--syn-noise", "0.5"]), capsys)
-    assert code == 2 and "--syn-noise 0.5 has no effect with --syn-ratio 0" in err[0], err
-
-
-def test_two_runners_on_one_grid_one_is_refused(tmp_path):
-    first = cli.own(str(tmp_path / "grid"), "--name", "runner")
-    with pytest.raises(cli.SAUError, match="in use by another runner"):
-        cli.own(str(tmp_path / "grid"), "--name", "runner")
-    first.close()
-
-
-# ---------------------------------------------------------------- the literature's subsets
-
-
-def authors_subset(labels, imb):
-    """The SAU authors' subset, written out from their dataset/cifar10.py (produce_train_data)
-    after main.py's np.random.seed(35180): per class in label order, choice(n, n_real) for the
-    real images, then choice(n, n_max - n_real) for the synthetic ones."""
-    num_cls = int(labels.max()) + 1
-    data_num = int(len(labels) / num_cls)
-    real = [int(data_num * ((1 / imb) ** (c / (num_cls - 1)))) for c in range(num_cls)]
-    np.random.seed(35180)
-    keep = []
-    for i in range(1, num_cls + 1):
-        positions = np.flatnonzero((labels >= i - 1) & (labels < i))
-        index = np.random.choice(len(positions), real[i - 1], replace=False)
-        np.random.choice(len(positions), data_num - real[i - 1], replace=False)
-        keep += positions[index].tolist()
-    return sorted(keep)
-
-
-def ldam_subset(labels, imb):
-    """LDAM-DRW's IMBALANCECIFAR10 (imbalance_cifar.py), written out: np.random.seed(0), then
-    per class idx = np.where(targets == c)[0]; np.random.shuffle(idx); idx[:n]."""
-    cls_num = int(labels.max()) + 1
-    img_max = len(labels) / cls_num
-    counts = [int(img_max * ((1 / imb) ** (c / (cls_num - 1.0)))) for c in range(cls_num)]
-    np.random.seed(0)
-    keep = []
-    for c, n in zip(np.unique(labels), counts):
-        idx = np.where(labels == c)[0]
-        np.random.shuffle(idx)
-        keep += idx[:n].tolist()
-    return sorted(keep)
-
-
-@pytest.fixture
-def global_numpy_restored():
-    state = np.random.get_state()
-    yield
-    np.random.set_state(state)
-
-
-def cifar_like_labels(num_classes, per_class):
-    """A label array with CIFAR's layout (per_class of each class, in a shuffled order)."""
-    return np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
-
-
-@pytest.mark.parametrize("num_classes,per_class", [(10, 5000), (100, 500)])
-@pytest.mark.parametrize("imb", [100, 50, 10])
-def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, per_class, imb,
-                                                                   global_numpy_restored):
-    labels = cifar_like_labels(num_classes, per_class)
-    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
-        ours = data.long_tail_indices(labels, imb, 0, split)
-        assert sorted(ours.tolist()) == theirs(labels, imb), (split, imb)
-        assert np.bincount(labels[ours]).tolist() == data.lt_counts(per_class, num_classes, imb)
-
-
-def test_the_splits_on_the_tiny_data_and_seeded_unchanged(root, global_numpy_restored):
-    _, labels = data.load_cifar("cifar10", root, train=True)
-    for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
-        assert sorted(data.long_tail_indices(labels, 10, 0, split).tolist()) == theirs(labels, 10)
-    # seeded, as it always drew: the per-class draws of one generator of the data seed
-    rng = np.random.default_rng(3)
-    drawn = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
-             for c, n in enumerate(data.lt_counts(20, 10, 10))]
-    assert np.array_equal(data.long_tail_indices(labels, 10, 3), np.concatenate(drawn))
-    assert np.array_equal(data.long_tail_indices(labels, 10, 3, "seeded"), np.concatenate(drawn))
-
-
-def test_data_script_prints_a_splits_counts_and_saves_its_indices(root, tmp_path, capsys,
-                                                                  global_numpy_restored):
-    out = tmp_path / "subset.txt"
-    code, err = in_process(lambda: data.main(["--data-root", root, "--imb", "10", "--split",
-                                              "reference", "--save-indices", str(out)]), capsys)
-    assert code == 0, err
-    _, labels = data.load_cifar("cifar10", root, train=True)
-    saved = [int(x) for x in out.read_text().split()]
-    assert saved == authors_subset(labels, 10) and saved == sorted(saved)
-    code, err = in_process(lambda: data.main(["--data-root", root, "--split", "ldam",
-                                              "--data-seed", "3"]), capsys)
-    assert code == 2 and "--data-seed 3 has no effect with --split reference or ldam" in err[0]
-
-
-def test_split_is_a_data_setting_named_in_the_run_and_taken_by_table_rows(root, capsys):
-    import table
-    cfg = cpu_config(["--data-root", root, "--split", "ldam"])
-    assert "_splitldam_" in train.run_name(cfg) and "split" not in train.run_name(cpu_config([]))
-    capsys.readouterr()
-    table.main(["--dry-run", "--datasets", "cifar10", "--imbs", "10", "--rows", "l", "--row",
-                "l=--split ldam", "--seeds", "0"])
-    printed = capsys.readouterr().out
-    assert "--split ldam" in printed and "_splitldam_" in printed
-
-
-# ---------------------------------------------------- prompts written by a language model
-
-
-def write_tiny_language_model(folder, names):
-    """A causal language model and its tokenizer from configs, no download: GPT-2 shapes at a
-    width of 16, a word-level vocabulary of the class names and common words, so that its random
-    samples are lines of words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    common = ("a the on in at of with under near over by its and light sky road grass water wall "
-              "morning evening sun shadow side view close wide field street tree cloud snow")
-    words = ["[PAD]", "[EOS]", "[UNK]", *(w for n in names for w in n.replace("_", " ").split()),
-             *common.split()]
-    words = list(dict.fromkeys(words))
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]",
-                                  unk_token="[UNK]")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=256, n_embd=16,
-                                       n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1,
-                                       pad_token_id=0))
-    tok.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return str(folder)
-
-
-def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(root, tmp_path, capsys):
-    """prompting.write_lm_prompts with a tiny model: the asked number of lines per class, each
-    beginning with its class name, within the length window, none twice in a class; the same
-    file again from scratch; a file cut by a kill (a partial last line) resumed to the same
-    bytes; a rerun that has nothing to write loads no model."""
-    import prompting
-    names = CIFAR10_NAMES
-    lm = write_tiny_language_model(tmp_path / "lm", names)
-    counts = [0, 3] + [2] * 8  # a class with no fill gets no line
-    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1)]
-    for p in paths:
-        p.parent.mkdir()
-        prompting.write_lm_prompts(str(p), names, counts, lm, torch.device("cpu"), 5,
-                                   batch_size=4)
-    text = paths[0].read_text()
-    assert text == paths[1].read_text() and "refused and drawn again, per class" in (
-        capsys.readouterr().out)
-    lines = prompting.lm_lines(str(paths[0]), names)
-    assert [len(lines[c]) for c in range(10)] == counts
-    for c, ls in lines.items():
-        assert len(set(ls)) == len(ls)
-        for line in ls:
-            assert line.lower().startswith(names[c]) and 20 <= len(line.split()) <= 70
-    # killed in its fourth call, then a line cut short: the rest written as an uninterrupted run
-    # writes it
-    killed = tmp_path / "killed" / prompting.LM_FILE
-    killed.parent.mkdir()
-    real_describe, count = prompting.describe, [0]
-
-    def describe(*args):
-        count[0] += 1
-        if count[0] == 4:
-            raise Killed
-        return real_describe(*args)
-
-    with pytest.raises(Killed), pytest.MonkeyPatch.context() as m:
-        m.setattr(prompting, "describe", describe)
-        prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
-                                   batch_size=4)
-    assert len(text) > len(killed.read_text()) > 0
-    with open(killed, "a") as f:
-        f.write("Deer shadow clo")
-    prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
-                               batch_size=4)
-    assert killed.read_text() == text
-    prompting.write_lm_prompts(str(killed), names, counts, "no/such-model", None, 5)  # nothing
-    assert prompting.class_prompts(names, str(paths[0]), "built")[1] == lines[1]
-
-
-def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(root, pipe_dir,
-                                                                               tmp_path):
-    import prompting
-    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
-    pool = tmp_path / "pool"
-    gen_here(root, pipe_dir, pool, "--prompt-model", lm, "--per-class", 2, "--prompt-batch", 4)
-    manifest = json.loads((pool / "manifest.json").read_text())
-    assert manifest["generator"]["prompts"]["file"] == prompting.LM_FILE
-    assert manifest["generator"]["prompts"]["written_by"] == lm
-    with np.load(pool / data.shard_name(3, 0)) as z:
-        written = prompting.lm_lines(str(pool / prompting.LM_FILE), CIFAR10_NAMES)[3]
-        assert list(z["prompts"]) == written[:2]
-
-
-def test_a_language_model_whose_lines_are_all_refused_is_named_in_one_line(root, pipe_dir,
-                                                                          tmp_path, monkeypatch):
-    """Before: "--prompts .../prompts_lm.txt has no line for airplane: add lines beginning with
-    each class name", which blamed a file the user never wrote."""
-    import prompting
-    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
-    monkeypatch.setattr(prompting, "WORDS", (500, 600))  # no description is that long
-    monkeypatch.setattr(prompting, "MAX_TRIES", 2)
-    with pytest.raises(cli.SAUError, match=r"--prompt-model .* wrote no line that was kept for "
-                                           r"airplane.*\(airplane: 8 lines in 2 calls"):
-        gen_here(root, pipe_dir, tmp_path / "pool", "--prompt-model", lm, "--per-class", 4,
-                 "--prompt-batch", 4)

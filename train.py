@@ -6,8 +6,7 @@ branch, trained on a long-tailed set whose tail is filled with synthetic images.
     python train.py --resume runs/<name>                     # continue a killed run
 
 Top to bottom: the settings, the losses, the step, one epoch and the run, prototypes and evaluation,
-the set-up and the command line. docs/method.md describes the method; audit.py holds the epoch
-audit (ours), runner.py the run folder, the processes and --bench.
+the set-up and the command line (docs/method.md; audit.py: the epoch audit; runner.py: the rest).
 """
 import argparse
 import sys
@@ -176,8 +175,7 @@ def mix(xa, xb, ta, tb, draws):
 
 
 def mix_draws(rng, steps, alpha, h=32, w=32):
-    """[steps, 4] float64: each step's mixup lam, cutmix lam and box centre (mix), drawn per step
-    in this order."""
+    """[steps, 4] float64: per step, mixup's lam, cutmix's lam and box centre (y, x), in order."""
     return torch.tensor([[rng.beta(alpha, alpha), rng.beta(alpha, alpha), rng.uniform(0, h),
                           rng.uniform(0, w)] for _ in range(steps)], dtype=torch.float64)
 
@@ -188,8 +186,7 @@ def mix_draws(rng, steps, alpha, h=32, w=32):
 class StepInputs(NamedTuple):
     """One step's inputs on the device. A stream's batch (views.Batch) holds its views, or, from
     the gpu loader, its uint8 images and the views' draws (made into views inside the step)."""
-    a: views.Batch  # stream A: v1 (classification branch), v2 and v3 (contrastive), labels y,
-    # is_syn, index (each sample's position in the mixed set)
+    a: views.Batch  # stream A: v1 (classification), v2 and v3 (contrastive), y, is_syn, index
     b: views.Batch  # stream B: the mixing partners' v1; None without the classification branch
     mix: torch.Tensor  # [4] float64: this step's mix_draws
     protos: torch.Tensor  # C x 2 x D: this epoch's real-data prototypes
@@ -272,19 +269,18 @@ def train_epoch(run, cfg, epoch, protos, suspects, folder):
     rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix
     # drawn for the epoch at once (at least its steps): one copy to the device, none a step
     steps = -(-len(run.mixed) // (cfg["batch_size"] // run.world))
-    mixes = mix_draws(rng, steps, cfg["mix_alpha"]).to(run.device) if cfg["w_cls"] > 0 else None
+    mixes = mix_draws(rng, steps, cfg["mix_alpha"]).to(run.device)
     audit_suspects = suspects.next.to(run.device) if cfg["relabel"] == "audit" else None
     run.model.train()
-    sums = torch.zeros(3, device=run.device)  # loss, cls, con
+    sums, seen = torch.zeros(3, device=run.device), 0  # loss, cls, con; images
     # the first step with a non-finite loss, found without a sync
     bad_step = torch.full((), -1, device=run.device)
-    seen = 0
     bar = tqdm(total=len(run.mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
                disable=run.rank != 0)
     for step, (batch_a, batch_b) in enumerate(streams(run, cfg, epoch_seed)):
-        mix = None if mixes is None else mixes[step]
-        inputs = step_inputs(run, cfg, batch_a, batch_b, mix, protos, epoch, audit_suspects)
+        inputs = step_inputs(run, cfg, batch_a, batch_b, mixes[step], protos, epoch,
+                             audit_suspects)
         losses = train_step(run, inputs, suspects.counts)
         sums += losses
         bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(losses[0]), step + 1)
@@ -305,8 +301,7 @@ def train(cfg):
     with runner.Folder(cfg, run_name(cfg)) as folder:
         run = setup(cfg)
         suspects = audit.Suspects.new(run, folder.ckpt)
-        use_con = cfg["w_con"] > 0
-        protos = None
+        use_con, protos = cfg["w_con"] > 0, None
         for epoch in range(folder.restore(run), folder.epochs()):
             epoch_seed = cfg["seed"] * views.SEED_MIX + epoch
             t0 = time.time()
@@ -405,8 +400,9 @@ def evaluate(run):
 
 def optimizer(model, cfg):
     """SGD with momentum and weight decay, the learning rate cosine-annealed per epoch to 0."""
+    # foreach: a few multi-tensor ops a step, as torch does on CUDA anyway (the same numbers)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=cfg["weight_decay"])
+                          weight_decay=cfg["weight_decay"], foreach=True)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
 
 
@@ -421,11 +417,6 @@ def streams(run, cfg, epoch_seed):
     views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if cfg["w_con"] > 0 else ())
     return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, use_cls,
                               run.rank, run.world, run.batches)
-
-
-def bench(cfg):
-    """--bench: the step, its data path and the forward passes timed (runner.bench)."""
-    return runner.bench(cfg, setup(cfg), sys.modules[__name__])
 
 
 # ---------------------------------------------------------------- the command line
@@ -444,12 +435,12 @@ def run_name(cfg, seed=True):
     return cli.run_name(CONFIG, cfg, seed)
 
 
-def main():
-    cfg = get_config()
+def main(argv=None):
+    cfg = get_config(argv)
     if cfg["summarize"]:
         return report.summarize(CONFIG, cfg["summarize"], cfg["out"])
-    try:
-        bench(cfg) if cfg["bench"] else train(cfg)
+    try:  # --bench: the step, its data path and the forward passes timed (runner.bench)
+        runner.bench(cfg, setup(cfg), sys.modules[__name__]) if cfg["bench"] else train(cfg)
     finally:  # under torchrun: a process group left at exit can hang it
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

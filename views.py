@@ -127,6 +127,10 @@ def _col(v):  # [B] -> [B, 1, 1, 1]
     return v.reshape(-1, 1, 1, 1)
 
 
+def _pick(images, which):  # per sample b, images[which[b]][b]: K x [B, ...] -> [B, ...]
+    return torch.stack(images)[which, torch.arange(len(which), device=which.device)]
+
+
 def _u8(x):  # float -> uint8 as torchvision does: clamp, then truncate
     return x.clamp(0, 255).to(torch.uint8)
 
@@ -205,7 +209,7 @@ def autoaugment_op(x, op, mag):
     """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B]
     float64 signed magnitude. Every op is computed for the whole batch and selected per sample: no
     host sync, fixed shapes."""
-    is_op = {name: op == i for i, name in enumerate(AA_OPS)}
+    is_op = {name: op == i for i, name in enumerate(AA_OPS[:5])}  # the geometric ones
     zero, w, h = torch.zeros_like(mag), x.shape[-1], x.shape[-2]
     # sheared about the top-left corner, as torchvision's AutoAugment
     shear = is_op["ShearX"] | is_op["ShearY"]
@@ -231,10 +235,8 @@ def autoaugment_op(x, op, mag):
         "Equalize": T.functional.equalize(x),
         "Invert": 255 - x,
     }
-    out = torch.where(_col(op <= AA_OPS.index("Rotate")) & _col(op >= 0), geo, x)
-    for name, y in results.items():
-        out = torch.where(_col(is_op[name]), y, out)
-    return out
+    # per sample, its op's image: x for none (-1), geo for the five geometric ones, else its own
+    return _pick([x, geo, *results.values()], (op - 3).clamp(min=1) * (op >= 0))
 
 
 def _aa_tables(h, w):
@@ -325,9 +327,7 @@ def color_jitter(x, order, bf, cf, sf, hf, select=None):
         hue = T.functional.to_dtype(_hsv_to_rgb(hsv, select), torch.uint8, scale=True)
         ys = [_u8(xf * _col(bf)), _blend(xf, gray.mean((1, 2, 3), keepdim=True), cf.double()),
               _blend(xf, gray, sf.double()), hue]
-        o = _col(order[:, k])
-        x = torch.where(o == 0, ys[0],
-                        torch.where(o == 1, ys[1], torch.where(o == 2, ys[2], ys[3])))
+        x = _pick(ys, order[:, k])
     return x
 
 
