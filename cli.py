@@ -155,10 +155,11 @@ def pick_device(name):
         if "LOCAL_RANK" not in os.environ:
             raise SAUError("WORLD_SIZE is set but LOCAL_RANK is not: start the processes with "
                            "torchrun, or set LOCAL_RANK (srun: LOCAL_RANK=$SLURM_LOCALID)")
-        local = int(os.environ["LOCAL_RANK"])
-        if local >= seen > 1:
-            raise SAUError(f"LOCAL_RANK {local}, but this process sees {seen} GPUs: start at "
-                           f"most {seen} processes a machine, or one GPU a task")
+        # torchrun's LOCAL_WORLD_SIZE: the processes of this machine, that share what it sees
+        local, here = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local >= seen > 1 or here > seen:
+            raise SAUError(f"LOCAL_RANK {local} of {here}, but this process sees {seen} GPU(s): "
+                           f"start at most {seen} processes a machine, or one GPU a task")
         device = torch.device("cuda", local if seen > 1 else 0)
     if device.type == "cuda" and (device.index or 0) >= seen:
         raise SAUError(f"--device {name}: this machine has {seen} CUDA device(s)")

@@ -18,6 +18,7 @@ import torch
 import cli
 import views
 
+
 class Cifar(NamedTuple):
     """A dataset's python-layout files and the torchvision class that downloads them."""
     folder: str

@@ -247,13 +247,13 @@ class Maker:
     def to_uint8(self, x):
         """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to
         32."""
+        gpu = self.cfg["resize"] == "gpu" and x.shape[-1] != 32
+        x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if gpu else x
+        u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         if self.cfg["resize"] == "gpu":
-            x = F.interpolate(x, size=(32, 32), mode="bicubic",
-                              antialias=True) if x.shape[-1] != 32 else x
-            return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        full = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return np.stack(
-            [np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS)) for im in full])
+            return u8
+        return np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.LANCZOS))
+                         for im in u8])
 
     def make(self, items, prompts):
         """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n], CLIP refusals [n], CLIP
@@ -324,13 +324,13 @@ class ClipFilter:
         host lists."""
         x = F.interpolate(x.float().nan_to_num().to(self.device), size=(self.size, self.size),
                           mode="bicubic", antialias=True).clamp(0, 1)
-        image = F.normalize(
-            pooled(self.model.get_image_features(pixel_values=(x - self.mean) / self.std)), dim=-1)
+        features = self.model.get_image_features(pixel_values=(x - self.mean) / self.std)
+        image = F.normalize(pooled(features), dim=-1)
         logits = self.model.logit_scale.exp() * image @ self.text.T  # n x C
         y = torch.tensor(labels, device=self.device)[:, None]
         p = logits.softmax(1).gather(1, y)[:, 0]
-        kept = ((logits > logits.gather(1, y)).sum(1)
-                < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
+        above = (logits > logits.gather(1, y)).sum(1)  # classes CLIP ranks above the label
+        kept = (above < self.cfg["clip_top_k"]) & (p >= self.cfg["clip_min_p"])
         return kept.tolist(), p.tolist()
 
 
@@ -396,9 +396,9 @@ class ClassConditional(Maker):
         """float [n, 3, 32, 32] in [0, 1]; eps = uncond + guidance * (cond - uncond)."""
         y = torch.tensor([c for c, _ in items], device=self.device)
         labels = torch.cat([y, torch.full_like(y, self.null)])
-        x = torch.stack(
-            [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        x = x.to(self.device)  # the noise is drawn on the CPU: the same images on every device
+        # the noise is drawn on the CPU: the same images on every device
+        x = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
         self.sampler.set_timesteps(self.steps, device=self.device)
         for t in self.sampler.timesteps:
             with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
@@ -505,8 +505,8 @@ def write_samples(folder, names, per_row=8):
                       + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
         # short classes: blank tiles
         images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))
-        strip = np.concatenate(
-            [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
+        strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255)
+                                for im in images], 1)
         ax.imshow(strip, interpolation="nearest")
         for i, note in enumerate(notes):
             ax.text(34 * i + 17, 35, textwrap.fill(note, 18), ha="center", va="top", fontsize=4.5)
