@@ -164,12 +164,14 @@ class Folder:
 
     def __enter__(self):
         self.lock = cli.own(self.out) if self.main else None
-        if not self.cfg["resume"] and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
-            self.__exit__(None, None, None)
-            raise cli.SAUError(f"{self.out} already holds a run: continue it with --resume "
-                               f"{self.out}, or pass a new --out")
-        if self.cfg["resume"]:
-            self.ckpt = load_checkpoint(self.out)
+        try:  # a refused run (or an unreadable checkpoint) releases the lock as it leaves
+            if not self.cfg["resume"] and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
+                raise cli.SAUError(f"{self.out} already holds a run: continue it with --resume "
+                                   f"{self.out}, or pass a new --out")
+            self.ckpt = load_checkpoint(self.out) if self.cfg["resume"] else None
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
         return self
 
     def __exit__(self, kind, error, tb):

@@ -235,11 +235,9 @@ def devices_of(gpus):
 def main(argv=None):
     cfg, extra = parse(sys.argv[1:] if argv is None else argv)
     jobs = plan(cfg, extra)
-    if cfg["dry_run"]:
-        needed = pools(cfg, jobs, 1)
-    else:
-        devices, where = devices_of(cfg["gpus"])
-        needed = pools(cfg, jobs, len(devices))
+    # --dry-run: the commands for another machine, its pools in one process each
+    devices, where = ([None], "") if cfg["dry_run"] else devices_of(cfg["gpus"])
+    needed = pools(cfg, jobs, len(devices))
     pending = [(command(j.argv, j.folder), os.path.join(j.folder, "log.txt"))
                for j in jobs if not os.path.isfile(os.path.join(j.folder, "final.json"))]
     if cfg["dry_run"]:

@@ -94,11 +94,10 @@ def view_transforms(dataset):
 
 
 class Views(torch.utils.data.Dataset):
-    """Item i, or (i, seed) -> (views, label, is_syn, i) with the named views, drawn from a
-    generator seeded by (seed, i) alone, whatever --workers is."""
+    """Item (i, seed) -> (views, label, is_syn, i) with the named views, drawn from a generator
+    seeded by (seed, i) alone, whatever --workers is."""
 
-    def __init__(self, images, labels, is_syn, dataset, views, seed=None):
-        self.seed = seed
+    def __init__(self, images, labels, is_syn, dataset, views):
         # N x 3 x 32 x 32, a view, no copy
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
         self.labels, self.is_syn = torch.from_numpy(labels), torch.from_numpy(is_syn)
@@ -109,9 +108,8 @@ class Views(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, item):
-        i, seed = item if isinstance(item, tuple) else (item, self.seed)
-        if seed is not None:
-            torch.default_generator.manual_seed(seed * SEED_MIX + int(i))
+        i, seed = item
+        torch.default_generator.manual_seed(seed * SEED_MIX + int(i))
         x = self.images[i]
         return {v: t(x) for v, t in self.transforms.items()}, self.labels[i], self.is_syn[i], i
 
