@@ -1,9 +1,6 @@
-"""The epoch audit (ours): after every epoch, each sample of the mixed set is scored on its plain
-image against its class's real images, and a synthetic one ranked below --audit-q of them is a
-suspect in the next epoch (--relabel audit), or only measured (--relabel on: the paper's rule
-relabels, the audit's AUCs say how well each score would have found the planted images).
-docs/detectors.md has the measurements.
-"""
+"""The epoch audit (ours): after every epoch each sample is scored on its plain image against its
+class's real images; a synthetic one ranked below --audit-q of them is a suspect next epoch
+(--relabel audit), or only measured (docs/detectors.md)."""
 import dataclasses
 
 import numpy as np
@@ -17,7 +14,7 @@ SCORES = ("p", "margin", "both")  # log p(label), the prototype margin, and thei
 
 @dataclasses.dataclass
 class Suspects:
-    """The suspects over the mixed set, made in one place (new) and kept in the checkpoint."""
+    """The suspects over the mixed set, kept in the checkpoint."""
     counts: torch.Tensor  # [N] int32 on the device: epochs each sample was a suspect in a step
     total: torch.Tensor  # [N] int32 on the host: counts summed over processes, last epoch's end
     scores: torch.Tensor  # [N, 2] on the host: the last epoch audit's scores, None before it
@@ -35,8 +32,7 @@ class Suspects:
         return cls(counts, ckpt["flagged"], ckpt.get("audit"),
                    ckpt.get("suspects", torch.zeros(n, dtype=torch.bool)))
 
-    def end_epoch(self, run):
-        """[N] bool on the host: the samples that were suspects in a step of this epoch."""
+    def end_epoch(self, run):  # [N] bool on the host: the suspects of this epoch's steps
         before, self.total = self.total, run.sum(self.counts.clone()).cpu()
         return (self.total - before).numpy() > 0
 
@@ -45,8 +41,7 @@ class Suspects:
 
 
 def epoch_audit(run, cfg, protos, suspects, epoch_suspects):
-    """Score every sample of the mixed set on its plain image; a synthetic one ranked below
-    --audit-q of its class's real images is a suspect next epoch. The metrics' audit fields."""
+    """Score the mixed set and pick the next epoch's suspects; the metrics' audit fields."""
     mixed = run.mixed
     suspects.scores = score_mixed_set(run, protos).cpu()
     real = torch.from_numpy(~mixed.is_syn)
@@ -59,7 +54,7 @@ def epoch_audit(run, cfg, protos, suspects, epoch_suspects):
 
 @torch.no_grad()
 def score_mixed_set(run, protos):
-    """[N, 2] scores of every sample of the mixed set on its plain image, in eval mode."""
+    """[N, 2] scores of every sample on its plain image, in eval mode."""
     run.eval()
     scores = torch.zeros(len(run.mixed), 2, device=run.device)
     unit = F.normalize(protos.float(), dim=-1)
@@ -73,9 +68,8 @@ def score_mixed_set(run, protos):
 
 
 def audit_scores(logits, z, y, protos):
-    """[B, 2], higher = more like its class: the classifier's log p(y | x), and the prototype
-    margin (cosine to its class's prototype minus the nearest other class's, the lower over the
-    prototypes' views). logits [B, C], unit z [B, D], labels y [B], unit prototypes [C, V, D]."""
+    """[B, 2], higher = more like its class: log p(y | x), and the prototype margin (cosine to its
+    class's prototype minus the nearest other's, the lower over the views). protos [C, V, D]."""
     with torch.autocast(z.device.type, enabled=False):
         cos = torch.einsum("bd,cvd->bvc", z.float(), protos.float())  # B x V x C
     own = y[:, None, None].expand(-1, cos.shape[1], 1)
@@ -85,9 +79,8 @@ def audit_scores(logits, z, y, protos):
 
 
 def reference_rank(score, labels, real):
-    """[N]: per sample, the share of its class's real samples that score lower. The real images
-    are the reference: flagging ranks below q flags about q of anything drawn like them, whatever
-    the model."""
+    """[N]: per sample, the share of its class's real samples that score lower: below q flags about
+    q of anything drawn like them, whatever the model."""
     rank = torch.zeros_like(score)
     for c in labels.unique():
         of_c = labels == c
@@ -97,8 +90,7 @@ def reference_rank(score, labels, real):
 
 
 def audit_ranks(scores, labels, real):
-    """[N, 3] reference ranks of the scores p, margin and both (the sum of the first two ranks),
-    host tensors."""
+    """[N, 3] reference ranks of p, margin and both (the sum of the first two ranks)."""
     r = [reference_rank(s.contiguous(), labels, real) for s in scores.T]
     return torch.stack(r + [reference_rank(r[0] + r[1], labels, real)], 1)
 
@@ -107,8 +99,7 @@ def audit_ranks(scores, labels, real):
 
 
 def auc(score, positive):
-    """The chance that a positive scores above a negative, ties counting half (Mann-Whitney); None
-    without both."""
+    """P(a positive scores above a negative), ties half (Mann-Whitney); None without both."""
     s, pos = np.asarray(score, float), np.asarray(positive, bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if not n1 or not n0:
@@ -119,11 +110,9 @@ def auc(score, positive):
 
 
 def audit_figures(scores, ranks, mixed, q, flags):
-    """metrics.jsonl's audit fields: per score, the detector figures of flagging a synthetic sample
-    ranked below q and the AUC (planted vs clean; of the rank sum for both), and the AUC of the
-    flags the step used this epoch (flags [N]: the paper's rule's, or the audit's with --relabel
-    audit); per class, the 10/50/90% points of log p and margin for real, clean and planted
-    samples."""
+    """metrics.jsonl's audit fields: per score the detector figures of its flags and its AUC
+    (planted vs clean), the AUC of the step's flags, and per class the 10/50/90% points of each
+    score for real, clean and planted samples."""
     syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
     raw = torch.cat([scores, (ranks[:, 0] + ranks[:, 1])[:, None]], 1).numpy()
     fig = {name: {**report.detector(syn & (ranks[:, k] < q).numpy(), mixed),

@@ -1,7 +1,5 @@
-"""What every script shares at the command line: the settings table's machinery, one-line errors,
-atomic writes, the run folder's lock and the device. It imports none of the scripts: it is the
-floor they stand on.
-"""
+"""What every script shares at the command line: the settings table, one-line errors, atomic
+writes, the run folder's lock and the device. It imports none of the scripts."""
 import argparse
 import contextlib
 import fcntl
@@ -32,11 +30,9 @@ class Parser(argparse.ArgumentParser):
 
 
 class Setting(NamedTuple):
-    """One flag. check: (predicate, what a value must be); named: in the run name "always", when
-    it differs from the default ("changed"), or "never", as tag + value (tag None: the key);
-    scope: "run" shapes the results (compared on --resume and --summarize), "runtime" only their
-    speed or rounding (kept on --resume unless given), "call" belongs to one command (--out,
-    --resume, --stop-after, --bench)."""
+    """One flag. check: (predicate, what a value must be); named: in the run name "always", if
+    not the default ("changed") or "never", as tag + value (tag None: the key); scope: "run" shapes
+    the results, "runtime" only their speed or rounding, "call" belongs to one command."""
     default: object
     help: str
     check: tuple = None
@@ -45,7 +41,7 @@ class Setting(NamedTuple):
     named: str = "changed"
     scope: str = "run"
     type: type = None  # the default's, unless the default is None
-    nargs: str = None  # "+": a list of values (--summarize RUN ...)
+    nargs: str = None
 
 
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
@@ -57,14 +53,15 @@ DEVICE = Setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N",
 SEED = (lambda v: 0 <= v < 2**20, "in [0, 2^20)")
 
 
-def flag(key):
-    """The command-line spelling of a setting: batch_size -> --batch-size."""
+def flag(key):  # batch_size -> --batch-size
     return "--" + key.replace("_", "-")
 
 
-def parser(table, description, **kw):
-    """argparse from a settings table; a flag not given is left out of the parse (argparse's
-    SUPPRESS), so that the parse also says which flags were given."""
+def parse_settings(table, ignored, description, argv=None, resumed=None, **kw):
+    """The settings of one command as a dict, checked. A flag not given is left out of the parse
+    (argparse.SUPPRESS), so the parse says which were given: resumed(cfg, given) fills the others
+    of a run continued, and a flag of `ignored` [(key, when(cfg), "with --flag value")] given
+    where it has no effect is refused."""
     p = Parser(description=description, argument_default=argparse.SUPPRESS, **kw)
     for key, s in table.items():
         if s.default is False:
@@ -73,15 +70,7 @@ def parser(table, description, **kw):
         shown = f"{s.help} (default: {s.default})" if s.default not in (None, "") else s.help
         p.add_argument(flag(key), type=s.type or type(s.default), choices=s.choices, help=shown,
                        metavar=None if s.choices else key.upper(), nargs=s.nargs)
-    return p
-
-
-def parse_settings(table, ignored, description, argv=None, resumed=None, **kw):
-    """The settings of one command as a dict: parsed, checked, and refused where one cannot act
-    under another. ignored: [(key, when(cfg), "with --flag value")], a setting given with a value
-    other than its default where it has no effect is refused rather than silently named.
-    resumed(cfg, given): the settings of a run continued."""
-    given = vars(parser(table, description, **kw).parse_args(argv))
+    given = vars(p.parse_args(argv))
     cfg = {**{k: s.default for k, s in table.items()}, **given}
     cfg = resumed(cfg, given) if resumed else cfg
     check_settings(cfg, table)
@@ -101,15 +90,13 @@ def run_name(table, cfg, seed=True):
 
 
 def config_diff(table, a, b, ignore=()):
-    """The settings that shape the results and differ between two configs; a setting newer than
-    a run had its default there."""
+    """The settings that shape the results and differ (one newer than a run: its default)."""
     defaults = {k: s.default for k, s in table.items()}
     a, b = {**defaults, **a}, {**defaults, **b}
     return [k for k, s in table.items() if s.scope == "run" and k not in ignore and a[k] != b[k]]
 
 
 def check_settings(cfg, table):
-    """One line for the first value that is not finite or fails its setting's check."""
     for key, s in table.items():
         v = cfg.get(key)
         if isinstance(v, float) and not math.isfinite(v):
@@ -129,13 +116,12 @@ def read_json(path):
 
 def derived_seed(*parts, bits=32):
     """One seed made of several numbers (numpy's SeedSequence): a function of them alone."""
-    if bits == 63:
-        return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    dtype = np.uint64 if bits == 63 else np.uint32
+    state = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype)[0])
+    return state >> 1 if bits == 63 else state
 
 
-def rank_and_world():
-    """(this process's rank, processes): torchrun's RANK and WORLD_SIZE, else (0, 1)."""
+def rank_and_world():  # torchrun's RANK and WORLD_SIZE, else (0, 1)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -143,9 +129,8 @@ def rank_and_world():
 
 
 def pick_device(name):
-    """--device auto|cpu|cuda|cuda:N -> torch.device; CUDA asked for where there is none is bad
-    input. Under torchrun or srun (WORLD_SIZE > 1) each process takes the GPU of its LOCAL_RANK
-    among those it sees, or the one it sees where each task is bound to a GPU of its own."""
+    """--device -> torch.device. Under torchrun or srun (WORLD_SIZE > 1) each process takes the
+    GPU of its LOCAL_RANK among those it sees, or the one it sees (one GPU bound to each task)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -167,17 +152,14 @@ def pick_device(name):
 
 
 def use_device(name, deterministic=False):
-    """pick_device, then make it the process's current GPU (pinned memory, cuDNN handles and stray
-    allocations go there, not to GPU 0). Precision on CUDA: convolutions in TF32, every fp32 matmul
-    in full fp32 (the losses, the prototype products, the views' affine grids). deterministic: cuDNN
-    and cuBLAS pick deterministic kernels."""
+    """pick_device, made the process's current GPU (not GPU 0 for pinned memory and cuDNN).
+    Convolutions in TF32, every fp32 matmul (losses, prototypes, the views' grids) in full fp32."""
     device = pick_device(name)
     if device.type == "cuda":
         torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
         torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-    if deterministic:  # an op that has no deterministic kernel warns
-        # read when cuBLAS starts: before any matmul
+    if deterministic:  # read when cuBLAS starts: before any matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
@@ -188,15 +170,8 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def sync_debug(device, mode):
-    """CUDA's host-sync debug mode ("warn", "error" or "default"); nothing on a CPU."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_sync_debug_mode(mode)
-
-
 def device_figures(device):
-    """(name, peak memory) for a report: the GPU's, else the CPU's threads and the process's
-    resident peak."""
+    """(name, peak memory): the GPU's, else the CPU's threads and the process's resident peak."""
     if torch.device(device).type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         return torch.cuda.get_device_name(device), f"{peak:.2f} GiB on the GPU"
@@ -205,9 +180,7 @@ def device_figures(device):
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (host)")
 
 
-def cpu_has_bf16():
-    """Native bf16 arithmetic (AVX512-BF16 or AMX): without it bf16 autocast on a CPU is emulated
-    and slower."""
+def cpu_has_bf16():  # AVX512-BF16 or AMX: elsewhere bf16 autocast on a CPU is emulated, slower
     flags = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
@@ -216,8 +189,7 @@ def cpu_has_bf16():
 
 
 def run_cli(main):
-    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130 (its message,
-    if any, says how to go on)."""
+    """main() with bad input as one line and exit 2, Ctrl-C as one line and exit 130."""
     prog = os.path.basename(sys.argv[0])
     try:
         main()
@@ -231,15 +203,13 @@ def run_cli(main):
 
 
 def ignore_sigint(*_):
-    """A DataLoader worker (or a grid's run) leaves Ctrl-C to the main process, which stops the
-    workers in order (one the terminal's signal ended first would be reported as a crash)."""
+    """A DataLoader worker or a grid's run leaves Ctrl-C to the main process, that stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def write_atomic(path, text_or_save):
-    """Write to a temporary name of this process, then rename: a kill never leaves a half-written
-    file, two processes never share a temporary file, a failed write (a full disk) leaves the old
-    file and no temporary one."""
+    """Write to a temporary name of this process, then rename: a kill or a full disk never leaves
+    a half-written file, and a failed write keeps the old one."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         if isinstance(text_or_save, str):
@@ -260,28 +230,26 @@ def writable_folder(path, flag):
     """Make the folder, or say in one line why it cannot be."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise SAUError(f"{flag} {path} is a file, not a folder: pass a folder")
+    probe = os.path.join(path, f".probe.{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, f".probe.{os.getpid()}"), "w").close()
-        os.remove(os.path.join(path, f".probe.{os.getpid()}"))
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
-        raise SAUError(
-            f"{flag} {path} is not writable ({e.strerror}): pass another folder") from None
+        raise SAUError(f"{flag} {path} is not writable ({e.strerror}): pass another") from None
     return path
 
 
 @contextlib.contextmanager
-def one_at_a_time(path):
-    """Hold the lock file at path, waiting while another process holds it."""
+def one_at_a_time(path):  # hold the lock file at path, waiting while another process holds it
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
 
 def own(out, flag="--out", what="run"):
-    """Hold out/lock while this process lives: a second run (or runner) on the folder is refused.
-    The kernel drops the lock when the process ends, however it ends, so a killed run blocks
-    nothing; the pid it wrote names it."""
+    """Hold out/lock while this process lives: a second run on the folder is refused. The kernel
+    drops the lock when the process ends, however it ends; the pid it wrote names it."""
     f = open(os.path.join(writable_folder(out, flag), "lock"), "a+")
     f.seek(0)
     holder = f.read().strip()

@@ -1,5 +1,4 @@
-"""Data only: CIFAR, the long-tailed subset, the synthetic pool on disk, the mixed set and the
-batch streams.
+"""Data only: CIFAR, the long-tailed subset, the synthetic pool, the mixed set, the batch streams.
 
     python data.py --dataset cifar10 --imb 100      # per-class real/synthetic counts
 """
@@ -19,13 +18,12 @@ import cli
 import views
 
 
-class Cifar(NamedTuple):
-    """A dataset's python-layout files and the torchvision class that downloads them."""
+class Cifar(NamedTuple):  # a dataset's python-layout files, the torchvision class fetching them
     folder: str
     train: list
     test: str
-    labels: str  # the key of the labels in a batch file
-    names: str  # the key of the class names in the meta file
+    labels: str  # the labels' key in a batch file, names the class names' in the meta file
+    names: str
     meta: str
     classes: int
     source: str
@@ -42,8 +40,7 @@ SPLITS = ("seeded", "reference", "ldam")
 REFERENCE_SEED = 35180  # the SAU authors' main.py --seed, set before their data set draws
 LDAM_SEED = 0  # LDAM-DRW's rand_number
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
-# Each stream of random draws in an epoch has its own seed, epoch_seed * len(STREAMS) + its index:
-# no stream of one epoch repeats another stream's draws of this epoch or of any other.
+# each stream of an epoch's draws has its own seed, epoch_seed * len(STREAMS) + its index
 STREAMS = ("order_a", "order_b", "views_a", "views_b", "prototypes", "mix")
 
 
@@ -60,30 +57,29 @@ DATA_CONFIG = {
              "heldout (unused real images, ours)", choices=SYN_MODES, tag="", named="always"),
     "syn_ratio": S(1.0, "fraction of each class's synthetic fill that is used", cli.NON_NEGATIVE,
                    tag="r"),
-    "syn_noise": S(0.0, "fraction of each class's fill drawn from the other classes' fill source, "
-                   "keeping its label: planted wrong-class images that measure the relabel rule "
-                   "(ours)", cli.FRACTION, tag="noise"),
+    "syn_noise": S(0.0, "fraction of each class's fill drawn from the other classes': planted "
+                   "wrong-class images that measure the relabel rule (ours)", cli.FRACTION,
+                   tag="noise"),
     "pool": S("", "synthetic pool folder; empty: <data-root>/synthetic/<dataset>", named="never"),
     "data_root": S("./data", "folder holding the CIFAR python-layout files", scope="runtime"),
     "data_seed": S(0, "seed of the long-tailed subset and the synthetic draw", cli.SEED, tag="ds"),
-    "split": S("seeded", "the long-tailed subset: seeded (drawn by --data-seed, ours) | reference "
-               "(the SAU authors' exact subset) | ldam (LDAM-DRW's, the literature's standard one)",
-               choices=SPLITS, tag="split"),
+    "split": S("seeded", "the long-tailed subset: seeded (by --data-seed, ours) | reference (the "
+               "SAU authors') | ldam (LDAM-DRW's, the standard one)", choices=SPLITS, tag="split"),
 }
-# A setting that cannot act under another one is refused rather than silently named
 DATA_IGNORED = [
     *[(k, lambda c: c["syn"] == "none", "with --syn none")
       for k in ("syn_ratio", "syn_noise", "pool")],
     ("pool", lambda c: c["syn"] == "heldout", "with --syn heldout"),
     *[(k, lambda c: c["syn_ratio"] == 0, "with --syn-ratio 0 (no fill)")
       for k in ("syn_noise", "pool")],
-    ("data_seed", lambda c: c["split"] != "seeded", "with --split reference or ldam (their subsets "
-     "have their own seeds)"),
+    ("data_seed", lambda c: c["split"] != "seeded", "with --split reference or ldam"),
 ]
 
 
-
 # ---------------------------------------------------------------- CIFAR
+
+
+REFETCH = "delete the folder and fetch CIFAR again"
 
 
 def _unpickle(path):
@@ -91,18 +87,15 @@ def _unpickle(path):
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
     except Exception as e:  # missing, truncated, not a pickle, a pickle of a class we do not have
-        raise cli.SAUError(f"cannot read {path} ({e.__class__.__name__}): delete the folder and "
-                           f"fetch CIFAR again") from None
+        raise cli.SAUError(f"cannot read {path} ({e.__class__.__name__}): {REFETCH}") from None
     if not isinstance(d, dict):
-        raise cli.SAUError(f"{path} holds a {type(d).__name__}, not CIFAR's dict: delete the "
-                           f"folder and fetch CIFAR again")
+        raise cli.SAUError(f"{path} holds a {type(d).__name__}, not CIFAR's dict: {REFETCH}")
     return d
 
 
 def cifar_folder(dataset, root):
-    """The dataset's folder under root, downloaded by torchvision if missing: by one process at a
-    time (a lock file in root), unpacked into a temporary folder and renamed when whole, so that
-    several processes started at once never read a half-unpacked folder."""
+    """The dataset's folder under root, downloaded if missing by one process at a time (a lock file
+    in root) into a temporary folder renamed when whole."""
     d = DATASETS[dataset]
     folder = os.path.join(root, d.folder)
     if os.path.isdir(folder):
@@ -110,7 +103,7 @@ def cifar_folder(dataset, root):
     import torchvision.datasets
     source = getattr(torchvision.datasets, d.source)
     with cli.one_at_a_time(os.path.join(cli.writable_folder(root, "--data-root"), ".lock")):
-        if os.path.isdir(folder):  # fetched while this process waited
+        if os.path.isdir(folder):  # fetched while it waited
             return folder
         tmp = tempfile.mkdtemp(dir=root, prefix=".download.")
         try:
@@ -119,9 +112,8 @@ def cifar_folder(dataset, root):
         except Exception as e:  # any network or archive failure ends the same way
             raise cli.SAUError(
                 f"{dataset} not found at {folder} and the download failed "
-                f"({e.__class__.__name__}); fetch {source.url} (the CIFAR python version) where "
-                f"there is a network and unpack it into --data-root: tar xzf {source.filename} "
-                f"-C {root} makes {folder}") from None
+                f"({e.__class__.__name__}): fetch {source.url} elsewhere, then tar xzf "
+                f"{source.filename} -C {root}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -133,8 +125,7 @@ def class_names(dataset, root):
     names = _unpickle(path).get(d.names)
     if not (isinstance(names, list) and len(names) == d.classes
             and all(isinstance(n, str) for n in names)):
-        raise cli.SAUError(f"{path} has no list of {d.classes} class names under {d.names!r}: "
-                           f"delete {folder} and fetch CIFAR again")
+        raise cli.SAUError(f"{path} has no list of {d.classes} class names: {REFETCH}")
     return names
 
 
@@ -153,9 +144,8 @@ def load_cifar(dataset, root, train):
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise cli.SAUError(f"{path} is not a CIFAR batch (expected 'data' [n, 3072] in 0-255 "
-                               f"and {d.labels!r} [n] in 0-{d.classes - 1}): delete {folder} and "
-                               f"fetch CIFAR again")
+            raise cli.SAUError(f"{path} is not a CIFAR batch ('data' [n, 3072] in 0-255, "
+                               f"{d.labels!r} [n] in 0-{d.classes - 1}): {REFETCH}")
         xs.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(y.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
@@ -170,13 +160,10 @@ def lt_counts(n_max, num_classes, imb):
 
 
 def long_tail_indices(labels, imb, seed, split="seeded"):
-    """Positions of the long-tailed subset in the train set, per class in label order (each class
-    ascending), n_max * (1/imb)^(c/(C-1)) of class c:
-    seeded: drawn per class without replacement from a generator of the data seed (ours);
-    reference: the SAU authors' subset: numpy's global generator seeded 35180, then per class
-    choice(n, n_c) for the real images and choice(n, n_max - n_c) for the synthetic ones;
-    ldam: LDAM-DRW's (and most CIFAR-LT papers'): numpy seeded 0, each class's positions
-    shuffled in place and the first n_c kept."""
+    """Positions of the long-tailed subset in the train set, ascending per class in label order.
+    seeded: drawn from a generator of the data seed (ours); reference: the SAU authors': numpy
+    seeded 35180, then per class choice(n, n_c) for the real images and choice(n, n_max - n_c)
+    for the synthetic ones; ldam: LDAM-DRW's: numpy seeded 0, each class shuffled, n_c kept."""
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1
     n_max = int(np.bincount(labels, minlength=num_classes).max())
@@ -186,8 +173,6 @@ def long_tail_indices(labels, imb, seed, split="seeded"):
         keep = [np.sort(rng.choice(np.flatnonzero(labels == c), n, replace=False))
                 for c, n in enumerate(counts)]
         return np.concatenate(keep)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: one of {SPLITS}")
     # the legacy generator, as np.random.seed(...) then np.random.choice/shuffle draw from it
     rs = np.random.RandomState(REFERENCE_SEED if split == "reference" else LDAM_SEED)
     keep = []
@@ -219,24 +204,22 @@ def shard_name(label, start):
 def read_manifest(folder):
     path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(path):
-        raise cli.SAUError(
-            f"no synthetic pool at {folder} (manifest.json missing): run python generate.py "
-            f"for this dataset, pass --pool DIR, or train with --syn heldout / --syn none")
+        raise cli.SAUError(f"no synthetic pool at {folder} (no manifest.json): run generate.py, "
+                           f"pass --pool, or train with --syn heldout / none")
     try:
         with open(path) as f:
             m = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise cli.SAUError(f"{path} is malformed, not JSON ({e.__class__.__name__}): regenerate "
-                           f"the pool") from None
+        raise cli.SAUError(f"{path} is not JSON ({e.__class__.__name__}): regenerate the "
+                           f"pool") from None
     if not (isinstance(m, dict) and isinstance(m.get("dataset"), str)
             and isinstance(m.get("classes"), list) and isinstance(m.get("generator", {}), dict)):
-        raise cli.SAUError(f"{path} is malformed (expected dataset: str, classes: [names], "
-                           f"generator: {{settings}}): regenerate the pool")
+        raise cli.SAUError(f"{path} is malformed: regenerate the pool")
     return m
 
 
 def pool_shards(folder):
-    """{label: [(start, path)]} sorted by start, for every shard file in the folder."""
+    """{label: [(start, path)]} sorted by start."""
     shards = {}
     for path in glob.glob(os.path.join(folder, "c*.npz")):
         m = SHARD_RE.match(os.path.basename(path))
@@ -250,27 +233,23 @@ def read_shard(path):
         with np.load(path, allow_pickle=False) as z:
             images, seeds = z["images"], z["seeds"]
     except Exception as e:  # zip, header and key errors all mean a damaged shard
-        raise cli.SAUError(f"pool shard {path} is unreadable ({e.__class__.__name__}): delete it "
-                           f"and rerun generate.py") from None
+        raise cli.SAUError(f"pool shard {path} is unreadable ({e.__class__.__name__}): delete it, "
+                           f"rerun generate.py") from None
     if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3)
             or seeds.shape != (len(images),)):
-        raise cli.SAUError(
-            f"pool shard {path} holds images {images.dtype}{list(images.shape)} and seeds "
-            f"{list(seeds.shape)}, expected uint8 [n, 32, 32, 3] with n seeds: regenerate it")
+        raise cli.SAUError(f"pool shard {path} holds {images.dtype}{list(images.shape)}, expected "
+                           f"uint8 [n, 32, 32, 3] with n seeds: regenerate it")
     return images
 
 
 def read_pool(folder, dataset, classes):
-    """{label: uint8 [n, 32, 32, 3]} of a pool made for this dataset, its shards checked and joined
-    in order."""
+    """{label: uint8 [n, 32, 32, 3]} of a pool made for this dataset, its shards checked."""
     manifest = read_manifest(folder)
     if manifest["dataset"] != dataset:
-        raise cli.SAUError(
-            f"the pool at {folder} was made for {manifest['dataset']}, not {dataset}: pass --pool "
-            f"with a {dataset} pool or generate one")
+        raise cli.SAUError(f"the pool at {folder} was made for {manifest['dataset']}, not "
+                           f"{dataset}: pass --pool with a {dataset} pool")
     if list(manifest["classes"]) != list(classes):
-        raise cli.SAUError(f"the pool at {folder} names other classes than {dataset}'s: "
-                           f"regenerate it")
+        raise cli.SAUError(f"the pool at {folder} names other classes than {dataset}'s")
     pool = {}
     for c, shards in pool_shards(folder).items():
         if c >= len(classes):
@@ -280,9 +259,8 @@ def read_pool(folder, dataset, classes):
         for start, path in shards:
             if start != expected:
                 what = "gap" if start > expected else "overlap"
-                raise cli.SAUError(
-                    f"pool for class {c} has a {what} at index {min(start, expected)} ({path}): "
-                    f"rerun generate.py to fill it, or delete the overlapping shard")
+                raise cli.SAUError(f"pool for class {c} has a {what} at index "
+                                   f"{min(start, expected)} ({path}): rerun generate.py")
             parts.append(read_shard(path))
             expected = start + len(parts[-1])
         pool[c] = np.concatenate(parts)
@@ -293,9 +271,8 @@ def read_pool(folder, dataset, classes):
 
 
 class MixedSet:
-    """The long-tailed real subset topped up per class: images uint8 [N, 32, 32, 3], labels,
-    is_syn, and is_noisy (the planted wrong-class images of --syn-noise, counted as synthetic);
-    per class n_real, n_syn, n_noisy."""
+    """The long-tailed real subset topped up per class: images uint8 [N, 32, 32, 3], labels, is_syn
+    and is_noisy (--syn-noise's planted images, synthetic too); per class n_real, n_syn, n_noisy."""
 
     def __init__(self, images, labels, is_syn, is_noisy, n_real, n_syn, n_noisy, classes, dataset,
                  subset):
@@ -308,19 +285,16 @@ class MixedSet:
         return len(self.labels)
 
 
-def pool_folder(cfg):
-    """The pool's folder: --pool, else <data-root>/synthetic/<dataset>."""
+def pool_folder(cfg):  # --pool, else <data-root>/synthetic/<dataset>
     return cfg["pool"] or os.path.join(cfg["data_root"], "synthetic", cfg["dataset"])
 
 
-def fill_counts(n_real, n_max, syn="pool", syn_ratio=1.0):
-    """Synthetic images per class: a share syn_ratio of what tops each class up to n_max."""
+def fill_counts(n_real, n_max, syn="pool", syn_ratio=1.0):  # syn_ratio of the fill to n_max
     return [0 if syn == "none" else int(round(syn_ratio * (n_max - n))) for n in n_real]
 
 
 def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", syn_ratio=1.0,
                 pool=None, syn_noise=0.0, split="seeded"):
-    """The mixed set of DATA_CONFIG's settings (checked by cli.check_settings)."""
     classes = class_names(dataset, data_root)
     images, labels = load_cifar(dataset, data_root, train=True)
     keep = long_tail_indices(labels, imb, data_seed, split)
@@ -328,8 +302,7 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
     n_real = np.bincount(labels[keep], minlength=num_classes).tolist()
     n_fill = fill_counts(n_real, int(np.bincount(labels).max()), syn, syn_ratio)
     n_noisy = [int(round(syn_noise * n)) for n in n_fill]
-    # The fill and the planted images each have a stream of their own: the subset never depends
-    # on them, and --syn-noise 0 changes nothing.
+    # the fill and the planted images each have a stream: --syn-noise 0 changes nothing
     rng = np.random.default_rng([data_seed, 1])
     plant_rng = np.random.default_rng([data_seed, 2])
     xs, ys = [images[keep]], [labels[keep]]
@@ -339,12 +312,11 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
     elif syn == "heldout":
         left = np.setdiff1d(np.arange(len(labels)), keep)
         source = {c: images[left[labels[left] == c]] for c in range(num_classes)}
-        hint = "lower --syn-ratio: heldout has only the real images the subset left out"
+        hint = "lower --syn-ratio"
     elif syn == "pool":
         folder = pool_folder({"pool": pool, "data_root": data_root, "dataset": dataset})
         source = read_pool(folder, dataset, classes)
-        hint = (f"generate more (python generate.py --dataset {dataset} --imb {imb:g}) or lower "
-                f"--syn-ratio")
+        hint = f"generate more (generate.py --imb {imb:g}) or lower --syn-ratio"
     for c, (n, k) in enumerate(zip(n_fill, n_noisy)):
         if n == 0:
             continue
@@ -357,12 +329,10 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
             others = [o for o in range(num_classes) if o != c and len(source.get(o, ()))]
             ends = np.cumsum([len(source[o]) for o in others])
             if not len(ends) or ends[-1] < k:
-                raise cli.SAUError(
-                    f"class {c} ({classes[c]}) needs {k} planted images (--syn-noise "
-                    f"{syn_noise:g}) but the other classes' {syn} source holds "
-                    f"{ends[-1] if len(ends) else 0}: lower --syn-noise")
+                raise cli.SAUError(f"class {c} ({classes[c]}) needs {k} planted images but the "
+                                   f"others' {syn} source holds {ends[-1] if len(ends) else 0}: "
+                                   f"lower --syn-noise")
             pick = np.sort(plant_rng.choice(int(ends[-1]), k, replace=False))
-            # the source class of each pick, and its index there
             which = np.searchsorted(ends, pick, side="right")
             xs.append(np.stack([source[others[w]][i - (ends[w - 1] if w else 0)]
                                 for w, i in zip(which, pick)]))
@@ -378,12 +348,9 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
 
 
 class Batches:
-    """(view names, batch size, seed, order, stream) -> an iterable of views.Batch of the mixed set
-    in that order. cpu: DataLoader workers with torchvision's transforms, as the paper, one
-    DataLoader a stream (and batch size) whose workers are kept for the run; gpu: the set held on
-    the device as uint8 and each batch's views made there (views.DeviceViews). Augmentation
-    follows the seed alone, whatever --workers is. images: uint8 [N, 3, 32, 32], the gpu loader's
-    device copy, else a view of the host array."""
+    """(view names, batch size, seed, order, stream) -> views.Batch's of the mixed set in that
+    order, their views a function of the seed alone. cpu: torchvision in DataLoader workers, as
+    the paper, kept for the run; gpu: the set on the device, the views made there in batches."""
 
     def __init__(self, mixed, loader="cpu", device="cpu", workers=0):
         if loader not in ("cpu", "gpu"):
@@ -402,7 +369,7 @@ class Batches:
             return self._on_device(names, batch_size, seed, order)
         key, m = (tuple(names), batch_size, stream), self.mixed
         if key not in self.loaders:
-            # the items (index, seed) change each pass; the DataLoader reads them as its sampler
+            # the DataLoader's sampler: the (index, seed) items of each pass
             items = []
             self.loaders[key] = items, torch.utils.data.DataLoader(
                 views.Views(m.images, m.labels, m.is_syn, m.dataset, names), batch_size=batch_size,
@@ -420,8 +387,7 @@ class Batches:
             yield views.Batch({}, self.labels[idx], self.is_syn[idx], idx, self.images[idx],
                               self.views.draw(names, len(idx), g))
 
-    def finish(self, batch):
-        """The batch's views: the gpu loader's made from their draws."""
+    def finish(self, batch):  # the batch's views: the gpu loader's made from their draws
         return batch.views if batch.draws is None else self.views.apply(batch.images, batch.draws)
 
     @staticmethod
@@ -436,24 +402,20 @@ def _batch(items):  # the DataLoader's batch of views.Views items
 
 
 def rank_seed(seed, rank):
-    """The seed of one process's own stream of view draws: the seed itself for rank 0 (one
-    process: as before)."""
+    """The seed of one process's own stream of view draws: the seed itself for rank 0."""
     return seed if rank == 0 else cli.derived_seed(seed, rank)
 
 
 def share(order, rank=0, world=1):
-    """This process's part of an epoch's order: every world-th index from rank, all parts of
-    equal length."""
+    """This process's part of an epoch's order: every world-th index from rank, equal parts."""
     return order[rank::world][:len(order) // world]
 
 
 def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0,
                   world=1, batches=None):
-    """Per step (batch A, batch B): A with views_a and B with v1, from two independent shuffles
-    of the epoch with seed `seed` (B is None without stream_b). With several processes each takes
-    a disjoint share of both orders, batch_size / world images a step, and draws its views from a
-    stream of its own. The last batch may be short; a batch of one cannot train BatchNorm, so a
-    remainder of one image per process waits for the next epoch."""
+    """Per step (batch A, batch B): A with views_a and B with v1 (None without stream_b), from two
+    shuffles of the epoch. Each process takes a disjoint share of both, batch_size / world images a
+    step. A last batch of one image cannot train BatchNorm: it waits for the next epoch."""
     batches = batches or Batches(mixed)
     streams, per = [], batch_size // world
     for k, names in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
@@ -467,14 +429,13 @@ def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=
 
 def main(argv=None):
     table = {**DATA_CONFIG, "save_indices": cli.Setting(
-        "", "write the long-tailed subset's positions in the official train set to this file, "
-        "ascending, one a line (to hold it against another codebase's)", scope="call")}
+        "", "write the subset's positions in the official train set to this file, one a line",
+        scope="call")}
     cfg = cli.parse_settings(table, DATA_IGNORED, "Per-class counts of the mixed set.", argv)
     settings = {k: cfg[k] for k in DATA_CONFIG}
     note = ""
     if cfg["syn"] == "pool" and cfg["syn_ratio"] and not os.path.isfile(
             os.path.join(pool_folder(cfg), "manifest.json")):
-        # no pool yet: the counts of the real subset, and of the fill generate.py would make
         note = f" (no pool at {pool_folder(cfg)} yet: the synthetic column is the fill to make)"
         settings.update(syn="none", syn_noise=0.0)
     m = build_mixed(**settings)

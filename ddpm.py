@@ -1,7 +1,5 @@
-"""The offline generator (ours, DiffuLT's recipe): a class-conditional DDPM trained on the
-long-tailed real subset itself, for a pool made without downloading diffusion weights
-(generate.py --generator ddpm). Its training resumes from the folder's state.pt.
-"""
+"""generate.py --generator ddpm (ours, DiffuLT's recipe): a class-conditional DDPM trained on the
+long-tailed real subset, a pool with no download; its training resumes from state.pt."""
 import hashlib
 import os
 import time
@@ -16,8 +14,7 @@ import data
 
 
 def ddpm_unet(num_classes, width):
-    """A DDPM-CIFAR-shaped class-conditional UNet; class id num_classes is the null class of
-    guidance."""
+    """A DDPM-CIFAR-shaped class-conditional UNet; class num_classes is guidance's null class."""
     from diffusers import UNet2DModel
     return UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -28,8 +25,7 @@ def ddpm_unet(num_classes, width):
 
 
 def save_ddpm(folder, unet, ema, state):
-    """Both networks by save_pretrained, plus the training state, swapped in whole: a kill keeps the
-    last one."""
+    """Both networks and the training state, swapped in whole: a kill keeps the last."""
     import shutil
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,16 +39,13 @@ def save_ddpm(folder, unet, ema, state):
 
 
 def train_ddpm(cfg, folder, device, log=print, world=1):
-    """Train (or resume, or reuse) the class-conditional model on the real long-tailed subset;
-    return the EMA network, the training settings and the sha256 of the EMA weights."""
+    """Train, resume or reuse the model: (EMA network, settings, its weights' sha256, losses)."""
     from diffusers import DDPMScheduler, UNet2DModel
-    # killed between the two renames
-    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # killed between renames
         os.replace(folder + ".old", folder)
     names = data.class_names(cfg["dataset"], cfg["data_root"])
     images, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     keep = data.long_tail_indices(labels, cfg["imb"], cfg["data_seed"], cfg["split"])
-    # N x 3 x 32 x 32 uint8, on the device
     x_all = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).to(device)
     y_all = torch.from_numpy(labels[keep]).to(device)
     settings = {"imb": cfg["imb"], "data_seed": cfg["data_seed"], "real_images": len(keep),
@@ -61,7 +54,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
                 "lr_schedule": cfg["lr_schedule"], "ema": cfg["ema"],
                 "ema_warmup": "min(ema, (1+s)/(10+s))", "label_dropout": cfg["label_dropout"],
                 "sampling": cfg["sampling"], "hflip": True, "seed": cfg["seed"],
-                # named only when not the default, so that models trained before it still load
+                # named when not the default: models trained before it still load
                 **({"split": cfg["split"]} if cfg["split"] != "seeded" else {})}
     torch.manual_seed(cfg["seed"])  # the initial weights
     unet = ddpm_unet(len(names), cfg["ddpm_width"]).to(device)
@@ -71,7 +64,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         try:
             state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu",
                                weights_only=True)
-        except Exception as e:  # truncated, or holding what weights_only refuses: the same message
+        except Exception as e:  # truncated, or what weights_only refuses
             raise cli.SAUError(f"{folder}/state.pt is unreadable ({e.__class__.__name__}): "
                                f"delete {folder} to train the model again") from None
         differ = sorted(k for k in settings
@@ -90,8 +83,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         elif step < cfg["train_steps"]:
             rng.manual_seed(cli.derived_seed(cfg["seed"], step))
             log(f"{folder}: trained so far on another device type; its random stream goes on from "
-                f"a seed of (--seed, step {step}), so the weights will differ from a run that "
-                f"never moved")
+                f"a seed of (--seed, step {step})")
     if step:
         ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema"))
     else:
@@ -99,9 +91,8 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         ema.load_state_dict(unet.state_dict())
     ema = ema.to(device).requires_grad_(False)
     if step < cfg["train_steps"] and world > 1:
-        raise cli.SAUError(
-            "the class-conditional model is not trained yet: train it in one process (the same "
-            "command without torchrun or --shard), then sample with several")
+        raise cli.SAUError("the class-conditional model is not trained yet: train it in one "
+                           "process (without torchrun or --shard), then sample with several")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
     cosine = cfg["lr_schedule"] == "cosine"
@@ -124,7 +115,6 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         losses.append(ddpm_step(unet, ema, opt, scheduler, batch, lr, decay))
         step += 1
         bar.update(1)
-        # .item() waits for the device: only now and then
         if step % 50 == 0 or step == cfg["train_steps"]:
             bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
         if step % cfg["ckpt_every"] == 0 or step == cfg["train_steps"]:
@@ -145,7 +135,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
 
 
 def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):
-    """(x_t, t, labels, noise) of one training batch, drawn on the device of the generator g."""
+    """(x0, labels, noise, t) of one training batch, drawn on g's device."""
     dev = g.device
     idx = torch.multinomial(weights, n, replacement=True, generator=g)
     x0 = x_all[idx].float() / 127.5 - 1
@@ -157,10 +147,8 @@ def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):
 
 
 def ddpm_step(unet, ema, opt, scheduler, batch, lr, decay):
-    """One AdamW step on the noise-prediction loss and the EMA update, without waiting for the
-    device; the loss."""
+    """One AdamW step on the noise-prediction loss and the EMA update; the loss, no sync."""
     x0, y, noise, t = batch
-    # the scheduler keeps its table on the device after the first call
     xt = scheduler.add_noise(x0, noise, t)
     for group in opt.param_groups:
         group["lr"] = lr  # a plain float: state.pt loads weights_only

@@ -5,10 +5,8 @@
     torchrun --nproc_per_node=4 generate.py ...      # several GPUs, same pool as one process
     python generate.py --bench --batch-size 64       # images/s of sd-turbo's shapes, random weights
 
-docs/method.md describes the pool and its files.
-
-Image k of class c is a function of (generator settings, seed, c, k): a rerun makes only the missing
-images, and a killed, resumed or split run writes the same bytes as an uninterrupted one.
+Image k of class c is a function of (generator settings, seed, c, k): a rerun makes the missing
+images, and a killed, resumed or split run writes the same bytes (docs/method.md: the files).
 """
 import hashlib
 import itertools
@@ -27,64 +25,51 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import bench
 import cli
 import data
 import ddpm
 import prompting
 import report
 
-MODEL_DEFAULTS = {  # what each model's card asks for: (steps, guidance)
-    "stabilityai/sd-turbo": (1, 0.0),
-    "stabilityai/sdxl-turbo": (1, 0.0),
-}
-GENERIC_DEFAULTS = (30, 7.5)
-MAX_RETRIES = 10
-# OpenAI CLIP's
+# (steps, guidance): what each model's card asks for, else the generic ones
+MODEL_DEFAULTS = {"stabilityai/sd-turbo": (1, 0.0), "stabilityai/sdxl-turbo": (1, 0.0)}
+GENERIC_DEFAULTS, MAX_RETRIES = (30, 7.5), 10
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
 
 S, D, POSITIVE, NON_NEGATIVE = cli.Setting, data.DATA_CONFIG, cli.POSITIVE, cli.NON_NEGATIVE
 AT_LEAST_1, UNDER_1 = cli.AT_LEAST_1, (lambda v: 0 <= v < 1, "in [0, 1)")
-# every flag, one entry each (cli.Setting); the DDPM's (ours) are sized for an hour on one GPU
+# the DDPM's settings (ours) are sized for an hour on one GPU
 CONFIG = {
     "dataset": D["dataset"],
     "imb": D["imb"]._replace(help="pool of n_max - n_c images per class at this imbalance"),
     "per_class": S(None, "N images for every class instead", NON_NEGATIVE, type=int),
     "data_root": D["data_root"],
     "data_seed": D["data_seed"]._replace(help="the real subset the ddpm generator learns"),
-    "split": D["split"]._replace(help="the real subset the ddpm generator learns: seeded | "
-                                 "reference | ldam (train.py --split)"),
+    "split": D["split"]._replace(help="the real subset the ddpm generator learns (train.py's)"),
     "pool": D["pool"]._replace(help="output folder; empty: <data-root>/synthetic/<dataset>"),
-    "generator": S("text2image", "text2image: a downloaded text-to-image pipeline | ddpm: a "
-                   "class-conditional DDPM trained here on the real subset (ours)",
-                   choices=("text2image", "ddpm")),
+    "generator": S("text2image", "text2image: a downloaded pipeline | ddpm: a class-conditional "
+                   "DDPM trained here (ours)", choices=("text2image", "ddpm")),
     "model": S("stabilityai/sd-turbo", "diffusers text-to-image pipeline: hub id or folder"),
     "steps": S(None, "inference steps (default: the model's, else 30; ddpm: 50)", AT_LEAST_1,
                type=int),
     "guidance": S(None, "guidance scale (default: the model's, else 7.5; ddpm: 1.5)", NON_NEGATIVE,
                   type=float),
-    "resolution": S(None, "generation size in px, a multiple of 8 (default: the model's native)",
+    "resolution": S(None, "generation size in px (default: the model's)",
                     (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"), type=int),
-    "prompts": S("", "file, one prompt per line beginning with the class name (your own; else "
-                 "--prompt-model or --prompt-style)"),
-    "prompt_style": S("built", "built: each class's content in prompts/<dataset>.json crossed "
-                      "with prompts/variation.json, >= 500 per class | templates: eight 'a photo "
-                      "of a {}.' forms (the old behaviour)", choices=("built", "templates")),
-    "prompt_model": S("", "a transformers causal language model, hub id or folder, that first "
-                      "writes the prompts as the paper's were: --per-class (else 500) 30-50 word "
-                      "descriptions per class into <pool>/" + prompting.LM_FILE + ", reused and "
-                      "resumed (ours; the paper used gpt-3.5-turbo)"),
-    "prompt_batch": S(16, "descriptions per language-model call (--prompt-model)", AT_LEAST_1),
-    "filter": S("none", "clip: keep an image only if CLIP puts its class among the top "
-                "--clip-top-k of all classes (and p >= --clip-min-p), else make it again with the "
-                "next seed (ours)", choices=("none", "clip")),
+    "prompts": S("", "your file, one prompt a line beginning with the class name"),
+    "prompt_style": S("built", "built: prompts/<dataset>.json x variation.json | templates: 'a "
+                      "photo of a {}.'", choices=("built", "templates")),
+    "prompt_model": S("", "a causal language model that writes 30-50 word prompts first, as the "
+                      f"paper's gpt-3.5-turbo did, into <pool>/{prompting.LM_FILE} (ours)"),
+    "prompt_batch": S(16, "descriptions per language-model call", AT_LEAST_1),
+    "filter": S("none", "clip: make an image again unless CLIP puts its class in its top "
+                "--clip-top-k with p >= --clip-min-p (ours)", choices=("none", "clip")),
     "clip_model": S("openai/clip-vit-base-patch32", "CLIP for --filter clip: hub id or folder"),
-    "clip_top_k": S(1, "--filter clip: the class must be among CLIP's top k (1: He et al. 2023)",
-                    AT_LEAST_1),
-    "clip_min_p": S(0.0, "--filter clip: and CLIP's probability of the class at least this",
-                    UNDER_1),
-    "resize": S("lanczos", "to 32x32: PIL Lanczos as the paper | gpu: antialiased bicubic on "
-                "the device", choices=("lanczos", "gpu")),
+    "clip_top_k": S(1, "the class among CLIP's top k (1: He et al. 2023)", AT_LEAST_1),
+    "clip_min_p": S(0.0, "and CLIP's probability of the class at least this", UNDER_1),
+    "resize": S("lanczos", "to 32x32: PIL Lanczos (the paper's) | gpu: antialiased bicubic",
+                choices=("lanczos", "gpu")),
     "seed": S(0, "seed of every image's noise", cli.SEED),
     "batch_size": S(16, "images per pipeline call (shapes the bytes: recorded)", AT_LEAST_1),
     "dtype": S("auto", "auto: bf16 on CUDA, else fp32", choices=("auto", "bf16", "fp16", "fp32")),
@@ -108,9 +93,6 @@ CONFIG = {
     "bench": S(False, "time the default architecture with random weights"),
     "bench_batches": S(3, "timed batches after one warm-up, with --bench", AT_LEAST_1),
 }
-
-
-# A setting that cannot act under another one is refused, as train.py's (cli.parse_settings).
 IGNORED = [
     *[(k, lambda c: c["filter"] == "none", "without --filter clip")
       for k in ("clip_model", "clip_top_k", "clip_min_p")],
@@ -118,8 +100,7 @@ IGNORED = [
      "with --prompts FILE or --prompt-model"),
     ("prompt_model", lambda c: bool(c["prompts"]), "with --prompts FILE"),
     ("prompt_batch", lambda c: not c["prompt_model"], "without --prompt-model"),
-    ("prompt_model", lambda c: c["generator"] == "ddpm", "with --generator ddpm (it draws from "
-     "class labels, not prompts)"),
+    ("prompt_model", lambda c: c["generator"] == "ddpm", "with --generator ddpm"),
     *[x for x in data.DATA_IGNORED if x[0] == "data_seed"],
 ]
 
@@ -128,29 +109,22 @@ def parse_args(argv=None):
     return cli.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
 
 
-def shard_of(cfg):
-    """(rank, world): --shard i/N, else torchrun's RANK and WORLD_SIZE."""
+def shard_of(cfg):  # (rank, world): --shard i/N, else torchrun's RANK and WORLD_SIZE
     if cfg["shard"]:
         return tuple(map(int, cfg["shard"].split("/")))
     return cli.rank_and_world()
 
 
-# ---------------------------------------------------------------- what to make
-
-
-def image_seed(seed, label, index, attempt=0):
-    """The seed of image `index` of class `label`: a function of these numbers alone."""
+def image_seed(seed, label, index, attempt=0):  # a function of these numbers alone
     return cli.derived_seed(seed, label, index, attempt, bits=63)
 
 
-def plan_batches(targets, batch_size):
-    """Every (label, index) to exist, in class then index order, cut into batches: the same plan on
-    every run."""
+def plan_batches(targets, batch_size):  # every (label, index), in order, cut into batches
     items = [(c, k) for c, n in enumerate(targets) for k in range(n)]
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-# ---------------------------------------------------------------- the pipeline
+# ---------------------------------------------------------------- the pipelines
 
 
 def pick(cfg):
@@ -164,42 +138,35 @@ def load_pipeline(model, dtype):
     from diffusers import AutoPipelineForText2Image
     quiet_libraries()
     try:
-        # the libraries' own deprecation notes are not the user's business
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the libraries' deprecation notes
             warnings.simplefilter("ignore")
-            return AutoPipelineForText2Image.from_pretrained(model, dtype=dtype,
-                                                             safety_checker=None,
-                                                             requires_safety_checker=False)
+            return AutoPipelineForText2Image.from_pretrained(
+                model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # a bad folder and a failed download both surface here
         if os.path.isdir(model):
-            raise cli.SAUError(
-                f"--model {model} is not a diffusers text-to-image pipeline folder "
-                f"({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
-        raise cli.SAUError(
-            f"could not fetch {model} from the Hugging Face hub ({e.__class__.__name__}); "
-            f"with no network, pass a local pipeline folder with --model DIR") from None
+            raise cli.SAUError(f"--model {model} is not a diffusers text-to-image pipeline folder "
+                               f"({e.__class__.__name__})") from None
+        raise cli.SAUError(f"could not fetch {model} from the Hugging Face hub "
+                           f"({e.__class__.__name__}): pass a local folder with --model") from None
 
 
 def write_tokenizer(folder):
-    """A byte-level CLIP tokenizer that needs no download: the 256 byte symbols, their </w> forms,
-    no merges."""
+    """A byte-level CLIP tokenizer with no download: the 256 byte symbols and their </w> forms."""
     # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map past 255
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     symbols = [chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
                for b in range(256)]
     words = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
-    vocab = {s: i for i, s in enumerate(words)}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
+        json.dump({s: i for i, s in enumerate(words)}, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def quiet_libraries():
-    """Our progress bar and errors, not the libraries' notes and loading bars."""
+def quiet_libraries():  # our progress bar and errors, not the libraries' notes and bars
     import diffusers
     import transformers
     for lib in (diffusers, transformers):
@@ -208,8 +175,7 @@ def quiet_libraries():
 
 
 def sd_turbo_architecture(dtype):
-    """stabilityai/sd-turbo's components (SD 2.1 shapes) from their configs, random weights: for
-    --bench."""
+    """stabilityai/sd-turbo's components (SD 2.1 shapes) with random weights: for --bench."""
     quiet_libraries()
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
@@ -233,9 +199,7 @@ def sd_turbo_architecture(dtype):
     return pipe.to(dtype=dtype)
 
 
-def broken(x):
-    """[n] bool on the host, one wait for the device: the images to make again, all black (as a
-    safety checker leaves them) or not finite."""
+def broken(x):  # [n] bool on the host: all black (a safety checker's) or not finite
     flat = x.flatten(1)
     return (~flat.isfinite().all(1) | (flat.amax(1) <= 1 / 255)).tolist()
 
@@ -245,8 +209,7 @@ class Maker:
     retries, clip, names = 0, None, None
 
     def to_uint8(self, x):
-        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8, as the paper: 8-bit image, then Lanczos to
-        32."""
+        """[n, 3, R, R] float -> [n, 32, 32, 3] uint8: 8-bit, then Lanczos (the paper's)."""
         gpu = self.cfg["resize"] == "gpu" and x.shape[-1] != 32
         x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True) if gpu else x
         u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -256,9 +219,8 @@ class Maker:
                          for im in u8])
 
     def make(self, items, prompts):
-        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds used [n], CLIP refusals [n], CLIP
-        p [n] or None): an image that is black, not finite, or refused by the filter is made again
-        with the next seed of its (label, index), at most MAX_RETRIES times."""
+        """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds [n], CLIP refusals [n], CLIP p
+        [n] or None); a black, non-finite or refused image is made again with the next seed."""
         n, filtered = len(items), self.clip is not None
         seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
         refused, p = [0] * n, [None] * n
@@ -282,8 +244,7 @@ class Maker:
                 raise cli.SAUError(
                     f"class {c} ({self.names[c]}) image {k}: {MAX_RETRIES} seeds in a row gave "
                     f"black or non-finite images ({attempt - r}) or images CLIP refused ({r}); "
-                    f"check --model, --dtype and --steps"
-                    + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
+                    f"check --model, --dtype and --steps" + (", --clip-*" if filtered else ""))
             for i in again:
                 seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt)
             self.retries += len(again)
@@ -293,35 +254,29 @@ class Maker:
 
 
 class ClipFilter:
-    """CLIP zero-shot over every class ("a photo of a <class>."), after He et al. (ICLR 2023): an
-    image is kept if its class is among CLIP's top k and CLIP gives it at least min_p. Scores the
-    full-resolution image."""
+    """CLIP zero-shot over the classes ("a photo of a <class>."), after He et al. (ICLR 2023)."""
 
     def __init__(self, cfg, names, device):
         from transformers import CLIPModel, CLIPTokenizer
         try:
             self.model = CLIPModel.from_pretrained(cfg["clip_model"]).to(device).eval()
             tok = CLIPTokenizer.from_pretrained(cfg["clip_model"])
-        except Exception as e:  # no such hub id, no network, not a CLIP folder: the same message
-            raise cli.SAUError(
-                f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer there "
-                f"({e.__class__.__name__}): pass a hub id or a folder saved with "
-                f"save_pretrained") from None
+        except Exception as e:  # no such hub id, no network, not a CLIP folder
+            raise cli.SAUError(f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer "
+                               f"there ({e.__class__.__name__})") from None
         self.cfg, self.device, self.size = cfg, device, self.model.config.vision_config.image_size
         self.mean, self.std = (torch.tensor(v, device=device)[:, None, None]
                                for v in (CLIP_MEAN, CLIP_STD))
         text = tok([f"a photo of a {n.replace('_', ' ')}." for n in names], padding=True,
                    return_tensors="pt")
-        with torch.no_grad():
-            # C x D
+        with torch.no_grad():  # C x D
             self.text = F.normalize(pooled(self.model.get_text_features(**text.to(device))), dim=-1)
         self.settings = {"type": "clip", "model": cfg["clip_model"], "top_k": cfg["clip_top_k"],
                          "min_p": cfg["clip_min_p"]}
 
     @torch.no_grad()
     def __call__(self, x, labels):
-        """x float [n, 3, R, R] in [0, 1], labels [n] -> (kept [n] bool, CLIP's p of the label [n]),
-        host lists."""
+        """x float [n, 3, R, R] in [0, 1], labels [n] -> host lists (kept, CLIP's p of label)."""
         x = F.interpolate(x.float().nan_to_num().to(self.device), size=(self.size, self.size),
                           mode="bicubic", antialias=True).clamp(0, 1)
         features = self.model.get_image_features(pixel_values=(x - self.mean) / self.std)
@@ -363,8 +318,7 @@ class TextToImage(Maker):
                          "scheduler": type(pipe.scheduler).__name__}
 
     def raw(self, items, prompts, seeds):
-        """float [n, 3, R, R] in [0, 1], one CPU generator per image (the same noise on every
-        device)."""
+        """float [n, 3, R, R] in [0, 1]; a CPU generator per image: the same noise on any device."""
         n, pad = len(prompts), (self.cfg["batch_size"] - len(prompts)) if self.cfg["compile"] else 0
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds + seeds[-1:] * pad]
         out = self.pipe(prompt=prompts + prompts[-1:] * pad, num_inference_steps=self.steps,
@@ -374,8 +328,7 @@ class TextToImage(Maker):
 
 
 class ClassConditional(Maker):
-    """The trained class-conditional UNet, sampled with DDIM or DPM-Solver and classifier-free
-    guidance."""
+    """The trained class-conditional UNet, DDIM or DPM-Solver, classifier-free guidance."""
 
     def __init__(self, unet, train_settings, sha, cfg, device, dtype):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -412,7 +365,7 @@ class ClassConditional(Maker):
 
 
 def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
-    """One shard, written to a temporary name and renamed: never a half-written file."""
+    """One shard, written to a temporary name and renamed."""
     arrays = {"images": np.asarray(images, dtype=np.uint8),
               "seeds": np.asarray(seeds, dtype=np.int64), **extra}
     if prompts is not None:
@@ -429,8 +382,7 @@ def write_shard(folder, label, start, images, seeds, prompts=None, **extra):
     return path
 
 
-def present(folder):
-    """{label: set of indices already on disk}."""
+def present(folder):  # {label: set of indices on disk}
     have = {}
     for c, shards in data.pool_shards(folder).items():
         for start, path in shards:
@@ -439,8 +391,7 @@ def present(folder):
 
 
 def check_manifest(folder, manifest):
-    """Refuse a folder whose pool was made for another dataset or (given its generator) with other
-    settings; else write the manifest."""
+    """Refuse a pool made for another dataset or with other generator settings; else write it."""
     path = os.path.join(folder, "manifest.json")
     old = data.read_manifest(folder) if os.path.isfile(path) else None
     if old and (old["dataset"], old["classes"]) != (manifest["dataset"], manifest["classes"]):
@@ -452,19 +403,17 @@ def check_manifest(folder, manifest):
     if old and settings != manifest["generator"]:
         diff = sorted(k for k in set(settings) | set(manifest["generator"])
                       if settings.get(k) != manifest["generator"].get(k))
-        raise cli.SAUError(
-            f"{folder} holds a pool made with other generator settings ({', '.join(diff)}): "
-            f"use the same flags, or pass a new --pool folder to start another pool")
+        raise cli.SAUError(f"{folder} holds a pool made with other generator settings "
+                           f"({', '.join(diff)}): use the same flags, or a new --pool folder")
     cli.write_atomic(path, json.dumps(manifest, indent=1))
 
 
-# in the manifest's generator entry, but not settings
-COUNTS = ("rejected_images", "clip_refused_per_class")
+COUNTS = ("rejected_images", "clip_refused_per_class")  # in the manifest, but not settings
 
 
 def count_rejected(folder, manifest):
-    """Record in the manifest how many images were made again and, filtered, how many CLIP refused
-    per class, summed over every shard on disk; return (images on disk, images made again)."""
+    """The manifest's counts of images made again and of CLIP's refusals per class, over every
+    shard; (images on disk, images made again)."""
     total = rejected = 0
     refused = {}
     for c, shards in data.pool_shards(folder).items():
@@ -484,9 +433,8 @@ def count_rejected(folder, manifest):
 
 
 def write_samples(folder, names, per_row=8):
-    """samples.png: one row per class (every tenth class for CIFAR-100), its first images, each with
-    its prompt (the class name left out, shortened) and, filtered, CLIP's probability of its class.
-    """
+    """samples.png: per class (every tenth beyond 20), its first images with their prompts and,
+    filtered, CLIP's probability of the class."""
     plt, shards = report.pyplot(), data.pool_shards(folder)
     rows = [c for c in range(0, len(names), 1 if len(names) <= 20 else 10) if c in shards]
     if not rows:
@@ -503,8 +451,7 @@ def write_samples(folder, names, per_row=8):
                 p = z["clip_p"][:take] if "clip_p" in z else [None] * take
             notes += [textwrap.shorten(str(t).split(", ", 1)[-1], 60, placeholder="...")
                       + ("" if q is None else f" (CLIP {q:.2f})") for t, q in zip(prompts, p)]
-        # short classes: blank tiles
-        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))
+        images += [np.full((32, 32, 3), 255, np.uint8)] * (per_row - len(images))  # blank tiles
         strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255)
                                 for im in images], 1)
         ax.imshow(strip, interpolation="nearest")
@@ -515,44 +462,32 @@ def write_samples(folder, names, per_row=8):
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
         for side in ax.spines.values():
             side.set_visible(False)
-    # room below each strip for its prompts
     fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.8 / fig.get_figheight(),
-                        hspace=0.9)
+                        hspace=0.9)  # room below each strip for its prompts
     cli.write_atomic(os.path.join(folder, "samples.png"),
-                      lambda p: fig.savefig(p, format="png", dpi=120))
+                     lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- the pool
 
 
-def bench(cfg):
+def run_bench(cfg):  # sd-turbo's architecture, random weights: a warm-up batch, then the timed
     device, dtype = pick(cfg)
     torch.manual_seed(0)
-    print(f"building the stabilityai/sd-turbo architecture with random weights on {device} "
-          f"({dtype})", flush=True)
     gen = TextToImage(sd_turbo_architecture(dtype), cfg, device, dtype)
     n, templates = cfg["batch_size"], prompting.TEMPLATES
-    prompts = [templates[i % len(templates)].format("cat") for i in range(n)]
-    items = [(3, k) for k in range(n)]
-    t0 = time.time()
-    gen.make(items, prompts)  # warm-up (and compilation)
-    print(f"warm-up batch: {time.time() - t0:.1f}s", flush=True)
-    cli.synchronize(device)
-    t0 = time.time()
-    for _ in range(cfg["bench_batches"]):
-        gen.make(items, prompts)
-    cli.synchronize(device)
-    rate = cfg["bench_batches"] * n / (time.time() - t0)
+    batch = [(3, k) for k in range(n)], [templates[i % len(templates)].format("cat")
+                                         for i in range(n)]
+    s, warmup_s = bench.timed(itertools.repeat(batch), lambda b: gen.make(*b),
+                              cfg["bench_batches"], 1, device)
     peak = f", peak memory {cli.device_figures(device)[1]}" if device.type == "cuda" else ""
-    print(f"bench: {rate:.3g} images/s at batch {n}, {gen.resolution}px, {gen.steps} step(s), "
+    print(f"bench: {n / s:.3g} images/s at batch {n}, {gen.resolution}px, {gen.steps} step(s), "
           f"{gen.settings['dtype']}, compile {'on' if cfg['compile'] else 'off'}, {device}{peak}; "
-          f"37,594 images (CIFAR-10 imb 100) would take {37594 / rate / 60:.1f} min")
+          f"warm-up {warmup_s:.1f} s; CIFAR-10 imb 100 (37,594): {37594 * s / n / 60:.1f} min")
 
 
-def prompt_settings(cfg):
-    """What the manifest records of the prompts: the file's hash (and the language model that
-    wrote it), the templates, or the tables'."""
+def prompt_settings(cfg):  # the manifest's record of the prompts
     sha = lambda *paths: hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
     if cfg["prompts"]:
         written = {"written_by": cfg["prompt_model"]} if cfg["prompt_model"] else {}
@@ -566,7 +501,7 @@ def prompt_settings(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg["bench"]:
-        return bench(cfg)
+        return run_bench(cfg)
     names = data.class_names(cfg["dataset"], cfg["data_root"])
     _, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     n_max = int(np.bincount(labels).max())
@@ -585,18 +520,15 @@ def main(argv=None):
                                       cfg["seed"])
     empty = [c for c, n in enumerate(targets) if n and not prompts[c]]
     if empty and cfg["prompt_model"]:
-        lm = [f"{names[c]}: {drawn[c][0]} lines in {drawn[c][1]} calls"
-              for c in empty if c in drawn]
+        c = empty[0]
+        lm = f"{names[c]}: {drawn[c][0]} lines in {drawn[c][1]} calls" if c in drawn else "none"
         raise cli.SAUError(
-            f"--prompt-model {cfg['prompt_model']} wrote no line that was kept for "
-            f"{', '.join(names[c] for c in empty[:5])} ({'; '.join(lm[:5]) or 'none drawn'}, all "
-            f"refused: not beginning with the class name, not {prompting.WORDS[0]}-"
-            f"{prompting.WORDS[1]} words, or repeated): try a larger or instruction-tuned model, "
-            f"or write the lines yourself into {cfg['prompts']}")
+            f"--prompt-model {cfg['prompt_model']} wrote no line that was kept for {names[c]} "
+            f"({lm}, all refused: not beginning with the class name, not {prompting.WORDS[0]}-"
+            f"{prompting.WORDS[1]} words, or repeated): try a larger or instruction-tuned model")
     if empty:
-        raise cli.SAUError(f"--prompts {cfg['prompts']} has no line for "
-                           f"{', '.join(names[c] for c in empty[:5])}: add lines beginning with "
-                           f"each class name")
+        raise cli.SAUError(f"--prompts {cfg['prompts']} has no line for {names[empty[0]]}: add "
+                           f"lines beginning with each class name")
     check_manifest(cli.writable_folder(folder, "--pool"), {"dataset": cfg["dataset"],
                                                              "classes": names})
     device, dtype = pick(cfg)
@@ -622,7 +554,6 @@ def main(argv=None):
         return
     t0, made = time.time(), 0
     desc = f"generating{f' {rank}/{world}' if world > 1 else ''}"
-    # closed (its line ended) also when an error ends the run, so that the error has a line
     with tqdm(total=sum(len(b) for b in todo), unit="img", desc=desc, dynamic_ncols=True) as bar:
         for batch in todo:
             retries0 = gen.retries
@@ -633,14 +564,12 @@ def main(argv=None):
     seconds = time.time() - t0
     total, rejected = count_rejected(folder, manifest)
     write_samples(folder, names)
-    print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} now "
-          f"holds {total} images, {rejected} made again after a black, non-finite or (--filter "
-          f"clip) refused first try; samples.png written")
+    print(f"made {made} images in {seconds:.1f}s ({made / seconds:.2f} images/s); {folder} holds "
+          f"{total}, {rejected} made again after a first try refused; samples.png written")
 
 
 def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p):
-    """A made batch's new images as shards, one per class and run of consecutive indices; how
-    many."""
+    """A made batch's new images as shards, one a class and run of consecutive indices; how many."""
     made = 0
     for c in sorted({c for c, _ in batch}):
         rows = [i for i, (ci, k) in enumerate(batch) if ci == c and k not in have.get(c, ())]

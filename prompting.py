@@ -1,8 +1,5 @@
-"""The text prompts of the synthetic pool: built from the tables in prompts/ (the default), the
-eight 'a photo of a {}.' templates, a file of one's own (--prompts FILE, one prompt a line
-beginning with its class name), or a file of descriptions written by a language model first, as
-the paper's were (--prompt-model).
-"""
+"""The pool's text prompts: built from the tables in prompts/ (the default), eight templates, a
+file of one's own (--prompts), or descriptions a language model writes first (--prompt-model)."""
 import itertools
 import json
 import os
@@ -13,17 +10,15 @@ from tqdm import tqdm
 
 import cli
 
-TEMPLATES = [
-    "a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of a {}.",
-    "a bright photo of a {}.", "a cropped photo of a {}.", "a photo of the small {}.",
-    "a low resolution photo of a {}.", "a good photo of a {}."
-]
+TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a blurry photo of a {}.",
+             "a bright photo of a {}.", "a cropped photo of a {}.", "a photo of the small {}.",
+             "a low resolution photo of a {}.", "a good photo of a {}."]
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 VARIATION = ("viewpoint", "light", "style")  # the keys of prompts/variation.json
 
 
 def read_tables(dataset):
-    """(class content, variation) from prompts/, the data that builds the default prompts."""
+    """(class content, variation): the tables of prompts/ that build the default prompts."""
     tables = []
     for name in (f"{dataset}.json", "variation.json"):
         try:
@@ -48,9 +43,8 @@ def read_tables(dataset):
 
 
 def built_prompts(dataset, names, seed):
-    """{label: [prompt, ...]}: every class's content crossed with the variation tables, "<class>,
-    <content>, <viewpoint>, <light>, <style>", in an order shuffled by (seed, label): image k takes
-    prompt k mod the count, the same in every run, shard and resume."""
+    """{label: ["<class>, <content>, <viewpoint>, <light>, <style>", ...]}: every combination, in
+    an order shuffled by (seed, label); image k takes prompt k mod the count."""
     content, var = read_tables(dataset)
     missing = [n for n in names if not content.get(n)]
     if missing:
@@ -59,17 +53,14 @@ def built_prompts(dataset, names, seed):
             f"--prompts FILE or --prompt-style templates")
     out = {}
     for c, n in enumerate(names):
-        combos = [
-            ", ".join(p) for p in itertools.product([n.replace("_", " ")], content[n],
-                                                    var["viewpoint"], var["light"], var["style"])
-        ]
+        combos = [", ".join(p) for p in itertools.product(
+            [n.replace("_", " ")], content[n], var["viewpoint"], var["light"], var["style"])]
         out[c] = [combos[i] for i in np.random.default_rng([seed, c]).permutation(len(combos))]
     return out
 
 
 def class_prompts(names, prompts_file, style, dataset=None, seed=0):
-    """{label: [prompt, ...]}: the file's lines grouped by the class name they begin with, else by
-    style: "built" from prompts/ (needs dataset, seed) or "templates"."""
+    """{label: [prompt, ...]}: the file's lines by the class name they begin with, else by style."""
     spoken = [n.replace("_", " ") for n in names]
     if not prompts_file and style == "built":
         return built_prompts(dataset, names, seed)
@@ -95,8 +86,8 @@ def class_prompts(names, prompts_file, style, dataset=None, seed=0):
 
 # ---------------------------------------------------- prompts written by a language model
 
-# The paper asked gpt-3.5-turbo for 500 descriptions per class, each 30-50 words beginning with the
-# class name; its prompts were not released. Ours asks any causal language model the same.
+# The paper asked gpt-3.5-turbo for 500 descriptions per class, 30-50 words beginning with the
+# class name (not released); ours asks any causal language model the same.
 INSTRUCTION = ("Write a description, 30 to 50 words long, of a photo of a {name}. Begin with "
                "the words \"{name}\". Give the photo a setting, a viewpoint and a lighting of its "
                "own. Answer with the description alone, in one paragraph.")
@@ -105,8 +96,7 @@ MAX_TRIES = 10  # calls in a row that add no line before a class is left short
 LM_FILE = "prompts_lm.txt"  # in the pool folder
 
 
-def lm_lines(path, names):
-    """{label: [line, ...]} of a prompts file, its whole lines."""
+def lm_lines(path, names):  # {label: [line, ...]} of a prompts file's whole lines
     out = {c: [] for c in range(len(names))}
     for line in whole_lines(path):
         c = class_of(line, names)
@@ -124,8 +114,7 @@ def whole_lines(path):
 
 
 def class_of(line, names):
-    """The label whose name the line begins with (the longest that fits: "maple tree" before
-    "tree"), or None."""
+    """The label whose name the line begins with (the longest: "maple tree", not "tree") or None."""
     low = line.lower()
     fits = [c for c, n in enumerate(names) if low.startswith(n.replace("_", " ").lower())
             and not low[len(n):len(n) + 1].isalnum()]
@@ -159,8 +148,7 @@ def quiet_transformers():
 
 @torch.no_grad()
 def describe(tok, model, name, n, seed, max_new_tokens=96):
-    """n descriptions of a photo of the class, sampled with this seed alone (the same texts in
-    every run), each begun with the class name by the prompt itself and joined into one line."""
+    """n one-line descriptions of a photo of the class, begun with its name, drawn by the seed."""
     opening = name[:1].upper() + name[1:]
     ask = INSTRUCTION.format(name=name)
     if getattr(tok, "chat_template", None):
@@ -181,12 +169,11 @@ def describe(tok, model, name, n, seed, max_new_tokens=96):
 
 
 def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16, world=1):
-    """Write counts[c] descriptions of each class into path, the --prompts FILE format, keeping
-    what is there: a rerun keeps each class's accepted lines and draws the missing ones, each call
-    seeded by (seed, class, lines accepted, fruitless calls in a row), so a killed run ends with the
-    file an uninterrupted one writes. A line that does not begin with its class name, falls
-    outside WORDS or repeats one of its class is drawn again, MAX_TRIES fruitless calls in a row at
-    most. Prints the refusals per class; returns {label: (lines refused, calls)} of this run."""
+    """Write counts[c] descriptions of each class into path (--prompts' format), keeping what is
+    there; each call seeded by (seed, class, lines accepted, fruitless calls in a row), so a killed
+    run ends with the file an uninterrupted one writes. A line not beginning with its class name,
+    outside WORDS or repeated is drawn again, for MAX_TRIES fruitless calls in a row at most.
+    {label: [lines refused, calls]} of this run."""
     lines = "".join(line + "\n" for line in whole_lines(path))
     if os.path.isfile(path) and open(path, encoding="utf-8").read() != lines:
         cli.write_atomic(path, lines)  # a line a kill cut short goes
@@ -215,7 +202,6 @@ def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16,
                         new.append(line)
                 drawn[c][0] += len(batch) - len(new)
                 drawn[c][1] += 1
-                # one write a call: a kill keeps all of a call's lines or none
                 f.write("".join(line + "\n" for line in new).encode())
                 tries = 0 if new else tries + 1
                 bar.update(len(new))

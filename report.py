@@ -1,7 +1,5 @@
-"""What a person reads of a run: the epoch line, the detector figures of metrics.jsonl, final.json
-and the pictures (curves, per-class accuracy, confusion, suspects, audit), the pool's samples.png
-and --summarize's table. Every picture is redrawn from what a run's checkpoint holds.
-"""
+"""What a person reads of a run: the epoch line, the detector figures, final.json, the pictures
+(redrawn from the checkpoint) and --summarize's table."""
 import json
 import os
 
@@ -15,15 +13,12 @@ import data
 
 
 def detector(flag, mixed):
-    """Per-sample flags [N] bool (host) as a detector of bad synthetic images: the share of
-    synthetic samples flagged, overall and per class, and with planted images recall, false-flag
-    rate and precision."""
+    """Flags [N] bool as a detector of bad synthetic images: the share of synthetic samples flagged,
+    overall and per class, and with planted images recall, false-flag rate and precision."""
     syn, noisy, y = mixed.is_syn, mixed.is_noisy, mixed.labels
     share = lambda of, m: float(of[m].mean()) if m.any() else None
-    fig = {
-        "suspect_frac": share(flag, syn),
-        "suspect_frac_per_class": [share(flag, syn & (y == c)) for c in range(len(mixed.classes))]
-    }
+    per_class = [share(flag, syn & (y == c)) for c in range(len(mixed.classes))]
+    fig = {"suspect_frac": share(flag, syn), "suspect_frac_per_class": per_class}
     if noisy.any():
         fig.update(recall=share(flag, noisy), false_flag_rate=share(flag, syn & ~noisy),
                    precision=share(noisy, syn & flag))
@@ -59,7 +54,6 @@ def print_epoch(m, epochs):
 
 
 def write_final(out, cfg, metrics, ev, mixed, flagged, scores):
-    """final.json and the pictures of a finished run, from what its checkpoint holds."""
     best = max(metrics, key=lambda r: r["top1"])
     last = metrics[-1]
     detector_keys = ("suspect_frac", "recall", "false_flag_rate", "precision")
@@ -77,7 +71,6 @@ def write_final(out, cfg, metrics, ev, mixed, flagged, scores):
         plot_suspects(out, mixed, flagged, cfg["epochs"])
     if scores is not None:
         plot_audit(out, mixed, scores.numpy(), cfg["epochs"])
-    # last: the run's end mark
     cli.write_atomic(os.path.join(out, "final.json"), json.dumps(final, indent=1))
     f = final["final_epoch"]
     groups = "/".join("-" if f[g] is None else f"{f[g]:.2f}" for g in data.GROUPS)
@@ -102,21 +95,17 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def plot_run(out, metrics, ev):
-    """curves.png, per_class.png and confusion.png in the run folder."""
+def plot_run(out, metrics, ev):  # curves.png, per_class.png and confusion.png
     plt, ep = pyplot(), [r["epoch"] for r in metrics]
     panels = [("loss", "loss_cls", "loss_con"), ("lr",), ("top1", *data.GROUPS),
               ("suspect_frac", "recall", "false_flag_rate", "precision"),
               ("auc_p", "auc_margin", "auc_both", "auc_flags")]
-    titles = [
-        "training loss", "learning rate", "test accuracy (%)",
-        "the step's suspects among synthetic samples", "audit AUC, planted vs clean"
-    ]
+    titles = ["training loss", "learning rate", "test accuracy (%)",
+              "the step's suspects among synthetic samples", "audit AUC, planted vs clean"]
     shown = [i for i, keys in enumerate(panels) if any(r.get(keys[0]) is not None for r in metrics)]
     fig, ax = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4))
     for a, keys, title in zip(ax, [panels[i] for i in shown], [titles[i] for i in shown]):
-        for k in keys:
-            # many/medium/few: only the groups that have classes
+        for k in keys:  # many/medium/few: the groups that have classes
             if any(r.get(k) is not None for r in metrics):
                 a.plot(ep, [np.nan if r.get(k) is None else r[k] for r in metrics], ".-", label=k)
         a.set(title=title, xlabel="epoch")
@@ -128,10 +117,8 @@ def plot_run(out, metrics, ev):
     colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(8, len(c) * 0.12 + 4), 4))
     ax.bar(c, ev["per_class"], color=[colors[data.shot_group(n)] for n in ev["n_real"]])
-    ax.set(
-        xlabel="class (label order: head to tail)", ylabel="test accuracy (%)", ylim=(0, 100),
-        title="per-class accuracy; bars coloured many / medium / few; lines: train images per class"
-    )
+    ax.set(xlabel="class (head to tail)", ylabel="test accuracy (%)", ylim=(0, 100),
+           title="per-class accuracy; bars coloured many / medium / few; lines: train images")
     ax.set_xticks(c, ev["classes"], rotation=45, ha="right") if small else None
     tw = ax.twinx()
     tw.plot(c, ev["n_real"], "k.-", label="real")
@@ -151,7 +138,7 @@ def plot_run(out, metrics, ev):
 
 
 def plot_audit(out, mixed, scores, epochs):
-    """audit.png: the last epoch's audit scores, real, clean synthetic and planted samples apart."""
+    """audit.png: the last audit's scores of real, clean synthetic and planted samples."""
     plt, syn, noisy = pyplot(), mixed.is_syn, mixed.is_noisy
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for a, s, title in zip(ax, scores.T,
@@ -170,16 +157,14 @@ def plot_audit(out, mixed, scores, epochs):
 
 
 def plot_suspects(out, mixed, flagged, epochs, per_side=8):
-    """suspects.png: per class (every tenth beyond 20 classes), the synthetic images taken as
-    suspects in the most epochs and those in the fewest, each with its count; planted wrong-class
-    images outlined in red."""
+    """suspects.png: per class (every tenth beyond 20), the synthetic images taken as suspects in
+    the most epochs and in the fewest, with their counts; planted ones outlined in red."""
     plt, num_classes = pyplot(), len(mixed.classes)
     shown = [c for c in range(num_classes) if num_classes <= 20 or c % 10 == 0]
     m, text = 3, 11  # margin for the outline, band below each image for its count
     s, cols = 32 + 2 * m, 2 * per_side + 1  # a blank column between the two sides
     mosaic = np.full((len(shown) * (s + text), cols * s, 3), 255, np.uint8)
     fig, ax = plt.subplots(figsize=(cols * s / 50, len(shown) * (s + text) / 50 + 0.9))
-    # ties broken at random, the same in every run
     order = np.random.default_rng(0).permutation(len(mixed))
     for r, c in enumerate(shown):
         syn, y0 = order[mixed.is_syn[order] & (mixed.labels[order] == c)], r * (s + text)
@@ -192,9 +177,8 @@ def plot_suspects(out, mixed, flagged, epochs, per_side=8):
             x0 = col * s
             mosaic[y0 + m:y0 + m + 32, x0 + m:x0 + m + 32] = mixed.images[i]
             if mixed.is_noisy[i]:
-                ax.add_patch(
-                    plt.Rectangle((x0 + 0.5, y0 + 0.5), s - 2, s - 2, fill=False, edgecolor="red",
-                                  lw=1.5))
+                ax.add_patch(plt.Rectangle((x0 + 0.5, y0 + 0.5), s - 2, s - 2, fill=False,
+                                           edgecolor="red", lw=1.5))
             ax.text(x0 + s / 2, y0 + s + text / 2, f"{flagged[i]}/{epochs}", ha="center",
                     va="center", fontsize=6)
     ax.imshow(mosaic, interpolation="nearest")
@@ -204,10 +188,8 @@ def plot_suspects(out, mixed, flagged, epochs, per_side=8):
                   ["taken as suspect in the most epochs", "in the fewest"])
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
-    fig.suptitle(
-        f"synthetic images per class, each with the epochs (of {epochs}) it was taken as a "
-        "suspect; "
-        f"red: a planted wrong-class image", fontsize=9)
+    fig.suptitle(f"synthetic images per class, each with the epochs (of {epochs}) it was taken as "
+                 f"a suspect; red: a planted wrong-class image", fontsize=9)
     for side in ax.spines.values():
         side.set_visible(False)
     save_figure(fig, os.path.join(out, "suspects.png"))
@@ -217,8 +199,7 @@ def plot_suspects(out, mixed, flagged, epochs, per_side=8):
 
 
 def spread(values):
-    """{"mean", "std", "runs"} over the values that are not None (std None for one run: no spread
-    exists), or None where there is none."""
+    """{"mean", "std" (None for one run), "runs"} over the values not None, or None."""
     v = np.array([x for x in values if x is not None], float)
     if not len(v):
         return None
@@ -239,8 +220,7 @@ def summarize(settings, dirs, out=""):
         if not os.path.isfile(os.path.join(d, "config.json")):
             raise cli.SAUError(f"{d} is not a run folder (no config.json)")
         if not os.path.isfile(os.path.join(d, "final.json")):
-            raise cli.SAUError(
-                f"{d} has no final.json: the run did not finish (continue it with --resume {d})")
+            raise cli.SAUError(f"{d} has no final.json: finish the run with --resume {d}")
         final = cli.read_json(os.path.join(d, "final.json"))["final_epoch"]
         runs.append((d, cli.read_json(os.path.join(d, "config.json")), final))
     ref = runs[0][1]

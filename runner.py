@@ -1,20 +1,13 @@
-"""How train.py's runs are run, around the method: the runtime and one-command settings, the set-up
-(processes, device, data, network), the run folder and --bench. checkpoint.pt is the folder's
-state, replaced in one rename per epoch; every other file is derived from it and rebuilt by
---resume, so a kill at any instant leaves a folder that --resume finishes.
-"""
+"""How train.py's runs are run, around the method: the runtime settings, the set-up and the run
+folder. checkpoint.pt is the folder's state, replaced in one rename per epoch; the other files
+are rebuilt from it by --resume, so a run killed at any instant resumes."""
 import dataclasses
-import itertools
 import json
-import math
 import os
-import time
-import warnings
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import cli
 import data
@@ -23,43 +16,35 @@ import views
 from model import resnet32
 
 S, ON_OFF = cli.Setting, ("on", "off")
-# train.py's settings of how a run is computed: the implementation choices named in the run (amp,
-# loader, sync_bn), those that change only speed or rounding ("runtime": kept on --resume unless
-# given) and those of one command ("call").
+# how a run is computed: named in the run (amp, loader, sync_bn), "runtime" (speed or rounding
+# only: kept on --resume unless given) or "call" (one command's)
 RUNTIME_CONFIG = {
     "amp": S("auto", "bf16 autocast: auto (on CUDA, and on a CPU with native bf16) | bf16 | off",
              choices=("auto", "bf16", "off")),
-    "loader": S("auto", "auto (gpu on CUDA, else cpu) | cpu: DataLoader workers + torchvision, as "
-                "the paper | gpu: the set held on the device, views as batched tensor ops (ours)",
-                choices=("auto", "cpu", "gpu")),
-    "sync_bn": S("off", "with torchrun: off: BatchNorm statistics per process, as the paper | on: "
-                 "over all", choices=ON_OFF, tag="syncbn"),
+    "loader": S("auto", "auto (gpu on CUDA) | cpu: torchvision in DataLoader workers, as the paper "
+                "| gpu: batched views on the device (ours)", choices=("auto", "cpu", "gpu")),
+    "sync_bn": S("off", "torchrun: BatchNorm statistics over all processes (off: the paper's)",
+                 choices=ON_OFF, tag="syncbn"),
     "device": cli.DEVICE,
-    "workers": S(-1, "DataLoader worker processes (--loader cpu); -1: 0 on a CPU device (fastest "
-                 "there, measured), min(8, CPUs) on CUDA", (lambda v: v >= -1, ">= -1"),
-                 scope="runtime"),
-    "channels_last": S("on", "channels_last memory format for the network (ours)",
-                       choices=ON_OFF, scope="runtime"),
+    "workers": S(-1, "DataLoader workers (--loader cpu); -1: 0 on a CPU, min(8, CPUs) on CUDA",
+                 (lambda v: v >= -1, ">= -1"), scope="runtime"),
+    "channels_last": S("on", "channels_last memory format (ours)", choices=ON_OFF, scope="runtime"),
     "compile": S("off", "torch.compile the training step, views included (ours)", choices=ON_OFF,
                  scope="runtime"),
-    "deterministic": S("off", "on: deterministic CUDA kernels, so a resumed CUDA run ends with the "
-                       "same weights as an uninterrupted one (CPU runs always do); somewhat slower "
-                       "(ours)", choices=ON_OFF, scope="runtime"),
-    "bench": S(0, "time this many steps after warm-up with the run's flags, print the figures "
-               "and exit (ours)", cli.NON_NEGATIVE, scope="call"),
-    "out": S("", "run folder; empty: runs/<name from the settings that differ from the defaults>",
-             scope="call"),
-    "resume": S("", "continue the run in this folder; flags not given are taken from it",
-                scope="call"),
-    "summarize": S(None, "mean and std of finished runs' final metrics over seeds (writes --out or "
-                   "runs/summary_<name>.md/.json) and exit", scope="call", type=str, nargs="+"),
-    "stop_after": S(0, "leave after this many epochs in total, checkpoint kept (for time-limited "
-                    "jobs; ours)", cli.NON_NEGATIVE, scope="call"),
+    "deterministic": S("off", "deterministic CUDA kernels: a CUDA run resumes bit for bit (ours)",
+                       choices=ON_OFF, scope="runtime"),
+    "bench": S(0, "time this many steps after warm-up, print the figures and exit (ours)",
+               cli.NON_NEGATIVE, scope="call"),
+    "out": S("", "run folder; empty: runs/<the settings not at their defaults>", scope="call"),
+    "resume": S("", "continue the run in this folder; flags not given are the run's", scope="call"),
+    "summarize": S(None, "mean and std of finished runs' final metrics over seeds, into --out or "
+                   "runs/summary_<name>.md/.json", scope="call", type=str, nargs="+"),
+    "stop_after": S(0, "leave after this many epochs in total, checkpoint kept (ours)",
+                    cli.NON_NEGATIVE, scope="call"),
 }
 RUNTIME_IGNORED = [
     ("workers", lambda c: c["loader"] == "gpu", "with --loader gpu"),
-    ("sync_bn", lambda c: cli.rank_and_world()[1] == 1,
-     "with one process (it acts under torchrun)"),
+    ("sync_bn", lambda c: cli.rank_and_world()[1] == 1, "with one process (it acts in torchrun)"),
 ]
 
 
@@ -69,14 +54,14 @@ RUNTIME_IGNORED = [
 @dataclasses.dataclass
 class Run:
     """What a run holds from set-up to its end, and what its processes do together."""
-    world: int  # processes (torchrun's WORLD_SIZE; 1 without it)
-    rank: int  # this process's (RANK)
-    device: torch.device  # "cuda", "cuda:N" (LOCAL_RANK under torchrun) or "cpu"
+    world: int  # processes (torchrun's WORLD_SIZE), rank this one's (RANK)
+    rank: int
+    device: torch.device
     amp: bool  # bf16 autocast on
     loader: str  # "cpu" (DataLoader workers, torchvision) or "gpu" (batched views on the device)
     prep: Callable  # a batch to the device, in the network's memory format
-    mixed: data.MixedSet  # the training set: real + synthetic, with is_syn and is_noisy
-    batches: data.Batches  # (views, batch size, seed, order) -> views.Batch; .images: the set
+    mixed: data.MixedSet
+    batches: data.Batches  # (views, batch size, seed, order) -> views.Batch
     real: object  # this process's real images for the prototypes (on the device: gpu loader)
     test: tuple  # (uint8 [10000, 3, 32, 32], labels [10000]) on the host
     model: torch.nn.Module  # the ResNet-32
@@ -90,8 +75,7 @@ class Run:
         return t
 
     def eval(self):
-        """model.eval() with rank 0's BatchNorm statistics on every process (DDP sends them only at
-        a training forward): each process evaluates the model the checkpoint saves."""
+        """model.eval() with rank 0's BatchNorm statistics: the model the checkpoint saves."""
         self.model.eval()
         for b in self.model.buffers() if self.world > 1 else ():
             torch.distributed.broadcast(b, 0)
@@ -105,16 +89,13 @@ class Run:
 
 
 def setup(cfg, step_class, optimizer):
-    """The Run: processes, device, data, the ResNet-32, optimizer(model, cfg), step_class."""
     rank, world = cli.rank_and_world()
     if world > 1 and cfg["batch_size"] % world:
-        raise cli.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world} "
-                           f"processes")
+        raise cli.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world}")
     device = cli.use_device(cfg["device"], cfg["deterministic"] == "on")
     cuda = device.type == "cuda"
     if cfg["sync_bn"] == "on" and not cuda:
-        raise cli.SAUError("--sync-bn on needs CUDA (torch's SyncBatchNorm runs on GPUs only): "
-                           "drop it on a CPU")
+        raise cli.SAUError("--sync-bn on needs CUDA (torch's SyncBatchNorm): drop it on a CPU")
     if world > 1:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (cuda or cli.cpu_has_bf16()))
@@ -137,8 +118,7 @@ def setup(cfg, step_class, optimizer):
         both = cfg["w_cls"] > 0 and cfg["w_con"] > 0
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn,
                                                             find_unused_parameters=not both)
-    # the whole step: the views' pure part, the four passes, both losses, the relabel rule (and,
-    # by AOTAutograd, the backward); static shapes, one more graph for a short last batch
+    # the whole step, views and backward included; one more graph for a short last batch
     if cfg["compile"] == "on":
         step_fn = torch.compile(step_fn)
     return Run(world=world, rank=rank, device=device, amp=amp, loader=loader,
@@ -153,9 +133,7 @@ def setup(cfg, step_class, optimizer):
 
 
 class Folder:
-    """The run's folder, held (its lock) from `with` to the end: a run that exists is refused
-    without --resume, and resumed with it (ckpt); a Ctrl-C ends in one line that says how to go
-    on."""
+    """The run's folder, locked from `with` to the end: a run there is refused without --resume."""
 
     def __init__(self, cfg, name):
         self.cfg, self.out = cfg, cfg["out"] or os.path.join("runs", name)
@@ -175,8 +153,7 @@ class Folder:
         return self
 
     def __exit__(self, kind, error, tb):
-        # a clean end (an error included) leaves an empty lock file; a killed run leaves its pid
-        if self.lock:
+        if self.lock:  # an empty lock file: the run ended (a killed one leaves its pid)
             self.lock.truncate(0)
             self.lock.close()
             self.lock = None
@@ -185,8 +162,7 @@ class Folder:
                                     f"train.py --resume {self.out}") from None
 
     def restore(self, run):
-        """The first epoch to train, the checkpoint restored; config.json and metrics.jsonl
-        written, the start line printed."""
+        """The first epoch to train, the checkpoint restored; config.json, metrics.jsonl, a line."""
         if self.ckpt:
             run.model.load_state_dict(self.ckpt["model"])
             run.opt.load_state_dict(self.ckpt["optimizer"])
@@ -202,8 +178,7 @@ class Folder:
     def epochs(self):  # the end of this command's epochs: --stop-after ends early
         return min(self.cfg["epochs"], self.cfg["stop_after"] or self.cfg["epochs"])
 
-    def epoch_done(self, run, metrics, ev, suspects):
-        """The epoch's line and its checkpoint (one rename), then metrics.jsonl."""
+    def epoch_done(self, run, metrics, ev, suspects):  # the line, checkpoint.pt, metrics.jsonl
         mixed, self.done = run.mixed, metrics["epoch"]
         self.ev = {**ev, "n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
         self.metrics.append(metrics)
@@ -216,8 +191,7 @@ class Folder:
         cli.write_atomic(os.path.join(self.out, "checkpoint.pt"), lambda p: torch.save(state, p))
         write_metrics(self.out, self.metrics)
 
-    def finish(self, run, flagged, scores):
-        """final.json and the pictures, also for a run resumed when done."""
+    def finish(self, run, flagged, scores):  # final.json and the pictures, also when resumed done
         if not self.main:
             return
         if self.done < self.cfg["epochs"]:
@@ -228,8 +202,8 @@ class Folder:
                                scores)
 
     def check_finite(self, run, bad_step, epoch, weights=False):
-        """Stop at a non-finite loss (bad_step: its first step, or -1) or, with weights, at
-        non-finite weights, decided over all processes: what is saved is always finite."""
+        """Stop at a non-finite loss (bad_step: its first step, or -1) or weights, over all
+        processes: what is saved is always finite."""
         bad_weights = torch.zeros((), device=bad_step.device)
         if weights:
             finite = [t.isfinite().all() for t in run.model.state_dict().values()
@@ -240,13 +214,12 @@ class Folder:
             return
         what = (f"loss at epoch {epoch + 1}, step {int(worst[0])}" if worst[0] >= 0
                 else f"weights after epoch {epoch + 1}")
-        kept = f"epoch {epoch}" if epoch else "none yet"
-        raise cli.SAUError(f"non-finite {what}: stopped; the last good checkpoint ({kept}) is "
-                           f"kept in {self.out}; try a lower --lr")
+        raise cli.SAUError(f"non-finite {what}: stopped; the last good checkpoint "
+                           f"({f'epoch {epoch}' if epoch else 'none yet'}) is kept in "
+                           f"{self.out}; try a lower --lr")
 
 
 def load_checkpoint(out, mmap=False):
-    """The run's checkpoint, or None (a run killed in its first epoch has none)."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(path):
         return None
@@ -258,9 +231,7 @@ def load_checkpoint(out, mmap=False):
 
 
 def resumed(table):
-    """parse_settings' hook for --resume: the flags not given are the run's (from its checkpoint,
-    or config.json before the first), runtime ones too; one that shapes the results otherwise is
-    refused."""
+    """parse_settings' hook: flags not given are the resumed run's; one that differs is refused."""
     def settings(cfg, given):
         folder = cfg["resume"]
         if "resume" in given and not folder.strip():
@@ -302,80 +273,3 @@ def start_line(out, cfg, run, start):
                         if s.scope == "runtime" and cfg[k] != s.default) or "the defaults"
         line += f"; resumed, runtime settings (the run's unless given now): {kept}"
     return line
-
-
-# ---------------------------------------------------------------- --bench
-
-
-def timed(batches, work, n, warmup, device, begin=lambda: None):
-    """(seconds a batch over n batches, seconds of the warmup ones before: compilation)."""
-    it, t0 = iter(batches), time.perf_counter()
-    for i in range(warmup + n):
-        if i == warmup:
-            cli.synchronize(device)
-            begin()
-            t = time.perf_counter()
-        work(next(it))
-    cli.synchronize(device)
-    return (time.perf_counter() - t) / n, t - t0
-
-
-def bench(cfg, run, method, warmup=3):
-    """--bench: the whole step, its data path alone and the forward-only passes (prototypes, test
-    set) timed with the run's flags, peak memory and, on CUDA, the timed steps' host syncs; the
-    figures printed and returned, nothing written. method: train.py, the module."""
-    mix = method.mix_draws(np.random.default_rng(0), 1, cfg["mix_alpha"])[0].to(run.device)
-    num_classes, dim = len(run.mixed.classes), run.model.proj[-1].out_features
-    protos = F.normalize(torch.randn(num_classes, 2, dim, device=run.device), dim=-1)
-    counts = torch.zeros(len(run.mixed), dtype=torch.int32, device=run.device)
-    warmup += 7 * (cfg["compile"] == "on")  # compilation, and a recompilation for the eval graph
-    # as many steps as asked for, over epochs
-    pairs = lambda: (ab for e in itertools.count() for ab in method.streams(run, cfg, e))
-    inputs = lambda ab: method.step_inputs(run, cfg, *ab, mix, protos)
-    step = lambda ab: method.train_step(run, inputs(ab), counts)
-    # a prototype batch: two views of real images through backbone and projection head
-    real = np.flatnonzero(~run.mixed.is_syn).tolist()
-    real *= 1 + (warmup + cfg["bench"]) * 256 // max(len(real), 1)
-    forward = (run.batches(("v2", "v3"), 256, 0, real, stream="bench"),
-               lambda b: method.project_views(run, b))
-    n, device, cuda = cfg["bench"], run.device, run.device.type == "cuda"
-    # CUDA: every host sync inside a timed step warns once (not the warm-up's copies and
-    # compilation)
-    with warnings.catch_warnings(record=True) as syncs:
-        warnings.simplefilter("always")
-        try:
-            step_s, warmup_s = timed(pairs(), step, n, warmup, device,
-                                     begin=lambda: cli.sync_debug(device, "warn"))
-        finally:
-            cli.sync_debug(device, "default")
-    syncs = sum("synchroniz" in str(w.message) for w in syncs) if cuda else None
-    data_s = timed(pairs(), inputs, n, warmup, device)[0]
-    run.model.eval()
-    with torch.no_grad():
-        proto_s = timed(*forward, n, warmup, device)[0]
-    bs, steps = cfg["batch_size"] // run.world, math.ceil(len(run.mixed) / cfg["batch_size"])
-    # per epoch: the steps, the prototypes (real images, two views, batches of 256) and the test
-    # set (one view, about half the cost)
-    passes = math.ceil(sum(run.mixed.n_real) / 256) * (cfg["w_con"] > 0) + len(run.test[1]) / 512
-    epoch_s = steps * step_s + passes * proto_s
-    name, peak = cli.device_figures(device)
-    res = {"device": name, "loader": run.loader, "amp": "bf16" if run.amp else "off",
-           "width": cfg["width"], "batch_size": bs, "channels_last": cfg["channels_last"],
-           "compile": cfg["compile"], "steps_timed": n, "step_images_per_s": bs / step_s,
-           "data_images_per_s": bs / data_s, "data_fraction": data_s / step_s,
-           "forward_images_per_s": 2 * 256 / proto_s, "epoch_s": epoch_s,
-           "run_s": epoch_s * cfg["epochs"], "peak": peak, "host_syncs_in_timed_steps": syncs,
-           "warmup_s": warmup_s}
-    print(f"bench ({name}; loader {run.loader}, amp {res['amp']}, channels_last "
-          f"{cfg['channels_last']}, compile {cfg['compile']}, width {cfg['width']}, batch {bs}; "
-          f"{n} steps after {warmup} warm-up, {warmup_s:.1f} s with any compilation):\n"
-          f"  whole step      {bs / step_s:8.1f} images/s  ({1000 * step_s:.1f} ms/step)\n"
-          f"  data path alone {bs / data_s:8.1f} images/s  ({100 * data_s / step_s:.1f}% of a "
-          f"step)\n"
-          f"  prototype/test forward passes {2 * 256 / proto_s:.1f} images/s; peak memory {peak}; "
-          f"host syncs in the timed steps: {'-' if syncs is None else syncs}\n"
-          f"  projected: {epoch_s:.1f} s per epoch, {cfg['epochs']} epochs "
-          f"{epoch_s * cfg['epochs'] / 60:.1f} min ({steps} steps, prototypes and test set each "
-          f"epoch)")
-    print("bench_json " + json.dumps(res))
-    return res

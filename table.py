@@ -1,14 +1,12 @@
 """The paper's table in one command: every run of a grid of datasets, imbalance factors, rows
-(methods) and seeds, on every GPU the machine lets it see, then runs/<name>/table.md, table.json
-and table.png.
+(methods) and seeds, on every GPU it sees, then runs/<name>/table.md, table.json and table.png.
 
     python table.py                           # the paper's grid (72 runs of 200 epochs)
     python table.py --name cpu_try --datasets cifar10 --imbs 100 --rows paper audit --syn heldout \\
         -- --width 8 --epochs 3               # flags after -- go to every run
     python table.py --dry-run                 # every command it would run, one a line
 
-The same command again, after a crash or on a new allocation, skips finished runs, resumes killed
-ones and recomputes nothing; a failed run is reported in one line and the others go on.
+The same command again skips finished runs and resumes killed ones; a failed run is one line.
 """
 import argparse
 import json
@@ -50,20 +48,17 @@ CONFIG = {
              type=str, nargs="+"),
     "seeds": S([0, 1, 2], "training seeds of every cell",
                (lambda v: min(v) >= 0 and IS_LIST[0](v), ">= 0, once each"), type=int, nargs="+"),
-    "syn": S("pool", "the fill of the rows that have one: pool (made by generate.py when "
-             "missing, once per dataset, for the grid's largest fill, one shard per GPU) | "
+    "syn": S("pool", "the rows' fill: pool (generate.py's, made when missing, one shard a GPU) | "
              "heldout (unused real images, ours)", choices=("pool", "heldout")),
     "gen": S("", "extra generate.py flags for the pools, e.g. '--generator ddpm'"),
-    "gpus": S("", "GPUs to run on, e.g. 0,1 (one run each at a time), numbered as torch sees them "
-              "(within CUDA_VISIBLE_DEVICES); empty: every GPU torch sees, else the CPU, one run "
-              "at a time", (lambda v: not v or all(p.isdigit() for p in v.split(",")),
-                            "comma-separated GPU indices")),
+    "gpus": S("", "GPUs to run on, one run each at a time, e.g. 0,1 (as torch numbers them); "
+              "empty: every GPU torch sees, else the CPU", (lambda v: not v or all(
+                  p.isdigit() for p in v.split(",")), "comma-separated GPU indices")),
     "dry_run": S(False, "print every command it would run, one a line (pools first), and exit"),
 }
 
 
-class Job(NamedTuple):
-    """One training run of the grid."""
+class Job(NamedTuple):  # one training run of the grid
     cell: str  # dataset and imbalance, the table's column
     row: str
     seed: int
@@ -73,7 +68,7 @@ class Job(NamedTuple):
 
 
 def parse(argv):
-    """(the runner's settings, the flags for every run): the two halves of argv around '--'."""
+    """(the runner's settings, the flags for every run): argv before and after '--'."""
     cut = argv.index("--") if "--" in argv else len(argv)
     cfg = cli.parse_settings(CONFIG, [], __doc__, argv[:cut],
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,8 +82,7 @@ def parse(argv):
     if unknown:
         raise cli.SAUError(f"--rows {' '.join(unknown)}: no such row; the rows are "
                            f"{', '.join(rows)} (or add one with --row NAME=FLAGS)")
-    # a row of your own joins the table after --rows, without being named there too (a new
-    # list: += would grow the default list, the Setting's own)
+    # a row of your own joins the table after --rows (a new list: += would grow the default)
     cfg["rows"] = cfg["rows"] + [r for r in rows if r not in ROWS and r not in cfg["rows"]]
     cfg["row_flags"] = {r: rows[r] for r in cfg["rows"]}
     extra = argv[cut + 1:]
@@ -99,8 +93,7 @@ def parse(argv):
 
 
 def refuse_call_flags(where, flags):
-    """A grid run is a plain training run: flags that make a command of their own (--bench,
-    --summarize) or that the runner sets (--out, --resume, --stop-after) are refused."""
+    """A grid run is a plain training run: flags of another command or the runner's are refused."""
     for token in flags:
         key = token.split("=", 1)[0][2:].replace("-", "_") if token.startswith("--") else None
         if key in train.CONFIG and train.CONFIG[key].scope == "call":
@@ -109,8 +102,7 @@ def refuse_call_flags(where, flags):
 
 
 def plan(cfg, extra):
-    """Every run of the grid, in table order; checked now, so that a bad combination is one line
-    before anything starts."""
+    """Every run of the grid, in table order, checked before anything starts."""
     jobs = []
     for dataset in cfg["datasets"]:
         for imb in cfg["imbs"]:
@@ -124,7 +116,6 @@ def plan(cfg, extra):
                         raise cli.SAUError(f"row {row} ({dataset}, --imb {imb:g}): {e}") from None
                     folder = os.path.join("runs", cfg["name"], train.run_name(run_cfg))
                     jobs.append(Job(f"{dataset}_imb{imb:g}", row, seed, argv, folder, run_cfg))
-    # two rows with the same settings would share a folder
     if len({j.folder for j in jobs}) < len(jobs):
         raise cli.SAUError("two rows of the grid have the same settings: give each row different "
                            "flags")
@@ -132,9 +123,8 @@ def plan(cfg, extra):
 
 
 def pools(cfg, jobs, shards):
-    """generate.py's commands for every pool the grid needs and lacks: once per folder, for its
-    largest fill, as one shard per device where the generator is a downloaded pipeline (a trained
-    DDPM and a language model's prompts are made in one process first)."""
+    """generate.py's commands for every pool the grid lacks, for its largest fill: one shard a
+    device for a downloaded pipeline (one process for a DDPM or a language model's prompts)."""
     need = {}
     for c in (j.cfg for j in jobs if j.cfg["syn"] == "pool"):
         need.setdefault(data.pool_folder(c), (c, []))[1].append(c["imb"])
@@ -155,9 +145,8 @@ def command(argv, folder):
 
 
 def execute(jobs, devices, desc):
-    """Run (script argv, log file) jobs, one at a time per device (a CUDA_VISIBLE_DEVICES value;
-    None: the CPU), with a progress bar; the jobs that failed as (job, why). A job that cannot
-    even start (its log cannot be written) fails like one that ends in an error."""
+    """Run (script argv, log file) jobs, one at a time a device (a CUDA_VISIBLE_DEVICES value; None:
+    the CPU); the jobs that failed, as (job, why)."""
     todo, free, running, failed = list(jobs), list(devices), {}, []
     bar = tqdm(total=len(jobs), unit="run", desc=desc, dynamic_ncols=True)
 
@@ -182,7 +171,6 @@ def execute(jobs, devices, desc):
                     visible = "" if device is None else f"CUDA_VISIBLE_DEVICES={device} "
                     f.write(f"$ {visible}python {shlex.join(argv)}\n")
                     f.flush()
-                    # the terminal's Ctrl-C is the runner's, which stops the runs in order
                     p = subprocess.Popen([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
                                          env=env, stdout=f, stderr=subprocess.STDOUT,
                                          preexec_fn=cli.ignore_sigint)
@@ -215,9 +203,8 @@ def execute(jobs, devices, desc):
 
 
 def devices_of(gpus):
-    """(the CUDA_VISIBLE_DEVICES value of each device to run on, None for the CPU; how the start
-    line names them). GPU k is the k-th this process sees: the k-th of its own
-    CUDA_VISIBLE_DEVICES where that is set (Slurm, a shared machine, MIG or UUID values)."""
+    """(each device's CUDA_VISIBLE_DEVICES value, None: the CPU; their names). GPU k is the k-th
+    this process sees: of its own CUDA_VISIBLE_DEVICES where set (Slurm, MIG or UUID values)."""
     seen = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",")[:seen] if visible is not None else [str(i) for i in range(seen)]
@@ -244,7 +231,6 @@ def main(argv=None):
         for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
-    # the data, fetched once here before any run starts (or one line, and nothing made)
     for dataset, root in {(j.cfg["dataset"], j.cfg["data_root"]) for j in jobs}:
         data.cifar_folder(dataset, root)
     grid = os.path.join("runs", cfg["name"])
@@ -272,9 +258,8 @@ def main(argv=None):
 
 
 def write_table(folder, cfg, jobs, keys=("top1", *data.GROUPS)):
-    """table.md, table.json and table.png of a grid: rows = methods, columns = dataset x imbalance,
-    each cell the final-epoch accuracy as mean ± std over the seeds that finished (a missing seed
-    is named, an empty cell says so)."""
+    """table.md, table.json and table.png: each cell the final-epoch accuracy, mean ± std over
+    the seeds that finished (missing ones named)."""
     cells = list(dict.fromkeys(j.cell for j in jobs))
     new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}
     table = {row: {cell: new() for cell in cells} for row in cfg["rows"]}
@@ -316,7 +301,6 @@ def write_table(folder, cfg, jobs, keys=("top1", *data.GROUPS)):
     mean = np.array([[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"]
                       for c in cells] for r in cfg["rows"]])
     fig, ax = plt.subplots(figsize=(max(5.5, 2 + 1.6 * len(cells)), 1.2 + 0.6 * len(cfg["rows"])))
-    # the scale leaves room on both sides, so that every number stays readable
     seen = np.isfinite(mean).any()
     ax.imshow(mean, cmap="Greens", aspect="auto", vmin=np.nanmin(mean) - 5 if seen else 0,
               vmax=np.nanmax(mean) + 10 if seen else 100)

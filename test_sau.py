@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils._python_dispatch
 
 import audit
+import bench
 import cli
 import data
 import ddpm
@@ -32,11 +33,8 @@ from model import param_counts, resnet32
 # ---------------------------------------------------------------- helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-CIFAR10_NAMES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
-]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
 
 
 def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
@@ -53,19 +51,14 @@ def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
         return x, y.tolist()
 
     d = data.DATASETS[dataset]
-    folder, train_files, test_file, label_key, names_key, meta = (
-        d.folder, d.train, d.test, d.labels, d.names, d.meta)
-    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    dump = lambda name, obj: pickle.dump(obj, open(os.path.join(root, d.folder, name), "wb"))
+    os.makedirs(os.path.join(root, d.folder), exist_ok=True)
     x, y = split(n_train)
-    parts = np.array_split(np.arange(len(y)), len(train_files))
-    for name, idx in zip(train_files, parts):
-        with open(os.path.join(root, folder, name), "wb") as f:
-            pickle.dump({"data": x[idx], label_key: [y[i] for i in idx]}, f)
+    for name, idx in zip(d.train, np.array_split(np.arange(len(y)), len(d.train))):
+        dump(name, {"data": x[idx], d.labels: [y[i] for i in idx]})
     x, y = split(n_test)
-    with open(os.path.join(root, folder, test_file), "wb") as f:
-        pickle.dump({"data": x, label_key: y}, f)
-    with open(os.path.join(root, folder, meta), "wb") as f:
-        pickle.dump({names_key: names}, f)
+    dump(d.test, {"data": x, d.labels: y})
+    dump(d.meta, {d.names: names})
     return names
 
 
@@ -73,16 +66,9 @@ def write_pool(folder, dataset, classes, n_per_class, dtype=np.uint8, shape=(32,
                seed=1):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(
-            {
-                "dataset": dataset,
-                "classes": classes,
-                "image_size": 32,
-                "generator": {
-                    "name": "test"
-                }
-            }, f)
+    manifest = {"dataset": dataset, "classes": classes, "image_size": 32,
+                "generator": {"name": "test"}}
+    open(os.path.join(folder, "manifest.json"), "w").write(json.dumps(manifest))
     for c in range(len(classes)):
         for start in range(0, n_per_class, shard):
             n = min(shard, n_per_class - start)
@@ -100,35 +86,22 @@ def root(tmp_path_factory):
     return r
 
 
-def unrendered(fig, path):
-    """report.save_figure's stand-in: the figure is drawn, not rendered, and a placeholder is
-    written through the same atomic write."""
+def unrendered(fig, path):  # report.save_figure's stand-in: drawn, not rendered
     cli.write_atomic(path, "png")
     report.pyplot().close(fig)
 
 
 @pytest.fixture(autouse=True)
 def pictures_unrendered(request, monkeypatch):
-    """In-process runs draw their pictures but do not render them (about 1.5 s a run on a 2-core
-    CPU); the tests marked `pictures` render them, and so does every script run as a process."""
+    """In-process runs draw their pictures but do not render them (1.5 s a run) unless marked
+    `pictures`; scripts run as processes render them."""
     if "pictures" not in request.keywords:
         monkeypatch.setattr(report, "save_figure", unrendered)
 
 
-
-
-
-
-
-
-
-
-
 def on_cpu(script, args):
-    """The script's argv with the CPU and fp32 pinned first (a later flag wins): on a machine with
-    a GPU the CPU tests stay CPU tests, bit-exact as they expect, and on a CPU with native bf16
-    they do not run bf16 autocast, several times slower there (one test keeps a run that does:
-    test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench)."""
+    """The script's argv with the CPU and fp32 pinned first (a later flag wins): CPU tests stay
+    CPU tests, bit-exact, also on a machine with a GPU or native bf16."""
     pinned = {"train.py": ["--device", "cpu", "--amp", "off"], "generate.py": ["--device", "cpu"]}
     return [*pinned.get(script, []), *map(str, args)]
 
@@ -138,7 +111,7 @@ TINY = ["--imb", 10, "--width", 2, "--batch-size", 16, "--epochs", 1]
 
 
 def config(*flags):
-    """train.py's settings of these flags, parsed as its command line parses them, on the CPU."""
+    """train.py's settings of these flags, parsed as its command line, on the CPU."""
     return train.get_config(on_cpu("train.py", flags))
 
 
@@ -172,7 +145,6 @@ def in_process(fn, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-
 class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -184,8 +156,7 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def one_step(root, *flags):
-    """(run, step): a tiny run's set-up and one training step of it at a time (--loader gpu,
-    both branches, planted images), in fp32."""
+    """(run, cfg, step): a tiny run's set-up and its step (--loader gpu, planted images)."""
     cfg = tiny(root, "x", "--width", 4, "--batch-size", 32, "--syn-noise", 0.3, "--loader",
                    "gpu", *flags)
     run = train.setup(cfg)
@@ -199,30 +170,22 @@ def one_step(root, *flags):
     return run, cfg, step
 
 
-def batch_of(x, y, is_syn=None, **named):
-    """A views.Batch of these views (x for each name given) and labels."""
+def batch_of(x, y, is_syn=None, **named):  # a views.Batch of these views (else v1: x)
     is_syn = torch.zeros(len(y), dtype=torch.bool) if is_syn is None else is_syn
     return views.Batch(named or {"v1": x}, y, is_syn, torch.arange(len(y)))
 
 
-# Two processes on two cores with two threads each spend most of their time waiting for each
-# other (60 s against 17 s for the gloo run, measured on 2 cores): one thread a process.
+# two processes on two cores: one thread each (the gloo run: 17 s, not 60 s)
 ONE_THREAD_EACH = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def finished_run(folder, cfg, top1):
-    """A run folder as a finished run leaves it, for what reads it: config.json and final.json."""
+    """A run folder as a finished run leaves it: config.json and final.json."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "resume"}))
     final = {"top1": top1, "top5": 90.0, "many": None, "medium": top1 + 1, "few": top1 - 1}
     (folder / "final.json").write_text(json.dumps({"final_epoch": final}))
     return folder
-
-
-
-
-
-
 
 
 def final_without_timings(out):
@@ -236,8 +199,7 @@ class Killed(BaseException):
 
 @pytest.fixture(autouse=True)
 def global_settings_restored():
-    """Each test leaves torch's global settings as it found them (train.setup sets deterministic
-    mode and the fp32 precisions, for the process a run is)."""
+    """Each test leaves torch's global settings as it found them (train.setup sets some)."""
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
@@ -254,15 +216,15 @@ def global_settings_restored():
 
 @pytest.mark.quick
 def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys):
-    """A fork adds one entry; the parser, the checks, the run name, config.json, --resume and
-    --summarize follow, and runs made before the entry existed still resume and summarise (they had
-    its default)."""
-    # the classifier alone: this test is about the settings
-    old, fast = tmp_path / "old", ["--w-con", 0]
+    """A fork adds one entry; parser, checks, run name, config.json, --resume and --summarize
+    follow, and runs made before it resume and summarise with its default."""
+    old, fast = tmp_path / "old", ["--w-con", 0]  # the classifier alone: about the settings
     train.train(tiny(root, old, "--epochs", 2, "--stop-after", 1, *fast))
     monkeypatch.setitem(train.CONFIG, "la_tau",
                         cli.Setting(0.0, "logit adjustment", cli.NON_NEGATIVE, tag="tau"))
-    assert "--la-tau" in cli.parser(train.CONFIG, "").format_help()
+    with pytest.raises(SystemExit):
+        config("--help")
+    assert "--la-tau" in capsys.readouterr().out
     code, err = in_process(lambda: config("--la-tau", "-1"), capsys)
     assert code == 2 and len(err) == 1 and "--la-tau must be >= 0, got -1.0" in err[0]
     cfg = config("--la-tau", "0.5", "--syn", "heldout")
@@ -273,49 +235,42 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     new = train.train(
         tiny(root, tmp_path / "new", "--epochs", 2, "--la-tau", 0.5, "--seed", 1, *fast))
     assert json.loads((tmp_path / "new" / "config.json").read_text())["la_tau"] == 0.5
-    code, err = in_process(lambda: train.train(config("--resume", new, "--la-tau", "0.7")),
-                           capsys)
+    code, err = in_process(lambda: train.train(config("--resume", new, "--la-tau", "0.7")), capsys)
     assert code == 2 and "--la-tau 0.5 (now 0.7)" in err[-1]
-    code, err = in_process(
-        lambda: report.summarize(train.CONFIG, [str(old), new], str(tmp_path / "sum")), capsys)
+    summary = str(tmp_path / "sum")
+    code, err = in_process(lambda: report.summarize(train.CONFIG, [str(old), new], summary), capsys)
     assert code == 2 and "--la-tau" in err[-1]
     # the old run without the key, a finished one with its default
     same = finished_run(tmp_path / "same",
                         tiny(root, tmp_path / "same", "--epochs", 2, "--seed", 1, *fast), 40.0)
-    report.summarize(train.CONFIG, [str(old), str(same)], str(tmp_path / "sum"))
+    report.summarize(train.CONFIG, [str(old), str(same)], summary)
     assert json.loads((tmp_path / "sum.json").read_text())["final_epoch"]["top1"]["runs"] == 2
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [(["--relabel", "off", "--strategy", "drop"
-       ], "--strategy drop has no effect with --relabel off"),
-     (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
-     (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
-     (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
-     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
-     (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
-     (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
-     (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
-     (["--syn-ratio", 0, "--syn-noise", 0.5], "--syn-noise 0.5 has no effect with --syn-ratio 0"),
-     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0")])
+@pytest.mark.parametrize("flags,message", [
+    (["--relabel", "off", "--strategy", "drop"], "--strategy drop has no effect with --relabel"),
+    (["--w-con", 0, "--temperature", 0.2], "--temperature 0.2 has no effect with --w-con 0"),
+    (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
+    (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
+    (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
+    (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
+    (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
+    (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
+    (["--syn-ratio", 0, "--syn-noise", 0.5], "--syn-noise 0.5 has no effect with --syn-ratio 0"),
+    (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0"),
+    (["generate.py", "--clip-top-k", 3], "--clip-top-k 3 has no effect without --filter clip"),
+    (["generate.py", "--prompts", "x.txt", "--prompt-style", "templates"],
+     "--prompt-style templates has no effect with --prompts FILE")])
 @pytest.mark.quick
 def test_a_setting_without_effect_is_refused(flags, message, capsys):
-    code, err = in_process(lambda: config(*flags), capsys)
+    import generate
+    parse = lambda: (generate.parse_args(list(map(str, flags[1:]))) if flags[0] == "generate.py"
+                     else config(*flags))
+    code, err = in_process(parse, capsys)
     assert code == 2 and len(err) == 1 and message in err[0]
 
 
-def test_sync_bn_on_a_cpu_is_refused_in_one_line(root, monkeypatch, capsys):
-    # as under torchrun: --sync-bn acts, but torch's SyncBatchNorm needs GPUs
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = config("--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16")
-    code, err = in_process(lambda: train.setup(cfg), capsys)
-    assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
-
-
-def flag_cases():
-    """Every numeric and choice flag of the three scripts, from their tables: a new flag is walked
-    too."""
+def flag_cases():  # every numeric and choice flag of the three scripts: a new flag is walked too
     import generate
     check_data = lambda a: cli.parse_settings(data.DATA_CONFIG, [], "", a)
     for script, table, parse in (("train.py", train.CONFIG, train.get_config),
@@ -327,8 +282,6 @@ def flag_cases():
 
 
 NEGATIVE_OK = {"workers"}  # -1: the automatic choice
-
-
 # else refused
 ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},
              **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
@@ -336,57 +289,47 @@ ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "a
 
 @pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
 def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, capsys):
-    """NaN, inf, a negative, zero and a wrong type: each refused in one line, exit 2, where it is
-    wrong for the flag; every numeric flag has a check, and refuses negatives unless named in
-    NEGATIVE_OK."""
-    flag = "--" + key.replace("_", "-")
-    kind = setting.type or type(setting.default)
+    """NaN, inf, a negative, zero and a wrong type: refused in one line, exit 2, where wrong for
+    the flag; every numeric flag has a check and refuses negatives unless in NEGATIVE_OK."""
+    flag, kind = cli.flag(key), setting.type or type(setting.default)
     if setting.choices:
         cases = {"not-a-choice": False, setting.choices[-1]: True}
     elif kind in (int, float):
         assert setting.check, f"{script} {flag} has no check"
-        cases = {
-            "nan": False,
-            "inf": False,
-            "-inf": False,
-            "abc": False,
-            "1.5" if kind is int else "1e": False
-        }
-        for v in (-1, 0):
-            cases[str(v)] = bool(setting.check[0](v))
+        cases = {"nan": False, "inf": False, "-inf": False, "abc": False,
+                 "1.5" if kind is int else "1e": False}
+        cases.update({str(v): bool(setting.check[0](v)) for v in (-1, 0)})
         assert key in NEGATIVE_OK or not cases["-1"], f"{script} {flag} takes a negative"
     else:
         pytest.skip("a path or a name: tested with the runs")
-
     for value, ok in cases.items():
         code, err = in_process(lambda: parse(ACTS_WITH.get(key, []) + [flag, value]), capsys)
         assert (code == 0) == ok, (flag, value, err)
         if not ok:
-            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0], (
-                flag, value, err)
+            assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
 
 
 def test_every_torch_load_names_map_location():
-    """A CUDA run's files must load on a CPU-only machine, and never put a whole model on the GPU by
-    surprise."""
+    """A CUDA run's files load on a CPU-only machine, never a whole model on the GPU by surprise."""
     import ast
-    for name in ("train.py", "data.py", "generate.py", "model.py", "test_sau.py"):
-        tree = ast.parse(open(os.path.join(HERE, name)).read())
-        for node in ast.walk(tree):
+    for name in ("train.py", "runner.py", "data.py", "generate.py", "ddpm.py", "test_sau.py"):
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, name)).read())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 assert "map_location" in {k.arg for k in node.keywords}, f"{name}:{node.lineno}"
 
 
-def test_an_empty_resume_is_refused(capsys):
+def test_an_empty_resume_a_cpus_sync_bn_and_a_second_runner_are_refused(root, tmp_path,
+                                                                         monkeypatch, capsys):
     code, err = in_process(lambda: config("--resume", ""), capsys)
     assert code == 2 and "--resume needs the run's folder" in err[0], err
-
-
-def test_two_runners_on_one_grid_one_is_refused(tmp_path):
     first = cli.own(str(tmp_path / "grid"), "--name", "runner")
     with pytest.raises(cli.SAUError, match="in use by another runner"):
         cli.own(str(tmp_path / "grid"), "--name", "runner")
     first.close()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: --sync-bn acts
+    cfg = config("--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16")
+    code, err = in_process(lambda: train.setup(cfg), capsys)
+    assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
 
 
 # ---------------------------------------------------------------- data.py
@@ -397,21 +340,15 @@ def test_two_runners_on_one_grid_one_is_refused(tmp_path):
 def test_lt_counts_totals(n_max, classes, imb, total):
     counts = data.lt_counts(n_max, classes, imb)
     assert sum(counts) == total and counts[0] == n_max and counts == sorted(counts, reverse=True)
-
-
-def test_lt_counts_cifar10_imb100_per_class():
     assert data.lt_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def test_long_tail_indices_seeded_without_replacement():
+def test_the_subset_and_the_mixed_set_balanced_synthetic_flagged_heldout_apart(root):
     labels = np.repeat(np.arange(10), 50)
     a, b, c = (data.long_tail_indices(labels, 10, s) for s in (0, 0, 1))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(np.unique(a)) == len(a)
     assert np.bincount(labels[a]).tolist() == data.lt_counts(50, 10, 10)
-
-
-def test_mixed_set_is_balanced_and_flags_synthetic(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     assert np.bincount(m.labels).tolist() == [20] * 10
     assert m.n_real == data.lt_counts(20, 10, 10) and sum(m.n_syn) == int(m.is_syn.sum())
@@ -420,9 +357,11 @@ def test_mixed_set_is_balanced_and_flags_synthetic(root):
     assert half.n_syn == [int(round(0.5 * (20 - n))) for n in half.n_real]
     none = data.build_mixed("cifar10", root, 10, 0, "none")
     assert not none.is_syn.any() and len(none) == sum(none.n_real)
-
-
-def test_heldout_never_uses_long_tailed_images(root):
+    x, y = data.load_cifar("cifar100", root, train=True)
+    assert x.shape == (600, 32, 32, 3) and x.dtype == np.uint8
+    assert np.bincount(y).tolist() == [6] * 100
+    assert data.class_names("cifar100", root)[7] == "class_7"
+    # heldout: the real images the subset left out
     images, labels = data.load_cifar("cifar10", root, train=True)
     keep = data.long_tail_indices(labels, 10, 3)
     m = data.build_mixed("cifar10", root, 10, 3, "heldout")
@@ -433,7 +372,7 @@ def test_heldout_never_uses_long_tailed_images(root):
     assert {x.tobytes() for x in m.images[~m.is_syn]} == lt_rows
 
 
-def test_planted_images_are_exact_per_class_and_from_other_classes(root):
+def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_path):
     images, labels = data.load_cifar("cifar10", root, train=True)
     label_of = {x.tobytes(): y for x, y in zip(images, labels)}
     clean = data.build_mixed("cifar10", root, 10, 3, "heldout")
@@ -443,70 +382,40 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root):
     for c in range(10):
         planted = m.images[m.is_noisy & (m.labels == c)]
         assert len(planted) == m.n_noisy[c] and (m.labels[m.is_syn] == c).sum() == m.n_syn[c]
-        # drawn from the other classes, labelled c
-        assert all(label_of[x.tobytes()] != c for x in planted)
+        assert all(label_of[x.tobytes()] != c for x in planted)  # from the other classes
         kept = m.images[m.is_syn & ~m.is_noisy & (m.labels == c)]
         assert all(label_of[x.tobytes()] == c for x in kept)
-    # the real images never change, and P = 0 is the set as it was built before --syn-noise existed
+    # the real images never change, and P = 0 is the set as built before --syn-noise existed
     assert np.array_equal(m.images[~m.is_syn], clean.images[~clean.is_syn])
     zero = data.build_mixed("cifar10", root, 10, 3, "heldout", syn_noise=0.0)
     keep = data.long_tail_indices(labels, 10, 3)
     left, rng = np.setdiff1d(np.arange(len(labels)), keep), np.random.default_rng([3, 1])
     fill = [images[left[labels[left] == c]] for c in range(10)]
-    fill = [
-        f[np.sort(rng.choice(len(f), 20 - n, replace=False))] for f, n in zip(fill, zero.n_real)
-        if 20 - n
-    ]
-    assert np.array_equal(zero.images, np.concatenate([images[keep], *fill
-                                                       ])) and not zero.is_noisy.any()
+    fill = [f[np.sort(rng.choice(len(f), 20 - n, replace=False))]
+            for f, n in zip(fill, zero.n_real) if 20 - n]
+    assert np.array_equal(zero.images, np.concatenate([images[keep], *fill]))
+    assert not zero.is_noisy.any()
     for a, b in ((zero, clean), (zero, data.build_mixed("cifar10", root, 10, 3, "heldout"))):
-        assert all(
-            np.array_equal(getattr(a, k), getattr(b, k))
-            for k in ("images", "labels", "is_syn", "is_noisy"))
+        assert all(np.array_equal(getattr(a, k), getattr(b, k))
+                   for k in ("images", "labels", "is_syn", "is_noisy"))
     pooled = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=1.0)
     assert pooled.n_noisy == pooled.n_syn and pooled.is_noisy.sum() == sum(pooled.n_syn)
     with pytest.raises(cli.SAUError, match=r"--syn-noise must be in \[0, 1\]"):
         cli.check_settings({"syn_noise": -0.1}, data.DATA_CONFIG)
-
-
-def test_planted_source_too_small_names_the_class_and_both_counts(root, tmp_path):
+    # class 1 alone in the pool: no other class can lend it wrong-class images
     folder = str(tmp_path / "pool")
     write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
-    # keep class 1 alone: no other class can lend it wrong-class images
     for f in os.listdir(folder):
         if f.startswith("c") and not f.startswith("c001_"):
             os.remove(os.path.join(folder, f))
     k = int(round(0.5 * (20 - data.lt_counts(20, 10, 10)[1])))
-    with pytest.raises(cli.SAUError,
-                       match=rf"class 1 \(automobile\) needs {k} planted images .* holds 0"):
+    with pytest.raises(cli.SAUError, match=rf"class 1 \(automobile\) needs {k} planted .* holds 0"):
         data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder, syn_noise=0.5, syn_ratio=1.0)
 
 
-def test_cifar100_layout(root):
-    x, y = data.load_cifar("cifar100", root, train=True)
-    assert x.shape == (600, 32, 32,
-                       3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [6] * 100
-    assert data.class_names("cifar100", root)[7] == "class_7"
-
-
-def test_train_streams_are_two_independent_shuffles(root):
-    m = data.build_mixed("cifar10", root, 10, 0, "pool")
-    batches = list(data.train_streams(m, 50, seed=5))
-    a_labels = torch.cat([a.y for a, _ in batches])
-    b_labels = torch.cat([b.y for _, b in batches])
-    a_index = torch.cat([a.index for a, _ in batches])
-    assert sorted(a_index.tolist()) == list(range(len(m)))
-    assert torch.equal(torch.from_numpy(m.labels)[a_index], a_labels)
-    assert len(batches) == 4 and list(batches[0][0].views) == ["v1", "v2", "v3"]
-    assert list(batches[0][1].views) == ["v1"]
-    assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
-    assert not torch.equal(a_labels, b_labels)
-
-
 def test_the_cpu_loader_keeps_its_workers_for_the_run(root, tmp_path, monkeypatch):
-    """--loader cpu with workers: one DataLoader a stream, its workers started once for the run
-    (stream A, stream B, the prototypes: 3), not again every epoch (before: 11 over 2 epochs),
-    and the same views as without workers."""
+    """--loader cpu: workers started once a stream for the run (A, B, prototypes: 3; before: 11
+    over 2 epochs), and the same views as without workers."""
     started = tmp_path / "started"
     monkeypatch.setattr(cli, "ignore_sigint", lambda _: open(started, "a").write("1"))
     runs = {}
@@ -533,9 +442,7 @@ def test_gpu_loader_batches_like_the_cpu_loader(root):
     for c, o in zip(cpu, ours):  # the same images (by index), labels and flags in the same order
         same = lambda k: torch.equal(getattr(c, k), getattr(o, k).cpu())
         assert all(same(k) for k in ("y", "is_syn", "index"))
-    again = made(("v1", "v2", "v3"), 32, 7, order)
-    # a function of the seed
-    for x, y in zip(ours, again):
+    for x, y in zip(ours, made(("v1", "v2", "v3"), 32, 7, order)):  # a function of the seed
         assert all(torch.equal(x.views[v], y.views[v]) for v in x.views)
         assert torch.equal(x.index, y.index)
     other = made(("v1",), 32, 8, order)
@@ -559,35 +466,37 @@ def test_data_script_prints_counts(root, monkeypatch, capsys):
     assert code == 2 and "--syn-noise must be in [0, 1]" in err[0]
 
 
-def test_every_stream_of_draws_has_its_own_seed(root):
-    """Within an epoch and across epochs no two streams share a seed (the prototype pass of epoch e
-    once reused stream A's seed of epoch e + 1), and train_streams seeds its orders and its views
-    apart."""
+def test_two_independent_shuffles_and_every_stream_of_draws_with_its_own_seed(root):
+    """No two streams share a seed within or across epochs (the prototype pass of epoch e once
+    reused stream A's of e + 1); train_streams seeds its orders and its views apart."""
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
+    batches = list(data.train_streams(m, 50, seed=5))
+    a_labels, b_labels = (torch.cat([ab[k].y for ab in batches]) for k in (0, 1))
+    a_index = torch.cat([a.index for a, _ in batches])
+    assert sorted(a_index.tolist()) == list(range(len(m)))
+    assert torch.equal(torch.from_numpy(m.labels)[a_index], a_labels)
+    assert len(batches) == 4 and list(batches[0][0].views) == ["v1", "v2", "v3"]
+    assert list(batches[0][1].views) == ["v1"]
+    assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
+    assert not torch.equal(a_labels, b_labels)
     seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
     assert len(set(seeds)) == len(seeds)
-    m = data.build_mixed("cifar10", root, 10, 0, "pool")
     used = []
     fake = lambda views, bs, seed, order, stream: used.append(seed) or [None]
     for e in (7, 8):
         list(data.train_streams(m, 50, e, batches=fake))
     assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
-    orders = [
-        torch.randperm(len(m),
-                       generator=torch.Generator().manual_seed(data.stream_seed(7, s))).tolist()
-        for s in ("order_a", "order_b")
-    ]
+    orders = [torch.randperm(len(m), generator=torch.Generator().manual_seed(
+        data.stream_seed(7, s))).tolist() for s in ("order_a", "order_b")]
     assert orders[0] != orders[1]
 
 
-def test_shares_are_disjoint_and_cover_the_epoch():
+def test_shares_are_disjoint_and_a_remainder_of_one_waits(root, tmp_path):
     order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()
     parts = [data.share(order, r, 2) for r in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
     assert set(parts[0]) | set(parts[1]) == set(order) - {order[-1]}  # one image left over of 103
     assert data.share(order) == order
-
-
-def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
     mixed = data.build_mixed("cifar10", root, 10, 0, "none")
     bs = next(b for b in range(4, 64) if len(mixed) % b == 1)
     sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
@@ -598,42 +507,41 @@ def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
 
 
 def cifar_breakages():
-    yield "missing key", lambda d: d.pop("data"), "is not a CIFAR batch"
-    yield "wrong type", lambda d: d.update(labels="abc"), "is not a CIFAR batch"
-    yield "wrong shape", lambda d: d.update(data=d["data"][:, :100]), "is not a CIFAR batch"
-    yield "label out of range", lambda d: d["labels"].__setitem__(0, 10), "is not a CIFAR batch"
-    yield "not a dict", lambda d: d.clear() or d.update(x=1), "is not a CIFAR batch"
+    yield "missing key", lambda d: d.pop("data")
+    yield "wrong type", lambda d: d.update(labels="abc")
+    yield "wrong shape", lambda d: d.update(data=d["data"][:, :100])
+    yield "label out of range", lambda d: d["labels"].__setitem__(0, 10)
+    yield "not a dict", lambda d: d.clear() or d.update(x=1)
 
 
-@pytest.mark.parametrize("what,breakage,message", list(cifar_breakages()))
-def test_malformed_cifar_files_are_one_line(tmp_path, what, breakage, message, capsys):
+@pytest.mark.parametrize("what,breakage", list(cifar_breakages()))
+def test_malformed_cifar_files_are_one_line(tmp_path, what, breakage, capsys):
     r = str(tmp_path)
     write_cifar(r)
     path = os.path.join(r, "cifar-10-batches-py", "data_batch_1")
-    with open(path, "rb") as f:
-        d = pickle.load(f)
+    d = pickle.load(open(path, "rb"))
     breakage(d)
-    with open(path, "wb") as f:
-        pickle.dump(d, f)
+    pickle.dump(d, open(path, "wb"))
     code, err = in_process(lambda: data.build_mixed("cifar10", r, 10, 0, "none"), capsys)
-    assert code == 2 and len(err) == 1 and message in err[0] and "data_batch_1" in err[0]
+    assert code == 2 and len(err) == 1 and "is not a CIFAR batch" in err[0]
+    assert "data_batch_1" in err[0]
 
 
 def pool_breakages():
     write = lambda f, name, text: open(os.path.join(f, name), "w").write(text)
     shard = lambda f, c, s: os.path.join(f, data.shard_name(c, s))
+    zeros = lambda dtype=np.uint8: np.zeros((7, 32, 32, 3), dtype)
     yield "manifest a list", lambda f: write(f, "manifest.json", "[1, 2]"), "malformed"
     yield "classes not a list", lambda f: write(f, "manifest.json", json.dumps(
         {"dataset": "cifar10", "classes": 3})), "malformed"
     yield "manifest not JSON", lambda f: write(f, "manifest.json", "{"), "not JSON"
     yield "another dataset", lambda f: write(f, "manifest.json", json.dumps(
         {"dataset": "cifar100", "classes": CIFAR10_NAMES})), "made for cifar100"
-    yield "shard without seeds", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
-        (7, 32, 32, 3), np.uint8)), "unreadable"
-    yield "seeds of another length", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
-        (7, 32, 32, 3), np.uint8), seeds=np.zeros((7, 2))), "with n seeds"
-    yield "float images", lambda f: np.savez(shard(f, 1, 0), images=np.zeros(
-        (7, 32, 32, 3), np.float32), seeds=np.zeros(7)), "expected uint8"
+    yield "shard without seeds", lambda f: np.savez(shard(f, 1, 0), images=zeros()), "unreadable"
+    yield "seeds of another length", lambda f: np.savez(
+        shard(f, 1, 0), images=zeros(), seeds=np.zeros((7, 2))), "with n seeds"
+    yield "float images", lambda f: np.savez(
+        shard(f, 1, 0), images=zeros(np.float32), seeds=np.zeros(7)), "expected uint8"
     yield "a gap", lambda f: os.remove(shard(f, 3, 7)), "gap"
     yield "not a zip", lambda f: write(f, data.shard_name(2, 0), "PK not a zip"), "unreadable"
     yield "too small", lambda f: [os.remove(shard(f, 2, s)) for s in (7, 14)], "needs"
@@ -650,18 +558,16 @@ def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, c
 
 
 def test_processes_started_at_once_on_an_empty_data_root_fetch_it_once(tmp_path, monkeypatch):
-    """Every torchrun rank, table.py child and generator calls the download: one at a time (a lock
-    in the data root), unpacked into a temporary folder renamed when whole. Here torchvision's
-    download writes the files one by one, slowly; four processes started at once all read whole
-    data, and the download ran once (before: "cannot read .../data_batch_N")."""
+    """Every torchrun rank, grid run and generator calls the download: one at a time (a lock in the
+    data root), into a temporary folder renamed when whole. Four processes started at once on a
+    slow download all read whole data, and it ran once (before: "cannot read data_batch_N")."""
     import multiprocessing
     import time
     import torchvision.datasets
     root = tmp_path / "data"
 
     def slow_download(where, train, download):
-        with open(tmp_path / "downloads", "a") as f:
-            f.write("1")
+        open(tmp_path / "downloads", "a").write("1")
         real_dump = pickle.dump
         with pytest.MonkeyPatch.context() as m:
             m.setattr(pickle, "dump", lambda *a: (time.sleep(0.05), real_dump(*a)))
@@ -688,9 +594,8 @@ def test_processes_started_at_once_on_an_empty_data_root_fetch_it_once(tmp_path,
 
 
 def authors_subset(labels, imb):
-    """The SAU authors' subset, written out from their dataset/cifar10.py (produce_train_data)
-    after main.py's np.random.seed(35180): per class in label order, choice(n, n_real) for the
-    real images, then choice(n, n_max - n_real) for the synthetic ones."""
+    """The SAU authors' subset, from their dataset/cifar10.py (produce_train_data) after main.py's
+    np.random.seed(35180): per class choice(n, n_real), then choice(n, n_max - n_real)."""
     num_cls = int(labels.max()) + 1
     data_num = int(len(labels) / num_cls)
     real = [int(data_num * ((1 / imb) ** (c / (num_cls - 1)))) for c in range(num_cls)]
@@ -705,8 +610,8 @@ def authors_subset(labels, imb):
 
 
 def ldam_subset(labels, imb):
-    """LDAM-DRW's IMBALANCECIFAR10 (imbalance_cifar.py), written out: np.random.seed(0), then
-    per class idx = np.where(targets == c)[0]; np.random.shuffle(idx); idx[:n]."""
+    """LDAM-DRW's IMBALANCECIFAR10 (imbalance_cifar.py): np.random.seed(0), then per class
+    idx = np.where(targets == c)[0]; np.random.shuffle(idx); idx[:n]."""
     cls_num = int(labels.max()) + 1
     img_max = len(labels) / cls_num
     counts = [int(img_max * ((1 / imb) ** (c / (cls_num - 1.0)))) for c in range(cls_num)]
@@ -726,23 +631,20 @@ def global_numpy_restored():
     np.random.set_state(state)
 
 
-def cifar_like_labels(num_classes, per_class):
-    """A label array with CIFAR's layout (per_class of each class, in a shuffled order)."""
-    return np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
-
-
 @pytest.mark.parametrize("num_classes,per_class", [(10, 5000), (100, 500)])
 @pytest.mark.parametrize("imb", [100, 50, 10])
 def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, per_class, imb,
                                                                    global_numpy_restored):
-    labels = cifar_like_labels(num_classes, per_class)
+    # CIFAR's layout: per_class of each class, shuffled
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
     for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
         ours = data.long_tail_indices(labels, imb, 0, split)
         assert sorted(ours.tolist()) == theirs(labels, imb), (split, imb)
         assert np.bincount(labels[ours]).tolist() == data.lt_counts(per_class, num_classes, imb)
 
 
-def test_the_splits_on_the_tiny_data_and_seeded_unchanged(root, global_numpy_restored):
+def test_the_splits_on_the_tiny_data_and_the_scripts_that_name_and_save_them(
+        root, tmp_path, capsys, global_numpy_restored):
     _, labels = data.load_cifar("cifar10", root, train=True)
     for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
         assert sorted(data.long_tail_indices(labels, 10, 0, split).tolist()) == theirs(labels, 10)
@@ -752,23 +654,15 @@ def test_the_splits_on_the_tiny_data_and_seeded_unchanged(root, global_numpy_res
              for c, n in enumerate(data.lt_counts(20, 10, 10))]
     assert np.array_equal(data.long_tail_indices(labels, 10, 3), np.concatenate(drawn))
     assert np.array_equal(data.long_tail_indices(labels, 10, 3, "seeded"), np.concatenate(drawn))
-
-
-def test_data_script_prints_a_splits_counts_and_saves_its_indices(root, tmp_path, capsys,
-                                                                  global_numpy_restored):
     out = tmp_path / "subset.txt"
     code, err = in_process(lambda: data.main(["--data-root", root, "--imb", "10", "--split",
                                               "reference", "--save-indices", str(out)]), capsys)
     assert code == 0, err
-    _, labels = data.load_cifar("cifar10", root, train=True)
     saved = [int(x) for x in out.read_text().split()]
     assert saved == authors_subset(labels, 10) and saved == sorted(saved)
     code, err = in_process(lambda: data.main(["--data-root", root, "--split", "ldam",
                                               "--data-seed", "3"]), capsys)
     assert code == 2 and "--data-seed 3 has no effect with --split reference or ldam" in err[0]
-
-
-def test_split_is_a_data_setting_named_in_the_run_and_taken_by_table_rows(root, capsys):
     import table
     cfg = config("--data-root", root, "--split", "ldam")
     assert "_splitldam_" in train.run_name(cfg) and "split" not in train.run_name(config())
@@ -777,29 +671,14 @@ def test_split_is_a_data_setting_named_in_the_run_and_taken_by_table_rows(root, 
                 "l=--split ldam", "--seeds", "0"])
     printed = capsys.readouterr().out
     assert "--split ldam" in printed and "_splitldam_" in printed
-
-
 # ---------------------------------------------------------------- views.py
-
-def test_views_shapes_and_cutout():
-    x = torch.full((3, 32, 32), 200, dtype=torch.uint8)
-    made = views.view_transforms("cifar10")
-    for v in ("v1", "v2", "v3", "test"):
-        out = made[v](x)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    torch.manual_seed(0)
-    cut = views.random_cutout(torch.ones(3, 32, 32))
-    zeros = int((cut[0] == 0).sum())
-    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
-
 
 TF = views.T.functional
 SIGNED = {name for name, (_, signed) in views.T.AutoAugment._AUGMENTATION_SPACE.items() if signed}
 
 
 def smooth_images(n, seed=0):
-    """uint8 [n, 3, 32, 32] with structure at several scales (geometric ops move something), plus
-    flat corner cases."""
+    """uint8 [n, 3, 32, 32] with structure at several scales, plus flat corner cases."""
     g = torch.Generator().manual_seed(seed)
     low = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode="bilinear",
                         align_corners=False)
@@ -812,75 +691,65 @@ def smooth_images(n, seed=0):
 def policy_cases():
     op, _, mag, _ = views._aa_tables(32, 32)
     for i, name in enumerate(views.AA_OPS):
-        for m in sorted(
-            {float(v)
-             for o, v in zip(op.flatten().tolist(),
-                             mag.flatten().tolist()) if o == i}):
+        for m in sorted({float(v) for o, v in zip(op.flatten().tolist(), mag.flatten().tolist())
+                         if o == i}):
             for sign in ((1, -1) if name in SIGNED else (1,)):
                 yield name, m * sign
 
 
+def torchvision_aa(x, name, magnitude):  # the reference's grey fill, through torchvision's own
+    aa = views.AutoAugment()
+    return aa._apply_image_or_video_transform(
+        x, name, magnitude, interpolation=TF.InterpolationMode.NEAREST, fill=aa._fill)
+
+
 @pytest.mark.parametrize("name,magnitude", list(policy_cases()))
 def test_autoaugment_op_equals_torchvision(name, magnitude):
-    """Every (op, magnitude) of the CIFAR-10 policy, both signs: the same uint8 values as
-    torchvision's kernel."""
+    """Every (op, magnitude) of the CIFAR-10 policy, both signs: torchvision's uint8 values."""
     x = smooth_images(8)
-    aa = views.AutoAugment()  # the reference's grey fill, through torchvision's own fill handling
-    ref = aa._apply_image_or_video_transform(x, name, magnitude,
-                                             interpolation=TF.InterpolationMode.NEAREST,
-                                             fill=aa._fill)
     ours = views.autoaugment_op(x, torch.full((8, ), views.AA_OPS.index(name)),
                                 torch.full((8, ), magnitude).double())
-    assert torch.equal(ours, ref)
+    assert torch.equal(ours, torchvision_aa(x, name, magnitude))
 
 
 def test_batched_ops_equal_torchvision_for_fixed_parameters():
+    """Per-sample ops mixed in one batch, against torchvision one image at a time."""
     x, g = smooth_images(16), torch.Generator().manual_seed(1)
     rand = lambda *s: torch.rand(*s, generator=g)
-    # per-sample ops mixed in one batch, against torchvision one image at a time
-    top, left, flip = torch.randint(9, (16, ),
-                                    generator=g), torch.randint(9, (16, ),
-                                                                generator=g), rand(16) < 0.5
+    top, left = (torch.randint(9, (16, ), generator=g) for _ in range(2))
+    flip = rand(16) < 0.5
     ref = [TF.crop(TF.pad(x[i], [4]), int(top[i]), int(left[i]), 32, 32) for i in range(16)]
     ref = torch.stack([TF.horizontal_flip(r) if f else r for r, f in zip(ref, flip)])
     assert torch.equal(views.crop_flip(x, top, left, flip), ref)
-    # one policy entry per sample
     ops, _, mags, signed = (t.flatten() for t in views._aa_tables(32, 32))
-    pick = torch.randint(len(ops), (16,), generator=g)
+    pick = torch.randint(len(ops), (16,), generator=g)  # one policy entry per sample
     op = torch.where(rand(16) < 0.2, -1, ops[pick])
     mag = mags[pick] * torch.where(signed[pick] & (rand(16) < 0.5), -1.0, 1.0).double()
-    aa = views.AutoAugment()
-    ref = torch.stack([
-        x[i] if op[i] < 0 else aa._apply_image_or_video_transform(
-            x[i], views.AA_OPS[op[i]], float(mag[i]), interpolation=TF.InterpolationMode.NEAREST,
-            fill=aa._fill) for i in range(16)
-    ])
+    ref = torch.stack([x[i] if op[i] < 0 else torchvision_aa(
+        x[i], views.AA_OPS[op[i]], float(mag[i])) for i in range(16)])
     assert torch.equal(views.autoaugment_op(x, op, mag), ref)
     cy, cx = torch.randint(32, (16,), generator=g), torch.randint(32, (16,), generator=g)
     ref = x.clone()
     for i in range(16):
         ref[i, :, max(cy[i] - 8, 0):cy[i] + 8, max(cx[i] - 8, 0):cx[i] + 8] = 0
     assert torch.equal(views.cutout(x, cy, cx), ref)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
     top, left, ch, cw = views.resized_crop_box(rand(16, 10), rand(16, 10), rand(16), rand(16), 32,
                                                32)
     box = lambda i, img: TF.resized_crop(img, int(top[i]), int(left[i]), int(ch[i]), int(cw[i]),
                                          [32, 32])
     ours = views.resized_crop(x, top, left, ch, cw, 32)
-    assert torch.equal(
-        ours, torch.stack([box(i, x[i].float()).round().to(torch.uint8) for i in range(16)]))
-    # torchvision's uint8 kernel
+    assert torch.equal(ours, torch.stack([box(i, x[i].float()).round().to(torch.uint8)
+                                          for i in range(16)]))
+    # torchvision's uint8 kernel is fixed-point: within one level
     diff = (ours.int() - torch.stack([box(i, x[i]) for i in range(16)]).int()).abs()
-    assert diff.max() <= 1 and diff.float().mean() < 0.3  # is fixed-point: within one level
+    assert diff.max() <= 1 and diff.float().mean() < 0.3
     order = rand(16, 4).argsort(1)
-    bf, cf, sf, hf = rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(
-        16) * 0.2 - 0.1
-    fns = [
-        lambda y, i: TF.adjust_brightness(y, float(bf[i])),
-        lambda y, i: TF.adjust_contrast(y, float(cf[i])),
-        lambda y, i: TF.adjust_saturation(y, float(sf[i])),
-        lambda y, i: TF.adjust_hue(y, float(hf[i]))
-    ]
+    bf, cf, sf, hf = rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, rand(16) * 0.8 + 0.6, (
+        rand(16) * 0.2 - 0.1)
+    fns = [lambda y, i: TF.adjust_brightness(y, float(bf[i])),
+           lambda y, i: TF.adjust_contrast(y, float(cf[i])),
+           lambda y, i: TF.adjust_saturation(y, float(sf[i])),
+           lambda y, i: TF.adjust_hue(y, float(hf[i]))]
     ref = []
     for i in range(16):
         y = x[i]
@@ -902,11 +771,11 @@ def pil_blur(img, sigma):  # uint8 [3, H, W] through PIL's GaussianBlur, the ref
 
 
 def test_blur_is_pils_gaussian_blur_bit_for_bit():
-    """Tolerance 0: every pixel equal to PIL's, over the whole sigma range, its ends included, in
-    both loaders."""
-    x = torch.cat(
-        [smooth_images(24, seed=5),
-         torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)])
+    """Every pixel equal to PIL's over the whole sigma range, its ends included, both loaders, also
+    with CUDA's divisions (before: sigma^2 / 3 by the rounded reciprocal moved the radius of 57 of
+    200 sigmas)."""
+    x = torch.cat([smooth_images(24, seed=5),
+                   torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)])
     sigma = torch.rand(46, generator=torch.Generator().manual_seed(2)) * 1.9 + 0.1
     sigma = torch.cat([torch.tensor([0.1, 2.0]), sigma])
     assert torch.equal(views.gaussian_blur(x, sigma),
@@ -919,24 +788,6 @@ def test_blur_is_pils_gaussian_blur_bit_for_bit():
     impulse = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     impulse[..., 16, 16] = 255  # full support: a 3x3 kernel kept 33 of 255 at the centre at sigma 2
     assert views.gaussian_blur(impulse, torch.tensor([2.0]))[0, 0, 16, 16] == 9
-
-
-class ReciprocalDivision(torch.overrides.TorchFunctionMode):
-    """A tensor divided by a Python number as CUDA divides it: times the rounded reciprocal (the
-    CPU divides exactly)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        divides = getattr(func, "__name__", "") in ("div", "__truediv__", "true_divide")
-        if divides and isinstance(args[1], (int, float)) and not kwargs:
-            return func(args[0], 1) * torch.tensor(1 / args[1], dtype=args[0].dtype)
-        return func(*args, **kwargs)
-
-
-def test_blur_rounds_as_pil_also_where_division_multiplies_by_the_reciprocal():
-    """PIL's box radius, and so its 24-bit weights and every pixel, with divisions as CUDA does
-    them (before: sigma^2 / 3 by the rounded reciprocal moved the radius of 57 of these 200
-    sigmas, and the weights by one)."""
     x = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(1))
     sigma = torch.rand(200, generator=torch.Generator().manual_seed(2)) * 1.9 + 0.1
@@ -946,13 +797,29 @@ def test_blur_rounds_as_pil_also_where_division_multiplies_by_the_reciprocal():
     assert torch.equal(ours, torch.stack([pil_blur(x[i], s) for i, s in enumerate(sigma)]))
 
 
-def test_autoaugment_has_the_references_fill_and_solarize_thresholds():
+class ReciprocalDivision(torch.overrides.TorchFunctionMode):
+    """A tensor divided by a Python number as CUDA does: times the rounded reciprocal."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        divides = getattr(func, "__name__", "") in ("div", "__truediv__", "true_divide")
+        if divides and isinstance(args[1], (int, float)) and not kwargs:
+            return func(args[0], 1) * torch.tensor(1 / args[1], dtype=args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def test_the_references_views_autoaugment_fill_solarize_cutout_and_normalisation():
+    made = views.view_transforms("cifar10")
+    for v in ("v1", "v2", "v3", "test"):
+        out = made[v](torch.full((3, 32, 32), 200, dtype=torch.uint8))
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    torch.manual_seed(0)
+    cut = views.random_cutout(torch.ones(3, 32, 32))
+    zeros = int((cut[0] == 0).sum())
+    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
     ops, _, mag, _ = views._aa_tables(32, 32)
-    thresholds = sorted({
-        round(255 * m, 4)
-        for o, m in zip(ops.flatten().tolist(),
-                        mag.flatten().tolist()) if o == views.AA_OPS.index("Solarize")
-    })
+    thresholds = sorted({round(255 * m, 4) for o, m in zip(ops.flatten().tolist(),
+                         mag.flatten().tolist()) if o == views.AA_OPS.index("Solarize")})
     assert thresholds == sorted(round(float(v), 4) for v in np.linspace(256, 0, 10)[[2, 3, 5, 8]])
     x = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)
     op = lambda name: torch.full((2,), views.AA_OPS.index(name))
@@ -963,34 +830,26 @@ def test_autoaugment_has_the_references_fill_and_solarize_thresholds():
     assert (shifted == 128).sum() == 2 * 3 * 32 * 9
     solar = views.autoaugment_op(
         torch.tensor([199, 200], dtype=torch.uint8).reshape(2, 1, 1, 1).expand(2, 3, 4, 4),
-        op("Solarize"),
-        torch.full((2, ), 256 * 7 / 9 / 255).double())
+        op("Solarize"), torch.full((2, ), 256 * 7 / 9 / 255).double())
     # threshold 199.1: 199 kept (255 * 7/9 = 198.3 would invert it)
     assert solar[:, 0, 0, 0].tolist() == [199, 55]
-
-
-def test_normalisation_is_the_references():
     assert views.MEAN_STD["cifar10"] == ((0.49139968, 0.48215827, 0.44653124),
                                          (0.24703233, 0.24348505, 0.26158768))
     assert views.MEAN_STD["cifar100"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-    x = torch.full((3, 32, 32), 128, dtype=torch.uint8)
-    out = views.view_transforms("cifar10")["test"](x)
-    assert torch.allclose(out[:, 0, 0], (128 / 255 - torch.tensor(views.MEAN_STD["cifar10"][0])) /
-                          torch.tensor(views.MEAN_STD["cifar10"][1]))
+    out = made["test"](torch.full((3, 32, 32), 128, dtype=torch.uint8))
+    mean, std = (torch.tensor(s) for s in views.MEAN_STD["cifar10"])
+    assert torch.allclose(out[:, 0, 0], (128 / 255 - mean) / std)
 
 
 def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view would move
-    return torch.stack([
-        v.mean(),
-        v.std(), (v.diff(dim=-1).abs()).mean(), (v.diff(dim=-2).abs()).mean(),
-        v[..., 8:24, 8:24].mean() - v.mean(), v[:, 0].mean() - v[:, 2].mean()
-    ])
+    return torch.stack([v.mean(), v.std(), (v.diff(dim=-1).abs()).mean(),
+                        (v.diff(dim=-2).abs()).mean(), v[..., 8:24, 8:24].mean() - v.mean(),
+                        v[:, 0].mean() - v[:, 2].mean()])
 
 
 def test_device_views_match_the_cpu_views_in_distribution():
-    """The same 4 images, 256 draws each: the batched views' statistics against torchvision's
-    per-image views. The tolerance is 4x the spread of the statistics between two CPU runs; v1
-    against v2 or v3 must fail it."""
+    """The same 4 images, 256 draws each: the batched views' statistics within 4x the spread of
+    two CPU runs of torchvision's; v1 against v2 or v3 must fail it."""
     x = smooth_images(4, seed=3).repeat(256, 1, 1, 1)
     cpu, dev = views.view_transforms("cifar10"), views.DeviceViews("cifar10", torch.device("cpu"))
     stats = {}
@@ -1008,17 +867,13 @@ def test_device_views_match_the_cpu_views_in_distribution():
 
 
 def test_views_are_drawn_apart_on_each_process(root):
-    """--loader gpu: the same image at the same position of two processes' batches gets other crops,
-    flips and AutoAugment draws (each process has its stream of draws); one process draws as before.
-    """
+    """--loader gpu: one image at one position of two processes' batches gets other draws; one
+    process draws as before."""
     mixed = data.build_mixed("cifar10", root, 10, 0, "heldout")
     mixed.images[:] = mixed.images[0]  # every image the same: the views differ only by their draws
     batches = data.Batches(mixed, "gpu", "cpu")
-    drawn = [
-        next(iter(data.train_streams(mixed, 16, 5, rank=r, world=2, batches=batches)))[0]
-        for r in (0, 1)
-    ]
-    drawn = [batches.finish(d) for d in drawn]
+    drawn = [batches.finish(next(iter(data.train_streams(
+        mixed, 16, 5, rank=r, world=2, batches=batches)))[0]) for r in (0, 1)]
     for v in ("v1", "v2", "v3"):
         assert not torch.equal(drawn[0][v], drawn[1][v]), v
     one = next(iter(data.train_streams(mixed, 8, 5, batches=batches)))[0]
@@ -1029,18 +884,12 @@ def test_views_are_drawn_apart_on_each_process(root):
 # ---------------------------------------------------------------- model.py
 
 @pytest.mark.quick
-def test_parameter_counts():
+def test_parameter_counts_and_shapes():
     assert param_counts(resnet32(10)) == (7_386_186, 4_993_152)
     assert param_counts(resnet32(100)) == (7_409_316, 4_993_152)
-
-
-def test_forward_shapes_and_unit_z():
     logits, z = resnet32(10, width=4).eval()(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 10) and z.shape == (3, 128)
     assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
-
-
-def test_model_script_prints_counts():
     r = script("model.py")
     assert r.returncode == 0 and "7,386,186" in r.stdout and "4,993,152" in r.stdout
 
@@ -1048,14 +897,13 @@ def test_model_script_prints_counts():
 # ---------------------------------------------------------------- train.py: the losses and the step
 
 @pytest.mark.quick
-def test_soft_ce_equals_cross_entropy_on_one_hot():
+def test_soft_ce_and_the_references_mixing():
+    """soft_ce is cross-entropy on one-hot targets; cutmix's weight is the true pasted area; its
+    box the reference's: a continuous centre ~ U(0, W), the clipped edges rounded (side 10
+    centred at 15.6 covers 11..20); mix_draws draws lam, lam, then the centre, per step."""
     logits, y = torch.randn(7, 5), torch.randint(5, (7,))
-    assert torch.allclose(train.soft_ce(logits,
-                                        F.one_hot(y, 5).float()), F.cross_entropy(logits, y),
-                          atol=1e-6)
-
-
-def test_cutmix_weight_is_the_true_pasted_area():
+    assert torch.allclose(train.soft_ce(logits, F.one_hot(y, 5).float()),
+                          F.cross_entropy(logits, y), atol=1e-6)
     xa, xb, t = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32), torch.eye(2)
     for lam in (0.1, 0.5, 0.9):
         for centre in ((16.0, 16.0), (2.5, 30.1)):  # inside, and clipped at two edges
@@ -1064,11 +912,6 @@ def test_cutmix_weight_is_the_true_pasted_area():
             assert abs(t_cut[0, 0].item() - (1 - x[0, 0].mean().item())) < 1e-6
             assert torch.allclose(x_mix, torch.full_like(xa, 0.7))
             assert torch.allclose(t_mix, torch.tensor([[0.3, 0.7], [0.7, 0.3]]))
-
-
-def test_cutmix_box_is_the_references():
-    """A continuous centre ~ U(0, W), the box's clipped edges rounded: side 10 centred at 15.6
-    covers 11..20; mix_draws draws lam, lam, then the centre, per step."""
     xa, xb = torch.zeros(1, 1, 32, 32), torch.ones(1, 1, 32, 32)
     lam = 1 - (10 / 32) ** 2
     # rows 10.6..20.6 -> 11..21, columns -1.8..8.2 -> 0..8
@@ -1099,32 +942,12 @@ def naive_supcon(feats, labels, is_anchor, t):
 
 
 @pytest.mark.quick
-def test_supcon_matches_the_formula():
+def test_supcon_matches_the_formula_and_its_member_mask_leaves_members_out():
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(6, 2, 8), dim=-1)
     labels, is_anchor = torch.tensor([0, 1, 0, -1, 2, 1]), torch.tensor([1, 1, 1, 1, 0, 1]).bool()
     assert torch.allclose(train.supcon(feats, labels, is_anchor, 0.1),
                           naive_supcon(feats, labels, is_anchor, 0.1), atol=1e-4)
-
-
-def e(i, d=4):
-    return F.one_hot(torch.tensor(i), d).float()
-
-
-def relabel_case():
-    """2 classes. Real sample 0 (class 0) points at e0; prototypes: class 0 at e0, class 1 at e1.
-    Synthetic sample 1 (class 1) sits on the class-0 real sample: a suspect.
-    Synthetic sample 2 (class 1) sits on its own prototype: kept."""
-    z = torch.stack([torch.stack([e(0), e(0)]),
-                     torch.stack([F.normalize(e(0) + 0.1 * e(2), dim=0)] * 2),
-                     torch.stack([F.normalize(e(1) + 0.1 * e(3), dim=0)] * 2)])  # 3 x 2 x 4
-    labels, is_syn = torch.tensor([0, 1, 1]), torch.tensor([False, True, True])
-    protos = torch.stack([torch.stack([e(0), e(0)]), torch.stack([e(1), e(1)])])  # 2 x 2 x 4
-    return z, labels, is_syn, protos
-
-
-def test_supcon_member_mask_equals_leaving_members_out():
-    torch.manual_seed(0)
     feats = F.normalize(torch.randn(9, 2, 8), dim=-1)
     labels, t = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0, 1]), 0.1
     anchor = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1, 1]).bool()
@@ -1135,27 +958,42 @@ def test_supcon_member_mask_equals_leaving_members_out():
     assert not torch.allclose(masked, train.supcon(feats, labels, anchor, t))
 
 
+def e(i, d=4):
+    return F.one_hot(torch.tensor(i), d).float()
+
+
+def relabel_case():
+    """2 classes. Real sample 0 (class 0) points at e0; prototypes: class 0 at e0, class 1 at e1.
+    Synthetic 1 (class 1) sits on the real sample: a suspect; synthetic 2 on its prototype: kept."""
+    z = torch.stack([torch.stack([e(0), e(0)]),
+                     torch.stack([F.normalize(e(0) + 0.1 * e(2), dim=0)] * 2),
+                     torch.stack([F.normalize(e(1) + 0.1 * e(3), dim=0)] * 2)])  # 3 x 2 x 4
+    labels, is_syn = torch.tensor([0, 1, 1]), torch.tensor([False, True, True])
+    protos = torch.stack([torch.stack([e(0), e(0)]), torch.stack([e(1), e(1)])])  # 2 x 2 x 4
+    return z, labels, is_syn, protos
+
+
 @pytest.mark.quick
 def test_relabel_finds_the_suspect():
     z, labels, is_syn, protos = relabel_case()
     suspect = train.paper_suspects(z, labels, is_syn, protos)
     assert suspect.tolist() == [False, True, False]  # the real sample is never a suspect
-    # a neighbour of another class in one view only is enough
     z2 = z.clone()
-    z2[2, 1] = e(0)
-    suspect = train.paper_suspects(z2, labels, is_syn, protos)
-    assert suspect.tolist() == [False, True, True]
+    z2[2, 1] = e(0)  # a neighbour of another class in one view only is enough
+    assert train.paper_suspects(z2, labels, is_syn, protos).tolist() == [False, True, True]
+    z = z.clone().requires_grad_()  # the loss backpropagates to z
+    train.sau_contrastive_loss(z, labels, is_syn, protos).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
 @pytest.mark.quick
 def test_strategies_change_the_loss_as_described():
     z, labels, is_syn, protos = relabel_case()
     members = torch.cat([z[:1], protos, z[1:]])  # real, prototypes, synthetic (the loss's order)
-    t = 0.1
+    t, every = 0.1, torch.ones(5).bool()
     suspect = train.paper_suspects(z, labels, is_syn, protos)
     loss = {s: train.sau_contrastive_loss(z, labels, is_syn, protos, suspect, s, t)
             for s in ("pos_neg", "neg_only", "drop")}
-    every = torch.ones(5).bool()
     assert torch.allclose(loss["pos_neg"],
                           train.supcon(members, torch.tensor([0, 0, 1, -1, 1]), every, t))
     assert torch.allclose(loss["neg_only"], train.supcon(members, torch.tensor([0, 0, 1, -1, 1]),
@@ -1164,13 +1002,9 @@ def test_strategies_change_the_loss_as_described():
     assert torch.allclose(loss["drop"],
                           train.supcon(members[keep], torch.tensor([0, 0, 1, 1]), every[:4], t))
     off = train.sau_contrastive_loss(z, labels, is_syn, protos, None, "pos_neg", t)
-    assert torch.allclose(
-        off, train.supcon(members, torch.tensor([0, 0, 1, 1, 1]),
-                          torch.ones(5).bool(), t))
+    assert torch.allclose(off, train.supcon(members, torch.tensor([0, 0, 1, 1, 1]), every, t))
     assert len({round(v.item(), 5) for v in (*loss.values(), off)}) == 4
-
-
-def test_no_suspects_means_every_strategy_agrees():
+    # no suspects: every strategy agrees
     torch.manual_seed(1)
     protos = F.normalize(torch.randn(3, 2, 16), dim=-1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -1183,17 +1017,9 @@ def test_no_suspects_means_every_strategy_agrees():
     assert all(torch.allclose(losses[0], v) for v in losses[1:])
 
 
-def test_contrastive_loss_backpropagates_to_z_only():
-    z, labels, is_syn, protos = relabel_case()
-    z = z.clone().requires_grad_()
-    train.sau_contrastive_loss(z, labels, is_syn, protos).backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
-
-
 def test_an_eager_step_dispatches_few_operations(root):
-    """Each aten operation of the eager step is a kernel launch and host time on a GPU: the views'
-    and losses' per-sample reshapes, constants and loops folded (4,092 a step before; 3,513 on
-    torch 2.14.1)."""
+    """Each aten operation of the eager step is a kernel launch and host time on a GPU (4,092 a
+    step before; 3,513 on torch 2.14.1)."""
     run, cfg, step = one_step(root)
     pairs = iter(train.streams(run, cfg, 0))
     step(*next(pairs))
@@ -1203,10 +1029,9 @@ def test_an_eager_step_dispatches_few_operations(root):
 
 
 def test_the_compiled_step_is_one_graph_without_a_break(root):
-    """--compile on: the views' pure part, the mixing, the four passes, both losses and the relabel
-    rule trace as one graph (dynamo's eager backend here), a second for the short last batch, and
-    no graph again in the next epoch; the losses are eager's, and the checkpoint's weights the
-    network's own (no torch.compile prefix: an eager run resumes them)."""
+    """--compile on: the views' pure part, mixing, the passes, both losses and the relabel rule are
+    one graph (dynamo's eager backend), a second for the short last batch, none again in the next
+    epoch; eager's losses, and the network's own weight names (an eager run resumes them)."""
     import functools
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -1251,11 +1076,9 @@ class TinyNet(torch.nn.Module):
 
 
 def test_the_step_compiled_by_inductor_trains_as_eager(root, monkeypatch):
-    """The one inductor test: the whole step (the views' pure part, mixing, the passes, both losses,
-    the relabel rule, the backward) compiled by inductor on the CPU, in fp32, with a stand-in
-    network (ResNet-32's kernels alone take minutes to build on a CPU), three steps against eager:
-    losses within 1e-3 relative, weights within 1e-4 (inductor rounds the views' blends once
-    where eager rounds twice: a few pixels move by a level)."""
+    """The one inductor test: the whole step and its backward by inductor on the CPU, fp32, with a
+    stand-in network (ResNet-32's kernels take minutes to build), three steps against eager:
+    losses within 1e-3 relative, weights 1e-4 (inductor rounds the views' blends once)."""
     cfg = tiny(root, "x", "--syn-noise", 0.3, "--loader", "gpu")
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
     batches = data.Batches(mixed, "gpu", "cpu")
@@ -1286,29 +1109,21 @@ def test_the_step_compiled_by_inductor_trains_as_eager(root, monkeypatch):
     assert torch.allclose(weights["inductor"], weights["eager"], atol=1e-4)
 
 
-def test_projection_head_batchnorm_sees_the_mixed_images():
-    """As the reference, the classification branch runs the whole model: the projection head's
-    BatchNorm running statistics count the mixup and cutmix batches too (prototypes are computed in
-    eval mode with them)."""
-    torch.manual_seed(0)
-    model = resnet32(3, width=4).train()
-    cfg = {**{k: s.default for k, s in train.CONFIG.items()}, "w_con": 0.0}
-    step = train.Step(model, cfg, torch.tensor([4, 2, 1]), torch.tensor([0, 2, 3]))
-    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
-    step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
-    bn = model.proj[1]
-    assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
-
-
 @pytest.mark.quick
 def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
+    """By hand, the same passes; and as the reference's, the classifier branch runs the whole
+    model: the projection head's BatchNorm statistics count the mixed batches too."""
     torch.manual_seed(0)
     model = resnet32(3, width=4).train()
     cfg = {k: s.default for k, s in train.CONFIG.items()}
     n_real, n_syn = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])
-    step = train.Step(model, cfg, n_real, n_syn)
+    step = train.Step(model, {**cfg, "w_con": 0.0}, n_real, n_syn)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
+    step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
+    bn = model.proj[1]
+    assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
+    step = train.Step(model, cfg, n_real, n_syn)
     t, is_syn = F.one_hot(y, 3).float(), torch.arange(8) % 2 == 1
     protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
     mix = torch.tensor([1.0, 0.0, 16.0, 16.0], dtype=torch.float64)  # mixup: A; cutmix: all B
@@ -1316,8 +1131,7 @@ def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
     batch = train.StepInputs(a, batch_of(x.flip(0), y.flip(0)), mix, protos, 3)
     loss, cls, con, suspect = step(batch)
     assert batch.epoch == 3 and torch.equal(step.n_real, n_real) and torch.equal(step.n_syn, n_syn)
-    # the same passes by hand (eval mode: BatchNorm statistics do not move between the two)
-    model.eval()
+    model.eval()  # the same passes by hand (BatchNorm statistics do not move between the two)
     with torch.no_grad():
         loss, cls, con, suspect = step(batch)
         ref_cls = train.soft_ce(model(x)[0], t) + train.soft_ce(model(x.flip(0))[0], t.flip(0))
@@ -1331,48 +1145,38 @@ def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
 @pytest.mark.quick
 def test_the_forking_section_points_at_names_that_exist():
     """README's worked ablations name functions and fields of the code: each must still exist."""
-    import re
     readme = open(os.path.join(HERE, "README.md")).read()
     section = readme.split("## Forking", 1)[1].split("\n## ", 1)[0]
     owners = "train|data|model|generate|cli|views|runner|audit"
     names = set(re.findall(rf"`((?:{owners})(?:\.\w+)+)`", section))
     assert len(names) >= 5, names
-    modules = {"train": train, "data": data}
     for name in names:
         mod, *path = name.split(".")
-        obj = modules.get(mod) or __import__(mod)
+        obj = __import__(mod)
         for part in path:
-            fields = getattr(obj, "_fields", ())
-            assert hasattr(obj, part) or part in fields, name
+            assert hasattr(obj, part) or part in getattr(obj, "_fields", ()), name
             obj = getattr(obj, part, None)
 
 
 def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypatch):
-    """Each ```diff block of README's Forking section is the patch as a reader would copy it: git
-    apply takes it on a copy of the repo, and a tiny run of the fork's train.py (imported in this
-    process) trains with the flag it adds, named by its tag, its value in config.json. A snippet
-    that no longer applies fails here."""
+    """Each ```diff block of README's Forking section, as a reader copies it: git apply takes it on
+    a copy of the repo, and a tiny run of the fork's train.py trains with the flag it adds, named
+    by its tag, its value in config.json."""
     import importlib.util
-    import re
     import shutil
-    section = open(os.path.join(HERE, "README.md")).read().split("## Forking",
-                                                                 1)[1].split("\n## ", 1)[0]
-    patches = re.findall(r"```diff\n(.*?)```", section, re.S)
+    section = open(os.path.join(HERE, "README.md")).read().split("## Forking", 1)[1]
+    patches = re.findall(r"```diff\n(.*?)```", section.split("\n## ", 1)[0], re.S)
     assert len(patches) >= 2
     for i, patch in enumerate(patches):
         fork = tmp_path / f"fork{i}"
-        fork.mkdir()
-        for name in os.listdir(HERE):
-            if name.endswith(".py") or name == "prompts":
-                (shutil.copytree if name == "prompts" else shutil.copy)(os.path.join(HERE, name),
-                                                                        fork / name)
+        shutil.copytree(HERE, fork, ignore=lambda d, names: [
+            n for n in names if not n.endswith((".py", ".json")) and n != "prompts"])
         (tmp_path / f"{i}.patch").write_text(patch)
         r = subprocess.run(["git", "apply", str(tmp_path / f"{i}.patch")], cwd=fork,
                            capture_output=True, text=True)
         assert r.returncode == 0, (i, r.stderr)
         key, tag = re.search(r'\+    "(\w+)": S\(.*tag="(\w+)"\)', patch).groups()
-        # the fork's train.py beside this process's other modules (the patches touch train.py
-        # alone), run from the fork's folder: runs/<name> lands there
+        # the fork's train.py beside this process's other modules, run in the fork's folder
         spec = importlib.util.spec_from_file_location(f"train_fork{i}", fork / "train.py")
         forked = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(forked)
@@ -1380,8 +1184,8 @@ def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypat
         forked.train(forked.get_config(on_cpu("train.py", [
             "--data-root", root, *TINY, "--syn", "heldout", cli.flag(key), 1])))
         (run_dir,) = (fork / "runs").iterdir()
-        assert f"_{tag}1_" in run_dir.name and json.loads(
-            (run_dir / "config.json").read_text())[key] == 1
+        assert f"_{tag}1_" in run_dir.name
+        assert json.loads((run_dir / "config.json").read_text())[key] == 1
 
 
 def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
@@ -1396,18 +1200,15 @@ def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         inside = both()
         f = torch.randn(5, 2, 16)
-        # autocast is on: a bare product would be bf16
-        assert (f @ f[:, 0].T).dtype == torch.bfloat16
-    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0]) and torch.equal(
-        inside[1], plain[1])
-
-
+        assert (f @ f[:, 0].T).dtype == torch.bfloat16  # autocast is on: a bare product is bf16
+    assert inside[0].dtype == torch.float32 and torch.equal(inside[0], plain[0])
+    assert torch.equal(inside[1], plain[1])
 # ---------------------------------------------------------------- audit.py
 
-def test_detector_figures_on_flags_with_a_known_answer():
-    """8 samples, 2 classes: 2 real, 6 synthetic of which 3 planted; flagged: 2 planted, 1 clean and
-    a real sample (a real one never counts). Recall 2/3, false-flag rate 1/3, precision 2/3; per
-    class from the labels. The step adds its suspects to the per-sample counts, real ones never."""
+def test_detector_figures_and_auc_on_known_answers():
+    """2 classes, 2 real, 6 synthetic (3 planted); flagged: 2 planted, 1 clean and a real one
+    (never counted): recall 2/3, false-flag rate 1/3, precision 2/3; per class by label. The AUC
+    is the share of pairs ranked right, ties half."""
     mixed = argparse.Namespace(labels=np.array([0, 1, 0, 0, 1, 1, 1, 0]), classes=["a", "b"],
                                is_syn=np.array([0, 0, 1, 1, 1, 1, 1, 1], bool),
                                is_noisy=np.array([0, 0, 1, 0, 1, 0, 1, 0], bool))
@@ -1418,56 +1219,48 @@ def test_detector_figures_on_flags_with_a_known_answer():
     assert report.detector(np.zeros(8, bool), mixed)["precision"] is None
     mixed.is_noisy[:] = False
     assert "recall" not in report.detector(flag, mixed)
+    rng = np.random.default_rng(0)
+    score, pos = rng.integers(0, 6, 300).astype(float), rng.random(300) < 0.3  # many ties
+    pairs = [(a > b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
+    assert abs(audit.auc(score, pos) - np.mean(pairs)) < 1e-12
+    assert audit.auc(score, np.zeros(300, bool)) is None
+    assert audit.auc([1.0, 2.0], [False, True]) == 1.0
 
 
 @pytest.mark.quick
 def test_audit_scores_on_a_hand_built_batch():
     """log p(label) and the prototype margin (own cosine minus the best other, the lower over the
-    two views), checked against numbers worked by hand."""
+    two views), against numbers worked by hand."""
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    s = 2 ** -0.5
-    # C x V x D
-    protos = torch.tensor([[[1.0, 0.0], [s, s]], [[0.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0],
-                                                                            [-1.0, 0.0]]])
+    z, s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 2 ** -0.5
+    protos = torch.tensor([[[1.0, 0.0], [s, s]], [[0.0, 1.0], [0.0, 1.0]],
+                           [[-1.0, 0.0], [-1.0, 0.0]]])  # C x V x D
     scores = audit.audit_scores(logits, z, torch.tensor([0, 2]), protos)
     e2 = np.exp(2.0)
     assert torch.allclose(scores[:, 0],
                           torch.tensor([np.log(e2 / (e2 + 2)), np.log(1 / 3)], dtype=torch.float))
-    # sample 0, label 0: view 0 own 1, best other 0 -> 1; view 1 own s, best other 0 -> s; the
-    # lower: s sample 1, label 2: view 0 own 0, best other 1 -> -1; view 1 own 0, best other 1 -> -1
+    # sample 0, label 0: view 0 own 1, best other 0 -> 1; view 1 own s, other 0 -> s; the lower:
+    # s. Sample 1, label 2: own 0, best other 1 -> -1 in both views
     assert torch.allclose(scores[:, 1], torch.tensor([s, -1.0]))
-
-
-def test_auc_is_the_share_of_pairs_ranked_right():
-    rng = np.random.default_rng(0)
-    score, pos = rng.integers(0, 6, 300).astype(float), rng.random(300) < 0.3  # many ties
-    pairs = [(a > b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
-    assert abs(audit.auc(score, pos) - np.mean(pairs)) < 1e-12
-    assert audit.auc(score, np.zeros(300, bool)) is None and audit.auc([1.0, 2.0],
-                                                                         [False, True]) == 1.0
 
 
 @pytest.mark.quick
 def test_the_real_reference_flags_about_q_and_a_low_mode():
-    """Synthetic scores drawn like the class's real ones: about q of them rank below q. A low mode
-    added (a fifth of the synthetic samples, scoring far below): that mode flagged, the rest still
-    at about q."""
+    """Synthetic scores drawn like the class's real ones: about q rank below q; a low mode added
+    (a fifth, far below) is flagged, the rest still at about q."""
     g, q = torch.Generator().manual_seed(0), 0.1
     labels = torch.arange(5).repeat_interleave(2000)
     real = (torch.arange(10000) % 2 == 0)
-    # each class its own scale: ranks are per class
-    score = torch.randn(10000, generator=g) + labels
+    score = torch.randn(10000, generator=g) + labels  # each class its own scale: ranks per class
     low = ~real & (torch.arange(10000) % 10 == 1)
-    for bad, expect in [(torch.zeros_like(real), q), (low, None)]:
+    for bad in (torch.zeros_like(real), low):
         s = torch.where(bad, score - 8, score)
         flag = audit.reference_rank(s, labels, real) < q
-        clean = ~real & ~bad
-        assert abs(flag[clean].float().mean().item() - q) < 0.02
+        assert abs(flag[~real & ~bad].float().mean().item() - q) < 0.02
         assert flag[bad].all() if bad.any() else True
         ranks = audit.audit_ranks(torch.stack([s, s], 1), labels, real)
-        assert torch.equal(ranks[:, 0], audit.reference_rank(s, labels,
-                                                             real)) and ranks.shape == (10000, 3)
+        assert torch.equal(ranks[:, 0], audit.reference_rank(s, labels, real))
+        assert ranks.shape == (10000, 3)
 
 
 # ---------------------------------------------------------------- runs, kills and resume
@@ -1493,13 +1286,12 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
               "audit", "audit_s"):
         assert k in m
     assert set(m["audit"]["per_class"]["p"]) == {"real", "clean", "planted"} and "audit" in stdout
-    assert 0 <= m["suspect_frac"] <= 1 and len(
-        m["suspect_frac_per_class"]) == 10 and 0 <= m["recall"] <= 1
-    assert "recall" in stdout and "suspects" in stdout
+    assert 0 <= m["suspect_frac"] <= 1 and len(m["suspect_frac_per_class"]) == 10
+    assert 0 <= m["recall"] <= 1 and "recall" in stdout and "suspects" in stdout
     assert m["loss_con"] > 0 and m["loss_cls"] > 0 and 0 <= m["top1"] <= 100
     final = json.loads((out / "final.json").read_text())
-    assert final["final_epoch"]["top1"] == m["top1"] and len(
-        final["final_epoch"]["per_class"]) == 10
+    assert final["final_epoch"]["top1"] == m["top1"]
+    assert len(final["final_epoch"]["per_class"]) == 10
     assert "best_over_epochs_selected_on_test_set" in final
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
@@ -1508,28 +1300,25 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
     flagged = ckpt["flagged"].numpy()
     assert len(flagged) == len(mixed) and flagged.max() <= 1 and not flagged[~mixed.is_syn].any()
     # the epoch's suspect fraction is the per-sample counts' mean over synthetic images
-    n_syn = mixed.is_syn.sum()
-    assert abs(flagged[mixed.is_syn].sum() / n_syn - m["suspect_frac"]) < 1e-9
+    assert abs(flagged[mixed.is_syn].sum() / mixed.is_syn.sum() - m["suspect_frac"]) < 1e-9
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [["--syn", "none", "--w-con", 0], ["--syn", "heldout", "--w-cls", 0, "--strategy", "drop"]])
+@pytest.mark.parametrize("flags", [["--syn", "none", "--w-con", 0],
+                                   ["--syn", "heldout", "--w-cls", 0, "--strategy", "drop"]])
 def test_train_ablations_run(root, tmp_path, flags):
     train.train(tiny(root, tmp_path / "run", "--syn", "pool", *flags))
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert (m["loss_con"] == 0) == ("--w-con" in flags) and (m["loss_cls"] == 0) == ("--w-cls"
-                                                                                     in flags)
+    assert (m["loss_con"] == 0) == ("--w-con" in flags)
+    assert (m["loss_cls"] == 0) == ("--w-cls" in flags)
 
 
 def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, monkeypatch,
                                                              capsys):
-    """The one run of the suite with bf16 autocast on the CPU (the others pin --amp off): --loader
-    gpu (batched views, here on CPU tensors) trains; --bench prints its figures and writes
-    nothing."""
+    """The suite's one bf16 run on the CPU (the others pin --amp off), with --loader gpu; --bench
+    prints its figures and writes nothing."""
     out = tmp_path / "run"
     capsys.readouterr()
-    # a third of the fill: 8 steps (bf16 without native support here is slow)
+    # a third of the fill: 8 steps (bf16 without native support is slow)
     train.main(on_cpu("train.py", ["--data-root", root, "--out", out, *TINY, "--loader", "gpu",
                                    "--amp", "bf16", "--syn-ratio", 0.3]))
     assert "cpu bf16, loader gpu" in capsys.readouterr().out
@@ -1550,15 +1339,13 @@ def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, mon
     assert not (tmp_path / "bench").exists()
 
 
-@pytest.mark.parametrize("case,message", [("no_data", "not found at"),
-                                          ("other_pool", "made for cifar100"),
-                                          ("small_pool", "needs"), ("float_pool", "expected uint8"),
-                                          ("resume_config", "another config"),
-                                          ("exists", "already holds a run")])
+@pytest.mark.parametrize("case,message", [
+    ("no_data", "not found at"), ("other_pool", "made for cifar100"), ("small_pool", "needs"),
+    ("float_pool", "expected uint8"), ("resume_config", "another config"),
+    ("exists", "already holds a run")])
 def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case, message):
-    """What is wrong beyond one flag's value (test_every_flag_refuses_what_is_wrong_for_it has
-    those): missing data, pools that do not fit, a resume or a folder that clash with the flags.
-    In this process: the command line is not what is under test."""
+    """Beyond one flag's value: missing data, pools that do not fit, a resume or a folder that
+    clash with the flags."""
     base = ["--data-root", root, "--out", tmp_path / "run", *TINY]
     flags = {"no_data": ["--data-root", tmp_path / "empty"]}.get(case, [])
     if case.endswith("pool"):
@@ -1568,15 +1355,19 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case,
         flags = ["--pool", tmp_path / "pool"]
     if case in ("resume_config", "exists"):
         train.train(config(*base, "--stop-after", "1", "--epochs", "2"))
-        flags = ["--resume", tmp_path /
-                 "run", "--lr", 0.5] if case == "resume_config" else ["--epochs", 2]
+        flags = (["--resume", tmp_path / "run", "--lr", 0.5] if case == "resume_config"
+                 else ["--epochs", 2])
     code, err = main_here(capsys, *base, *flags)
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+def ckpt_of(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path, capsys):
-    """kill -9 in the middle of epoch 2: the lock it leaves blocks nothing (the next run names it),
-    no temporary file stays, and the resumed run ends with the weights of an uninterrupted one."""
+    """kill -9 in epoch 2: its lock blocks nothing (the next run names it), no temporary file
+    stays, and the resumed run ends with the weights of an uninterrupted one."""
     import signal
     import time
     # 13 steps an epoch, 4-5 s on a 2-core CPU: the kill lands 0.3 s into epoch 2
@@ -1584,62 +1375,57 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_pat
     train.train(config(*args, "--out", tmp_path / "full"))
     p = script("train.py", *args, "--out", tmp_path / "kill", wait=False,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "kill" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and
-                                          metrics.read_text().count("\n") >= 1):
+    metrics, deadline = tmp_path / "kill" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")):
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 2
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert torch.load(tmp_path / "kill" / "checkpoint.pt", map_location="cpu",
-                      weights_only=True)["epoch"] == 1
+    assert ckpt_of(tmp_path / "kill")["epoch"] == 1
     assert (tmp_path / "kill" / "lock").read_text().startswith(f"pid {p.pid} ")
     capsys.readouterr()
     train.train(config("--resume", tmp_path / "kill"))
     out = capsys.readouterr().out
     assert f"(pid {p.pid} on" in out and "ended without releasing it" in out
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "kill"))
+    a, b = ckpt_of(tmp_path / "full"), ckpt_of(tmp_path / "kill")
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not [f for f in os.listdir(tmp_path / "kill") if f.endswith(".tmp")]
     assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, capsys):
+def test_a_full_disk_a_non_finite_loss_and_a_truncated_checkpoint_keep_the_last_good_one(
+        root, tmp_path, capsys):
+    import resource
     out = tmp_path / "run"
     train.train(tiny(root, out, "--syn", "pool", "--epochs", 3, "--stop-after", 1))
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    before = (out / "checkpoint.pt").read_bytes()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+    r = script("train.py", "--resume", out, preexec_fn=limit)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], r.stderr
+    assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    ckpt = ckpt_of(out)
     ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
     torch.save(ckpt, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
     code, err = in_process(lambda: train.train(config("--resume", out)), capsys)
-    # beside the progress bar's lines
-    errors = [line for line in err if "error:" in line]
+    errors = [line for line in err if "error:" in line]  # beside the progress bar's lines
     assert code == 2 and len(errors) == 1 and "non-finite loss at epoch 2, step " in errors[0], err
     assert (out / "checkpoint.pt").read_bytes() == before
-
-
-def test_truncated_checkpoint_is_named_in_one_line(root, tmp_path, capsys):
-    out = tmp_path / "run"
-    train.train(tiny(root, out, "--epochs", 2, "--stop-after", 1))
-    data_ = (out / "checkpoint.pt").read_bytes()
-    (out / "checkpoint.pt").write_bytes(data_[: len(data_) // 2])
+    (out / "checkpoint.pt").write_bytes(before[: len(before) // 2])  # truncated: one line
     code, err = in_process(lambda: train.train(config("--resume", out)), capsys)
     assert code == 2 and len(err) == 1, err
     assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err[0]
 
 
 def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, monkeypatch):
-    """The run is stopped right after each rename of its life in turn (every write of every
-    epoch's end and of the reports; of the pictures, which final.json follows, after the first and
-    the last), then --resume: final.json, the weights, the audit's scores and suspects and the
-    metrics of an uninterrupted run. The pictures are drawn but not rendered
-    (pictures_unrendered): this test is about the order. The run relabels by the epoch audit
-    (--relabel audit --audit-cls on): epoch 1 has no suspects (no audit yet), and epoch 2's step
-    flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
-    # 139 images, 5 steps; the batched views: the same writes, and faster here than DataLoader's
-    # (6.3-6.7 s a run against 7.2-9.0 s, two runs each, measured beside a training job)
+    """Stopped right after each rename of its life in turn (of the pictures, after the first and
+    the last), then --resume: the final.json, weights, audit scores, suspects and metrics of an
+    uninterrupted run. It relabels by the epoch audit: epoch 1 has no suspects, and epoch 2's
+    step flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
+    # 139 images, 5 steps; the gpu loader: the same writes, faster here
     flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
              "--loader", "gpu", "--relabel", "audit", "--audit-cls", "on", "--audit-score",
              "both", "--audit-q", 0.3]
@@ -1652,9 +1438,7 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     pictures = [i for i, name in enumerate(written) if name.endswith(".png")]
     assert len(pictures) >= 4 and pictures == list(range(pictures[0], pictures[-1] + 1))
     kills = [k for k in range(1, len(written) + 1) if k - 1 not in pictures[1:-1]]
-    ref_final = final_without_timings(tmp_path / "full")
-    load = lambda out: torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    ref = load(tmp_path / "full")
+    ref_final, ref = final_without_timings(tmp_path / "full"), ckpt_of(tmp_path / "full")
     drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "audit_s")}
     first = None  # the checkpoint of epoch 1, as the kill right after its write leaves it
     for k in kills:
@@ -1671,36 +1455,40 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
             train.train(tiny(root, out, *flags))
         monkeypatch.setattr(os, "replace", real_replace)
         if first is None and written[k - 1] == "checkpoint.pt":
-            first = load(out)
+            first = ckpt_of(out)
         train.train(config("--resume", out))
         assert final_without_timings(out) == ref_final, k
-        b = load(out)
+        b = ckpt_of(out)
         assert all(torch.equal(b["model"][n], ref["model"][n]) for n in ref["model"]), k
-        assert torch.equal(b["audit"], ref["audit"]) and torch.equal(b["suspects"],
-                                                                     ref["suspects"]), k
+        assert torch.equal(b["audit"], ref["audit"]), k
+        assert torch.equal(b["suspects"], ref["suspects"]), k
         assert [drop(m) for m in b["metrics"]] == [drop(m) for m in ref["metrics"]], k
         assert {"curves.png", "per_class.png", "confusion.png", "suspects.png", "audit.png",
                 "metrics.jsonl"} <= set(os.listdir(out))
-    # config, metrics, 2 x (checkpoint, metrics), the first and last pictures, final.json
-    assert len(kills) >= 9
+    assert len(kills) >= 9  # config, metrics, 2 x (checkpoint, metrics), 2 pictures, final.json
     m1, m2 = ref["metrics"]
     n_syn = data.build_mixed("cifar10", root, 10, 0, "heldout", syn_ratio=0.5,
                              syn_noise=0.3).is_syn.sum()
     assert first["epoch"] == 1 and m1["suspect_frac"] == 0 and first["suspects"].any()
-    # epoch 2's step took exactly those as suspects
-    assert torch.equal(ref["flagged"] > 0, first["suspects"])
+    assert torch.equal(ref["flagged"] > 0, first["suspects"])  # epoch 2's step took those
     assert abs(m2["suspect_frac"] - first["suspects"].sum().item() / n_syn) < 1e-12
-    # the chosen score
     assert abs(m2["audit"]["both"]["suspect_frac"] - ref["suspects"].sum().item() / n_syn) < 1e-12
     assert {"auc_p", "auc_margin", "auc_both", "auc_flags"} <= set(m2)
 
 
-def test_resume_rebuilds_every_derived_file(root, tmp_path):
-    """config.json, metrics.jsonl, final.json and the pictures are derived from checkpoint.pt:
-    deleted (or left stale), --resume of the finished run writes them again, the same."""
+@pytest.mark.quick
+def test_resume_keeps_the_runs_runtime_settings_and_rebuilds_every_derived_file(root, tmp_path):
+    """--resume takes the run's runtime settings (it used to drop --deterministic and --compile)
+    unless given again; the files derived from checkpoint.pt, deleted, it writes again."""
     out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
                                     "per_class.png", "confusion.png")
-    train.train(tiny(root, out, "--epochs", 1, "--w-con", 0))
+    train.train(tiny(root, out, "--epochs", 2, "--w-con", 0, "--deterministic", "on",
+                     "--channels-last", "off", "--stop-after", 1))
+    cfg = config("--resume", out, "--deterministic", "off")
+    assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
+    cfg = config("--resume", out)
+    assert cfg["deterministic"] == "on" and cfg["channels_last"] == "off" and cfg["stop_after"] == 0
+    train.train(cfg)
     ref, metrics = final_without_timings(out), (out / "metrics.jsonl").read_text()
     for f in files:
         os.remove(out / f)
@@ -1714,34 +1502,15 @@ def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path
     cmd = lambda seed: script("train.py", "--data-root", root, *TINY, "--syn", "heldout", "--seed",
                               seed, "--out", out, wait=False, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=ONE_THREAD_EACH)
-    procs = [cmd(0), cmd(1)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    codes = sorted(c for c, _ in results)
-    assert codes == [0, 2], results
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in (cmd(0), cmd(1))]
+    assert sorted(c for c, _ in results) == [0, 2], results
     err = next(e for c, e in results if c == 2)
-    assert len(err.strip().splitlines()) == 1 and ("in use by another run" in err or
-                                                   "already holds a run" in err)
+    assert len(err.strip().splitlines()) == 1
+    assert "in use by another run" in err or "already holds a run" in err
     seed = json.loads((out / "config.json").read_text())["seed"]
     assert json.loads((out / "final.json").read_text())["seed"] == seed
-    assert torch.load(out / "checkpoint.pt", map_location="cpu",
-                      weights_only=True)["config"]["seed"] == seed
+    assert ckpt_of(out)["config"]["seed"] == seed
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-
-
-def test_a_full_disk_keeps_the_last_checkpoint_in_one_line(root, tmp_path):
-    import resource
-    out = tmp_path / "run"
-    train.train(tiny(root, out, "--syn", "pool", "--epochs", 2, "--stop-after", 1))
-    before = (out / "checkpoint.pt").read_bytes()
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
-    r = script("train.py", "--resume", out, preexec_fn=limit)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "could not write" in errors[0], r.stderr
-    assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
-    assert (out / "checkpoint.pt"
-            ).read_bytes() == before and not [f for f in os.listdir(out) if f.endswith(".tmp")]
-
-
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
     import signal
     import time
@@ -1751,21 +1520,20 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
                wait=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    # written once training begins
-    while time.time() < deadline and not (out / "config.json").exists():
+    while time.time() < deadline and not (out / "config.json").exists():  # training begins
         time.sleep(0.02)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert p.returncode == 130 and len(
-        lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert p.returncode == 130 and len(lines) == 1, err
+    assert "interrupted" in lines[0] and "--resume" in lines[0], err
     train.train(config("--resume", out))
     assert (out / "final.json").exists()
 
 
 def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys):
-    """An update that overflows on the epoch's last step: its loss (computed before the update) is
-    finite, the weights after it are not, and they are what would be saved."""
+    """An update that overflows on the epoch's last step: its loss (computed before it) is finite,
+    the weights after it, which would be saved, are not."""
     real_step = train.train_step
 
     def overflowing_step(run, *args):
@@ -1783,8 +1551,8 @@ def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys)
     assert not (out / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize(
-    "case", ["out is a file", "out not writable", "pool is a file", "prompts not text"])
+@pytest.mark.parametrize("case", ["out is a file", "out not writable", "pool is a file",
+                                  "prompts not text"])
 def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case,
                                                                     capsys):
     import generate
@@ -1795,119 +1563,86 @@ def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_d
         code, err = in_process(lambda: train.train(tiny(root, out, "--syn", "pool")), capsys)
         message = "is a file" if case == "out is a file" else "is not writable"
     else:
-        extra = ["--pool", tmp_path /
-                 "file"] if case == "pool is a file" else ["--prompts", tmp_path / "binary"]
-        # the last --pool is the one
+        extra = (["--pool", tmp_path / "file"] if case == "pool is a file"
+                 else ["--prompts", tmp_path / "binary"])  # the last --pool is the one
         argv = gen_argv(root, pipe_dir, str(tmp_path / "pool"), *extra)
         code, err = in_process(lambda: generate.main(argv), capsys)
         message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.quick
-def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
-    """--resume takes the run's runtime settings (finding: it used to drop --deterministic and
-    --compile) unless they are given again (that a resumed run ends with an uninterrupted run's
-    weights: the kill tests)."""
-    out, flags = tmp_path / "run", [
-        "--epochs", 2, "--deterministic", "on", "--channels-last", "off"
-    ]
-    train.train(tiny(root, out, *flags, "--stop-after", 1))
-    cfg = config("--resume", out, "--deterministic", "off")
-    assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
-    cfg = config("--resume", out)
-    assert cfg["deterministic"] == "on" and cfg["channels_last"] == "off" and cfg["stop_after"] == 0
-
-
 # ---------------------------------------------------------------- several processes
 
-RECORD_VIEW_SEEDS = """import json, os, sys
+RECORD_VIEW_SEEDS = """import atexit, json, os, sys
 sys.path.insert(0, {here!r})
-import cli, data, train, views
+import cli, data, torch, train, views
+log = lambda name, text: open(os.path.join({folder!r}, name + os.environ.get("RANK", "0")),
+                              "a").write(text)
 made = views.DeviceViews.draw
-# the seed of the stream each batch of views is drawn from, per process
-def record(self, names, b, g, *hw):
-    with open(os.path.join({folder!r}, "seeds" + os.environ.get("RANK", "0")), "a") as f:
-        f.write(json.dumps([list(names), g.initial_seed()]) + "\\n")
+def record(self, names, b, g, *hw):  # the seed of each batch's stream of views, per process
+    log("seeds", json.dumps([list(names), g.initial_seed()]) + "\\n")
     return made(self, names, b, g, *hw)
 views.DeviceViews.draw = record
 counted = train.confusion_counts
 def bn_stats(run):  # the BatchNorm statistics each process evaluates with, per epoch
     out = counted(run)
-    with open(os.path.join({folder!r}, "bn" + os.environ.get("RANK", "0")), "a") as f:
-        f.write(json.dumps(sum(b.double().sum().item() for b in run.model.buffers())) + "\\n")
+    log("bn", json.dumps(sum(b.double().sum().item() for b in run.model.buffers())) + "\\n")
     return out
 train.confusion_counts = bn_stats
 stepped, steps = train.train_step, []
-# NAN_ON_RANK_1: that process's loss is NaN from its third step
-def nan_on_rank_1(run, batch, flagged):
+def nan_on_rank_1(run, batch, flagged):  # NAN_ON_RANK_1: rank 1's loss is NaN from step 3
     parts = stepped(run, batch, flagged)
     steps.append(1)
     nan = os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3
     return parts * float("nan") if nan else parts
 train.train_step = nan_on_rank_1
 sys.argv[0] = "train.py"
-import atexit, torch
 # the process group is gone at exit (before: NCCL's "destroy_process_group() was not called")
-atexit.register(lambda: open(os.path.join({folder!r}, "pg" + os.environ.get("RANK", "0")),
-                             "w").write(str(torch.distributed.is_initialized())))
+atexit.register(lambda: log("pg", str(torch.distributed.is_initialized())))
 cli.run_cli(train.main)
 """
 
 
-def test_two_process_gloo_run(root, tmp_path, loader="gpu", port=29518):
-    """Two processes with gloo: one report, every test image scored once, and (--loader gpu) each
-    process draws its views from its own streams, rank 0 from the seeds of a one-process run. The
-    DataLoader's path under torchrun: the next test."""
-    out, wrapper = tmp_path / "ddp", tmp_path / "record_view_seeds.py"
+def torchrun(tmp_path, port, *flags, env=()):
+    wrapper = tmp_path / "record_view_seeds.py"
     wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", wrapper, *on_cpu("train.py", [
-            "--data-root", root, "--out", out, *TINY, "--epochs", 2, "--loader", loader])
-    ], capture_output=True, text=True, timeout=600, cwd=HERE, env=ONE_THREAD_EACH)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", wrapper, *on_cpu("train.py", flags)],
+                          capture_output=True, text=True, timeout=600, cwd=HERE,
+                          env={**ONE_THREAD_EACH, **dict(env)})
+
+
+def test_two_process_gloo_run(root, tmp_path):
+    """Two processes with gloo: one report, every test image scored once, each process draws its
+    views from its own streams, rank 0 from a one-process run's seeds."""
+    out = tmp_path / "ddp"
+    r = torchrun(tmp_path, 29518, "--data-root", root, "--out", out, *TINY, "--epochs", 2,
+                 "--loader", "gpu")
     assert r.returncode == 0, r.stderr[-2000:]
-    # rank 0 alone reports
-    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1
+    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
-    # every test image was scored once: the per-class accuracies are multiples of 1/4 (4 test images
-    # a class)
+    # every test image scored once: per-class accuracies are multiples of 1/4 (4 images a class)
     final = json.loads((out / "final.json").read_text())["final_epoch"]
     assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
     bn = [(tmp_path / f"bn{rank}").read_text().splitlines() for rank in (0, 1)]
-    # every process evaluates rank 0's BatchNorm statistics
-    assert len(bn[0]) == 2 and bn[0] == bn[1]
+    assert len(bn[0]) == 2 and bn[0] == bn[1]  # every process evaluates rank 0's statistics
     assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
-    if loader == "gpu":
-        seeds = [{
-            s
-            for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())
-        } for rank in (0, 1)]
-        # no stream of draws shared between the processes
-        assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]
-        one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")} | {
-            # the last audit's: a third epoch's prototypes
-            data.stream_seed(e, "prototypes") for e in range(3)}
-        # rank 0 draws as a one-process run would (epoch seeds 0 and 1 at --seed 0)
-        assert seeds[0] == one
+    seeds = [{s for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())}
+             for rank in (0, 1)]
+    assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]  # no stream shared
+    # rank 0 draws as a one-process run would; the last audit's: a third epoch's prototypes
+    one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")}
+    assert seeds[0] == one | {data.stream_seed(e, "prototypes") for e in range(3)}
 
 
 def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, tmp_path):
-    """The check is decided over all processes: rank 1's NaN stops rank 0 too, each with the one
-    line (before, rank 0 went on into the next all_reduce alone). With --loader cpu: DataLoader
-    workers under torchrun."""
-    wrapper = tmp_path / "record.py"
-    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    r = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-        wrapper, *on_cpu("train.py", ["--data-root", root, "--out", tmp_path / "ddp", *TINY,
-                                      "--epochs", 2, "--loader", "cpu"])
-    ], capture_output=True, text=True, timeout=300, cwd=HERE,
-        env={**ONE_THREAD_EACH, "NAN_ON_RANK_1": "1"})
-    assert r.returncode != 0 and r.stderr.count(
-        "error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
-    # the error path too
+    """Decided over all processes: rank 1's NaN stops rank 0 too, each with one line. With
+    --loader cpu: DataLoader workers under torchrun."""
+    r = torchrun(tmp_path, 29519, "--data-root", root, "--out", tmp_path / "ddp", *TINY,
+                 "--epochs", 2, "--loader", "cpu", env={"NAN_ON_RANK_1": "1"})
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert r.stderr.count("error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
     assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
 
 
@@ -1916,33 +1651,26 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, 
 def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeypatch, capsys):
     runs = [finished_run(tmp_path / f"s{seed}", tiny(root, "x", "--seed", seed, *extra), top1)
             for seed, extra, top1 in ((0, [], 41.5), (1, [], 47.0), (2, ["--lr", 0.02], 50.0))]
-    code, err = main_here(capsys, "--summarize", runs[0], runs[1],
-                          "--out", tmp_path / "summary")
+    code, err = main_here(capsys, "--summarize", runs[0], runs[1], "--out", tmp_path / "summary")
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]
     assert summary["top1"]["runs"] == 2 and abs(summary["top1"]["mean"] - 44.25) < 1e-9
     assert abs(summary["top1"]["std"] - np.std([41.5, 47.0], ddof=1)) < 1e-9
     assert "many" not in summary and "44.25 ± 3.89" in (tmp_path / "summary.md").read_text()
-    code, err = main_here(capsys, "--summarize", runs[0], "--out",
-                          tmp_path / "one")
+    code, err = main_here(capsys, "--summarize", runs[0], "--out", tmp_path / "one")
     assert code == 0 and "41.50 (n = 1)" in (tmp_path / "one.md").read_text()
     code, err = main_here(capsys, "--summarize", runs[0], runs[2])
     assert code == 2 and "differs from" in err[0] and "--lr" in err[0]
-
-
-def test_summarize_refuses_what_is_not_a_set_of_finished_runs(root, tmp_path, capsys):
-    a = str(finished_run(tmp_path / "a", tiny(root, tmp_path / "a", "--epochs", 1), 40.0))
     (tmp_path / "empty").mkdir()
-    code, err = in_process(lambda: report.summarize(train.CONFIG, [a, str(tmp_path / "empty")]),
-                           capsys)
+    code, err = in_process(
+        lambda: report.summarize(train.CONFIG, [str(runs[0]), str(tmp_path / "empty")]), capsys)
     assert code == 2 and len(err) == 1 and "is not a run folder" in err[0]
 
 
 # ---------------------------------------------------------------- generate.py
 
 def write_tiny_pipeline(folder):
-    """A Stable-Diffusion-shaped pipeline small enough to run in milliseconds, saved as a user's
-    model would be."""
+    """A Stable-Diffusion-shaped pipeline that runs in milliseconds, saved as a user's would be."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -1957,10 +1685,10 @@ def write_tiny_pipeline(folder):
     vae = AutoencoderKL(block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D", ) * 2,
                         up_block_types=("UpDecoderBlock2D", ) * 2, latent_channels=4,
                         norm_num_groups=2, sample_size=32)
-    text = CLIPTextModel(
-        CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                       num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77,
-                       bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text = CLIPTextModel(CLIPTextConfig(
+        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1))
     StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
                             scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
                             safety_checker=None, feature_extractor=None, image_encoder=None,
@@ -1977,15 +1705,13 @@ GEN = ["--steps", 2, "--guidance", 0, "--batch-size", 8]
 
 
 def gen_argv(root, pipe_dir, pool, *args):
-    return [
-        "--device", "cpu", "--data-root", root, "--model", pipe_dir, "--pool",
-        str(pool), *map(str, GEN), *map(str, args)
-    ]
+    return ["--device", "cpu", "--data-root", root, "--model", pipe_dir, "--pool", str(pool),
+            *map(str, GEN), *map(str, args)]
 
 
 def gen_here(root, pipe_dir, pool, *args):
-    """generate.py in this process, for runs that must succeed: the script as a subprocess spends 8
-    s of each call importing diffusers here (gen_pool and the refusals run it so). Its stdout."""
+    """generate.py in this process, its stdout (as a subprocess it spends 8 s importing
+    diffusers)."""
     import generate
     with contextlib.redirect_stdout(io.StringIO()) as out:
         generate.main(gen_argv(root, pipe_dir, pool, *args))
@@ -1993,10 +1719,8 @@ def gen_here(root, pipe_dir, pool, *args):
 
 
 def pool_bytes(folder):
-    return {
-        f: open(os.path.join(folder, f), "rb").read()
-        for f in sorted(os.listdir(folder)) if f.endswith(".npz")
-    }
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+            if f.endswith(".npz")}
 
 
 @pytest.fixture(scope="module")
@@ -2008,31 +1732,29 @@ def gen_pool(root, pipe_dir, tmp_path_factory):
     return pool
 
 
-def test_generate_writes_the_pool_format(root, gen_pool, pipe_dir):
+def test_generate_writes_the_pool_format_and_train_runs_on_it(root, gen_pool, pipe_dir, tmp_path,
+                                                              capsys):
     manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
-    assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES and manifest[
-        "image_size"] == 32
+    assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES
+    assert manifest["image_size"] == 32
     g = manifest["generator"]
     assert (g["model"], g["steps"], g["guidance"], g["resolution"],
             g["resize"]) == (pipe_dir, 2, 0.0, 32, "lanczos")
     assert g["rejected_images"] == 0 and len(g["prompts"]["built"]) == 64 and g["filter"] == "none"
     pool = data.read_pool(gen_pool, "cifar10", CIFAR10_NAMES)
     counts = data.lt_counts(20, 10, 10)
-    assert {
-        c: len(v)
-        for c, v in pool.items()
-    } == {
-        c: 20 - n
-        for c, n in enumerate(counts) if 20 - n
-    }
+    assert {c: len(v) for c, v in pool.items()} == {c: 20 - n for c, n in enumerate(counts)
+                                                    if 20 - n}
     with np.load(os.path.join(gen_pool, data.shard_name(9, 0))) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (32, 32, 3)
         assert z["seeds"].dtype == np.int64 and z["prompts"].tolist() == [
             prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)[9][k]
-            for k in range(len(z["seeds"]))
-        ]
+            for k in range(len(z["seeds"]))]
     assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
     assert not [f for f in os.listdir(gen_pool) if ".tmp" in f]
+    capsys.readouterr()
+    train.train(tiny(root, tmp_path / "run", "--syn", "pool", "--pool", gen_pool))
+    assert "122 synthetic" in capsys.readouterr().out
 
 
 def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool, tmp_path):
@@ -2053,38 +1775,33 @@ def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool
 
 
 def test_generate_prompts_file_is_used_as_given(root, pipe_dir, tmp_path):
-    lines = [
-        f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}" for name in CIFAR10_NAMES
-        for i in (0, 1)
-    ]
+    lines = [f"{name.replace('_', ' ')}. a {name} seen from afar, number {i}"
+             for name in CIFAR10_NAMES for i in (0, 1)]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     pool = str(tmp_path / "pool")
     gen_here(root, pipe_dir, pool, "--per-class", 3, "--prompts", tmp_path / "prompts.txt")
     with np.load(os.path.join(pool, data.shard_name(3, 0))) as z:
-        assert z["prompts"].tolist() == [
-            "cat. a cat seen from afar, number 0", "cat. a cat seen from afar, number 1",
-            "cat. a cat seen from afar, number 0"
-        ]
-    assert json.load(open(os.path.join(
-        pool, "manifest.json")))["generator"]["prompts"]["file"] == "prompts.txt"
+        assert z["prompts"].tolist() == ["cat. a cat seen from afar, number 0",
+                                         "cat. a cat seen from afar, number 1",
+                                         "cat. a cat seen from afar, number 0"]
+    manifest = json.load(open(os.path.join(pool, "manifest.json")))
+    assert manifest["generator"]["prompts"]["file"] == "prompts.txt"
 
 
 def write_tiny_clip(folder, blind=False):
-    """A CLIP small enough for tests, saved as a user's would be. Its image token carries no
-    constant (class and position embeddings zero, patch weights scaled up), so its classes rank
-    differently from image to image rather than in one order for all; blind: its image features are
-    zero, so every class gets p = 1/C."""
+    """A tiny CLIP, saved as a user's would be. Its image token carries no constant (class and
+    position embeddings zero, patch weights scaled up), so classes rank differently image to
+    image; blind: image features zero, every class p = 1/C."""
     from transformers import CLIPConfig, CLIPModel
     import generate
     torch.manual_seed(0)
     tokenizer = generate.write_tokenizer(folder)
     tokenizer.save_pretrained(folder)
     block = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    model = CLIPModel(
-        CLIPConfig(
-            text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
-                             eos_token_id=1, pad_token_id=1, **block),
-            vision_config=dict(image_size=32, patch_size=8, **block), projection_dim=8))
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1, **block),
+        vision_config=dict(image_size=32, patch_size=8, **block), projection_dim=8))
     with torch.no_grad():
         embeddings = model.vision_model.embeddings
         embeddings.class_embedding.zero_()
@@ -2110,8 +1827,8 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
     for c, name in enumerate(CIFAR10_NAMES):
         for _, path in shards[c]:
             with np.load(path) as z:
-                assert z["clip_p"].shape == z["seeds"].shape and ((0 < z["clip_p"]) &
-                                                                  (z["clip_p"] < 1)).all()
+                assert z["clip_p"].shape == z["seeds"].shape
+                assert ((0 < z["clip_p"]) & (z["clip_p"] < 1)).all()
                 # the tiny pipeline makes no black image
                 assert (z["rejected"] == (z["clip_refused"] > 0)).all()
                 counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
@@ -2121,24 +1838,12 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
     assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--clip-top-k", 3], "--clip-top-k 3 has no effect without --filter clip"),
-    (["--prompts", "x.txt", "--prompt-style", "templates"],
-     "--prompt-style templates has no effect with --prompts FILE")])
-def test_generate_refuses_settings_without_effect(flags, message, capsys):
-    import generate
-    code, err = in_process(lambda: generate.parse_args(list(map(str, flags))), capsys)
-    assert code == 2 and len(err) == 1 and message in err[0]
-
-
 def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
-    # p = 0.1 for every class: never >= 0.5
-    clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)
+    clip = write_tiny_clip(str(tmp_path / "blind"), blind=True)  # p = 0.1 for every class
     r = script("generate.py", *gen_argv(root, pipe_dir, tmp_path / "pool", "--per-class", 1,
                                         "--filter", "clip", "--clip-model", clip, "--clip-min-p",
                                         0.5))
-    # on a line of its own after the progress bar's (split at newlines alone: a bar left open
-    # would hold the error after its last carriage return)
+    # a line of its own after the progress bar's (a bar left open would end in a carriage return)
     errors = [line for line in r.stderr.split("\n") if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert errors[0].startswith("generate.py: error: "), errors
@@ -2146,25 +1851,19 @@ def test_a_class_clip_never_accepts_ends_in_one_line(root, pipe_dir, tmp_path):
             "or images CLIP refused (11)") in errors[0]
 
 
-def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path, capsys):
-    train.train(tiny(root, tmp_path / "run", "--syn", "pool", "--pool", gen_pool))
-    assert "122 synthetic" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("case,message", [
     ("not_pipeline", "not a diffusers text-to-image pipeline"), ("offline_hub", "could not fetch"),
     ("other_dataset", "made for cifar100"), ("other_settings", "other generator settings (seed)")])
 def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, message):
-    """In this process, but for a hub that cannot be reached: the hub's offline switch is read
-    when the libraries are imported, so that case runs the script."""
+    """In this process, but an unreachable hub: its offline switch is read at import."""
     import generate
+    import shutil
     pool = str(tmp_path / "pool")
     args = {"not_pipeline": ["--model", tmp_path], "other_settings": ["--seed", 1],
             "offline_hub": ["--model", "nobody/no-such-model"]}.get(case, [])
     if case == "other_dataset":
         write_pool(pool, "cifar100", CIFAR10_NAMES, 2)
     if case == "other_settings":
-        import shutil
         shutil.copytree(gen_pool, pool)
     before = pool_bytes(pool) if os.path.isdir(pool) else {}
     if case == "offline_hub":
@@ -2179,21 +1878,14 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, me
 
 # ---------------------------------------------------------------- prompting.py
 
-CIFAR100_SOME = [
-    "apple", "aquarium_fish", "baby", "boy", "girl", "man", "maple_tree", "pickup_truck", "woman",
-    "worm"
-]
-
-
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
-    """The built prompts: >= 500 distinct per class, each beginning with the class name; image k of
-    class c takes prompt k mod the count, the same on every call with the seed (a rerun, a resume
-    and a shard split call it alike: the pool bytes tests check the prompts stored with the images),
-    another order with another seed."""
+    """>= 500 distinct built prompts per class, each beginning with the class name; image k takes
+    prompt k mod the count, the same on every call with the seed, another order with another."""
     names = CIFAR10_NAMES if dataset == "cifar10" else list(prompting.read_tables("cifar100")[0])
     if dataset == "cifar100":
-        assert len(names) == 100 and names == sorted(names) and set(CIFAR100_SOME) <= set(names)
+        some = {"apple", "aquarium_fish", "baby", "maple_tree", "pickup_truck", "woman", "worm"}
+        assert len(names) == 100 and names == sorted(names) and some <= set(names)
     prompts = prompting.built_prompts(dataset, names, 0)
     for c, name in enumerate(names):
         assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
@@ -2205,47 +1897,35 @@ def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset
         names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
 
 
-def broken_tables(tmp_path, monkeypatch, content=None, variation=None):
-    """prompts/ copied to tmp_path with cifar10.json's or variation.json's text replaced."""
-    import shutil
-
-    import prompting
-    folder = tmp_path / "prompts"
-    shutil.copytree(prompting.PROMPTS, folder)
-    for name, text in (("cifar10.json", content), ("variation.json", variation)):
-        if text is not None:
-            (folder / name).write_text(text)
-    monkeypatch.setattr(prompting, "PROMPTS", str(folder))
-    return prompting
-
-
 @pytest.mark.parametrize("content,variation,message", [
     ('{"about": "no classes"}', None, r"cifar10.json must read \{\"classes\""),
     ("[1, 2]", None, "cifar10.json must read"),
     (None, '{"viewpoint": ["seen from the side"], "style": ["a photo"]}',
      "variation.json must read"),
-    ('{"classes": {"truck": "a red truck on a highway"}}', None, "cifar10.json must read"),
-])
+    ('{"classes": {"truck": "a red truck on a highway"}}', None, "cifar10.json must read")])
 def test_a_prompts_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, variation,
                                                         message):
-    """Hand-edited tables: a missing key, a list, a class entry that is a string (before: a
-    KeyError, a TypeError, or prompts built from single letters)."""
-    prompting = broken_tables(tmp_path, monkeypatch, content, variation)
+    """A missing key, a list, a class entry that is a string (before: a KeyError, a TypeError, or
+    prompts built from single letters)."""
+    import shutil
+    shutil.copytree(prompting.PROMPTS, tmp_path / "prompts")
+    for name, text in (("cifar10.json", content), ("variation.json", variation)):
+        if text is not None:
+            (tmp_path / "prompts" / name).write_text(text)
+    monkeypatch.setattr(prompting, "PROMPTS", str(tmp_path / "prompts"))
     with pytest.raises(cli.SAUError, match=message):
         prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
 
 
 def write_tiny_language_model(folder, names):
-    """A causal language model and its tokenizer from configs, no download: GPT-2 shapes at a
-    width of 16, a word-level vocabulary of the class names and common words, so that its random
-    samples are lines of words."""
+    """A causal language model from configs, no download: GPT-2 shapes at width 16, a word-level
+    vocabulary of the class names and common words: its samples are lines of words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     common = ("a the on in at of with under near over by its and light sky road grass water wall "
               "morning evening sun shadow side view close wide field street tree cloud snow")
-    words = ["[PAD]", "[EOS]", "[UNK]", *(w for n in names for w in n.replace("_", " ").split()),
-             *common.split()]
-    words = list(dict.fromkeys(words))
+    words = list(dict.fromkeys(["[PAD]", "[EOS]", "[UNK]", *(
+        w for n in names for w in n.replace("_", " ").split()), *common.split()]))
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]",
@@ -2259,33 +1939,34 @@ def write_tiny_language_model(folder, names):
     return str(folder)
 
 
-def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(root, tmp_path, capsys):
-    """prompting.write_lm_prompts with a tiny model: the asked number of lines per class, each
-    beginning with its class name, within the length window, none twice in a class; the same
-    file again from scratch; a file cut by a kill (a partial last line) resumed to the same
-    bytes; a rerun that has nothing to write loads no model."""
-    import prompting
-    names = CIFAR10_NAMES
-    lm = write_tiny_language_model(tmp_path / "lm", names)
-    counts = [0, 3] + [2] * 8  # a class with no fill gets no line
-    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1)]
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return write_tiny_language_model(tmp_path_factory.mktemp("lm"), CIFAR10_NAMES)
+
+
+def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(tiny_lm, tmp_path,
+                                                                          capsys):
+    """The asked number of lines per class, each beginning with its class name, within the length
+    window, none twice in a class; the same file again from scratch; a file cut by a kill resumed
+    to the same bytes; a rerun with nothing to write loads no model."""
+    names, counts = CIFAR10_NAMES, [0, 3] + [2] * 8  # a class with no fill gets no line
+    write = lambda path, lm=tiny_lm: prompting.write_lm_prompts(
+        str(path), names, counts, lm, torch.device("cpu"), 5, batch_size=4)
+    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1, 2)]
     for p in paths:
         p.parent.mkdir()
-        prompting.write_lm_prompts(str(p), names, counts, lm, torch.device("cpu"), 5,
-                                   batch_size=4)
+    write(paths[0])
+    write(paths[1])
     text = paths[0].read_text()
-    assert text == paths[1].read_text() and "refused and drawn again, per class" in (
-        capsys.readouterr().out)
+    assert text == paths[1].read_text()
+    assert "refused and drawn again, per class" in capsys.readouterr().out
     lines = prompting.lm_lines(str(paths[0]), names)
     assert [len(lines[c]) for c in range(10)] == counts
     for c, ls in lines.items():
         assert len(set(ls)) == len(ls)
         for line in ls:
             assert line.lower().startswith(names[c]) and 20 <= len(line.split()) <= 70
-    # killed in its fourth call, then a line cut short: the rest written as an uninterrupted run
-    # writes it
-    killed = tmp_path / "killed" / prompting.LM_FILE
-    killed.parent.mkdir()
+    # killed in its fourth call, then a line cut short: resumed to the uninterrupted run's file
     real_describe, count = prompting.describe, [0]
 
     def describe(*args):
@@ -2296,104 +1977,79 @@ def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(root, 
 
     with pytest.raises(Killed), pytest.MonkeyPatch.context() as m:
         m.setattr(prompting, "describe", describe)
-        prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
-                                   batch_size=4)
-    assert len(text) > len(killed.read_text()) > 0
-    with open(killed, "a") as f:
+        write(paths[2])
+    assert len(text) > len(paths[2].read_text()) > 0
+    with open(paths[2], "a") as f:
         f.write("Deer shadow clo")
-    prompting.write_lm_prompts(str(killed), names, counts, lm, torch.device("cpu"), 5,
-                               batch_size=4)
-    assert killed.read_text() == text
-    prompting.write_lm_prompts(str(killed), names, counts, "no/such-model", None, 5)  # nothing
+    write(paths[2])
+    assert paths[2].read_text() == text
+    write(paths[2], "no/such-model")  # nothing to write
     assert prompting.class_prompts(names, str(paths[0]), "built")[1] == lines[1]
 
 
-def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(root, pipe_dir,
-                                                                               tmp_path):
-    import prompting
-    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
+def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(
+        root, pipe_dir, tiny_lm, tmp_path, monkeypatch):
     pool = tmp_path / "pool"
-    gen_here(root, pipe_dir, pool, "--prompt-model", lm, "--per-class", 2, "--prompt-batch", 4)
+    gen_here(root, pipe_dir, pool, "--prompt-model", tiny_lm, "--per-class", 2, "--prompt-batch", 4)
     manifest = json.loads((pool / "manifest.json").read_text())
     assert manifest["generator"]["prompts"]["file"] == prompting.LM_FILE
-    assert manifest["generator"]["prompts"]["written_by"] == lm
+    assert manifest["generator"]["prompts"]["written_by"] == tiny_lm
     with np.load(pool / data.shard_name(3, 0)) as z:
         written = prompting.lm_lines(str(pool / prompting.LM_FILE), CIFAR10_NAMES)[3]
         assert list(z["prompts"]) == written[:2]
-
-
-def test_a_language_model_whose_lines_are_all_refused_is_named_in_one_line(root, pipe_dir,
-                                                                          tmp_path, monkeypatch):
-    """Before: "--prompts .../prompts_lm.txt has no line for airplane: add lines beginning with
-    each class name", which blamed a file the user never wrote."""
-    import prompting
-    lm = write_tiny_language_model(tmp_path / "lm", CIFAR10_NAMES)
+    # every line refused: the model is named, not a file the user never wrote
     monkeypatch.setattr(prompting, "WORDS", (500, 600))  # no description is that long
     monkeypatch.setattr(prompting, "MAX_TRIES", 2)
     with pytest.raises(cli.SAUError, match=r"--prompt-model .* wrote no line that was kept for "
                                            r"airplane.*\(airplane: 8 lines in 2 calls"):
-        gen_here(root, pipe_dir, tmp_path / "pool", "--prompt-model", lm, "--per-class", 4,
+        gen_here(root, pipe_dir, tmp_path / "pool2", "--prompt-model", tiny_lm, "--per-class", 4,
                  "--prompt-batch", 4)
-
-
 # ---------------------------------------------------------------- ddpm.py
 
-DDPM = [
-    "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3, "--warmup",
-    1, "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10
-]
+DDPM = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3,
+        "--warmup", 1, "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10]
 
 
 def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
     import generate
-    args = lambda steps: generate.parse_args(
-        ["--data-root", root, *map(str, DDPM), "--train-steps",
-         str(steps), "--ckpt-every", "4"])
-    cpu = torch.device("cpu")
-    folder = str(tmp_path / "ddpm")
-    _, settings, sha16, losses = ddpm.train_ddpm(args(16), folder, cpu, log=lambda *_: None)
+    args = lambda steps: generate.parse_args(["--data-root", root, *map(str, DDPM), "--train-steps",
+                                              str(steps), "--ckpt-every", "4"])
+    train_ddpm = lambda steps, folder: ddpm.train_ddpm(args(steps), str(tmp_path / folder),
+                                                       torch.device("cpu"), log=lambda *_: None)
+    _, settings, sha16, losses = train_ddpm(16, "ddpm")
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4])
-    assert settings["real_images"] == sum(data.lt_counts(20, 10,
-                                                         10)) and settings["sampling"] == "balanced"
-    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
-    assert state["step"] == 16 and os.path.isdir(os.path.join(folder, "ema"))
-    # resumes at 16
-    _, _, sha24, losses = ddpm.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
+    assert settings["real_images"] == sum(data.lt_counts(20, 10, 10))
+    assert settings["sampling"] == "balanced"
+    state = torch.load(tmp_path / "ddpm" / "state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 16 and os.path.isdir(tmp_path / "ddpm" / "ema")
+    _, _, sha24, losses = train_ddpm(24, "ddpm")  # resumes at 16
     assert len(losses) == 8 and sha24 != sha16
-    # finished: reused
-    _, _, again, losses = ddpm.train_ddpm(args(24), folder, cpu, log=lambda *_: None)
+    _, _, again, losses = train_ddpm(24, "ddpm")  # finished: reused
     assert losses == [] and again == sha24
-    _, _, straight, _ = ddpm.train_ddpm(args(24), str(tmp_path / "straight"), cpu,
-                                            log=lambda *_: None)
-    assert straight == sha24  # 16 + 8 steps after a restart == 24 steps in one go
+    assert train_ddpm(24, "straight")[2] == sha24  # 16 + 8 steps after a restart == 24 in one go
 
 
 def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, capsys):
     """The default cosine schedule once stored a numpy lr that weights_only refused: a second run
-    and a resume after kill -9 must read state.pt, and an unreadable one is a one-line error naming
-    it."""
+    and a resume after kill -9 read state.pt, and an unreadable one is one line naming it."""
+    import generate
     import signal
     import time
-    flags = [
-        "--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2, "--steps", 2,
-        "--batch-size", 64, "--imb", 10, "--data-root", root
-    ]
+    flags = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 8, "--warmup", 2,
+             "--steps", 2, "--batch-size", 64, "--imb", 10, "--data-root", root]
+    pool = str(tmp_path / "killed")
     argv = lambda steps: on_cpu("generate.py", ["--pool", pool, *flags, "--train-steps", steps,
                                                 "--ckpt-every", 5])
-    pool = str(tmp_path / "killed")
     p = script("generate.py", *argv(30)[2:], wait=False, stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL)
-    state = os.path.join(pool, "ddpm", "state.pt")
-    deadline = time.time() + 300
+    state, deadline = os.path.join(pool, "ddpm", "state.pt"), time.time() + 300
     while not os.path.isfile(state) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(state, map_location="cpu", weights_only=True)["step"]
     assert 5 <= killed_at < 30 and not os.path.isfile(os.path.join(pool, "manifest.json"))
-    # the rest in this process (the kill is what needs one of its own)
-    import generate
-    capsys.readouterr()
+    capsys.readouterr()  # the rest in this process
     generate.main(argv(30))  # resumes
     assert f"steps {killed_at + 1}-30" in "".join(capsys.readouterr())
     s = torch.load(state, map_location="cpu", weights_only=True)
@@ -2425,21 +2081,13 @@ def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path, capsys):
 # ---------------------------------------------------------------- table.py
 
 def table_run(cwd, root, name, *args, extra=(), wait=True):
-    """table.py in folder cwd on the tiny data, its runs TINY (but its own --imb) unless extra says
-    otherwise; wait=False: in a session of its own, quiet."""
+    """table.py in folder cwd on the tiny data, its runs TINY (its own --imb) and extra;
+    wait=False: in a session of its own, quiet."""
     quiet = {} if wait else dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
     return script("table.py", "--name", name, *args, "--",
                   *on_cpu("train.py", ["--data-root", root, *TINY[2:], *extra]), cwd=cwd,
                   wait=wait, **quiet)
-
-
-def grid_runs(folder):
-    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("cifar"))
-
-
-GRID = ("--datasets", "cifar10", "--imbs", 10, 5, "--rows", "baseline", "paper", "--seeds", 0, 1,
-        "--syn", "heldout")
 
 
 def grid_plan(root, *args, extra=()):
@@ -2453,11 +2101,12 @@ def grid_plan(root, *args, extra=()):
 @pytest.mark.pictures
 def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
                                                                capsys):
-    """The arithmetic on written final.json files: each cell the mean and std over the seeds that
-    finished, a missing seed named, a missing cell said, one seed no spread (n = 1)."""
+    """On written final.json files: each cell the mean and std over the seeds that finished, a
+    missing seed named, a missing cell said, one seed no spread (n = 1)."""
     import table
     monkeypatch.chdir(tmp_path)
-    cfg, runs, argv = grid_plan(root, "--name", "g", *GRID)
+    cfg, runs, argv = grid_plan(root, "--name", "g", "--datasets", "cifar10", "--imbs", 10, 5,
+                                "--rows", "baseline", "paper", "--seeds", 0, 1, "--syn", "heldout")
     rng = np.random.default_rng(0)
     for cell, row, seed, _, folder, _ in runs:
         if (row, cell, seed) == ("paper", "cifar10_imb5", 1) or (row, cell) == ("baseline",
@@ -2469,17 +2118,16 @@ def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, 
     capsys.readouterr()
     table.main([*argv[:argv.index("--")], "--dry-run", "--", *argv[argv.index("--") + 1:]])
     assert len(capsys.readouterr().out.splitlines()) == 3  # what is left: three runs, no pool
-    table.write_table(str(tmp_path / "runs" / "g"), cfg, runs)
     folder = tmp_path / "runs" / "g"
+    table.write_table(str(folder), cfg, runs)
     written = json.loads((folder / "table.json").read_text())["table"]
     md = (folder / "table.md").read_text()
     assert set(written) == {"baseline", "paper"}
     assert set(written["paper"]) == {"cifar10_imb10", "cifar10_imb5"}
     for row, cells in written.items():
         for cell, entry in cells.items():
-            finals = [json.loads((tmp_path / run / "final.json").read_text())["final_epoch"]
-                      for run in entry["runs"]]
-            top1 = np.array([f["top1"] for f in finals])
+            top1 = np.array([json.loads((tmp_path / run / "final.json").read_text())[
+                "final_epoch"]["top1"] for run in entry["runs"]])
             if not len(top1):
                 assert entry["top1"] is None and entry["missing_seeds"] == [0, 1]
             elif len(top1) == 1:  # no spread from one seed
@@ -2496,9 +2144,8 @@ def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, 
 
 def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_path):
     """The one grid run end to end: kill -9 of the runner's process group in its first run's
-    second epoch; the next invocation resumes that run and runs the other (a cheaper row of its
-    own: one epoch, the classifier alone), and the table holds what an uninterrupted run of the
-    same settings gives."""
+    second epoch; the next invocation resumes it and runs the other (a cheaper row), and the table
+    holds what an uninterrupted run gives."""
     import signal
     import time
     args = ("--datasets", "cifar10", "--imbs", 10, "--rows", "paper", "--row",
@@ -2519,8 +2166,7 @@ def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "0 finished, 2 to run" in r.stdout and "--resume" in (run0 / "log.txt").read_text()
     table = json.loads((tmp_path / "runs" / "killed" / "table.json").read_text())["table"]
-    # the killed run against an uninterrupted one
-    train.train(config(*flags, "--seed", "0", "--out", tmp_path / "whole"))
+    train.train(config(*flags, "--seed", "0", "--out", tmp_path / "whole"))  # uninterrupted
     whole, killed = (json.loads((d / "final.json").read_text())["final_epoch"]
                      for d in (tmp_path / "whole", run0))
     assert killed == whole and table["paper"]["cifar10_imb10"]["top1"]["mean"] == whole["top1"]
@@ -2528,7 +2174,6 @@ def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_p
 
 
 def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
-    """One run blows up, in one line, and the other finishes."""
     import table
     r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
                   "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
@@ -2539,21 +2184,24 @@ def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_
     assert written["baseline"]["cifar10_imb10"]["top1"]["runs"] == 1
     assert written["blowup"]["cifar10_imb10"]["top1"] is None
     assert "| blowup `--lr 1e30` | missing |" in (tmp_path / "runs" / "f" / "table.md").read_text()
-    assert len(grid_runs(tmp_path / "runs" / "f")) == 2
+    assert len([d for d in os.listdir(tmp_path / "runs" / "f") if d.startswith("cifar")]) == 2
     code, err = in_process(lambda: table.main(["--rows", "nosuch"]), capsys)
     assert code == 2 and len(err) == 1 and "no such row" in err[0]
+    (tmp_path / "file").write_text("")  # a run the runner cannot start is a failed run
+    failed = table.execute([(["train.py", "--help"], str(tmp_path / "file" / "log.txt"))], [None],
+                           "runs")
+    assert len(failed) == 1 and "could not start" in failed[0][1]
 
 
 def test_table_makes_each_pool_once_one_shard_a_gpu_the_bytes_of_one_process(
         root, pipe_dir, gen_pool, tmp_path, monkeypatch):
-    """Two imbalance factors from one pool: generate.py for the larger fill, one shard per GPU
-    (before: every pool on one GPU while the others waited), whose pool is byte for byte the
-    one-process pool; none once the pool's manifest is there; a trained DDPM is one process."""
+    """Two imbalance factors from one pool: generate.py for the larger fill, one shard a GPU,
+    byte for byte the one-process pool; none once its manifest is there; a DDPM in one process."""
     import generate
     import table
     monkeypatch.chdir(tmp_path)
     pool = str(tmp_path / "pool")
-    gen = "--device cpu --model {} --steps 2 --guidance 0 --batch-size 8".format(pipe_dir)
+    gen = f"--device cpu --model {pipe_dir} --steps 2 --guidance 0 --batch-size 8"
     cfg, runs, _ = grid_plan(root, "--datasets", "cifar10", "--imbs", 5, 10, "--rows", "paper",
                              "--seeds", 0, "--gen", gen, extra=["--pool", pool])
     needed = table.pools(cfg, runs, 2)
@@ -2569,42 +2217,26 @@ def test_table_makes_each_pool_once_one_shard_a_gpu_the_bytes_of_one_process(
     assert [a[-2:] for _, a in table.pools(cfg, runs, 2)] == [["--generator", "ddpm"]]
 
 
-def test_a_run_the_runner_cannot_start_is_a_failed_run(tmp_path):
-    import table
-    (tmp_path / "file").write_text("")
-    log = str(tmp_path / "file" / "run" / "log.txt")  # its folder cannot be made
-    failed = table.execute([(["train.py", "--help"], log)], [None], "runs")
-    assert len(failed) == 1 and "could not start" in failed[0][1]
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--row", "b=--bench 2", "--rows", "b"], "row b: --bench makes no training run"),
+    (["--row", "b=--bench 2"], "row b: --bench makes no training run"),
     (["--rows", "paper", "--", "--stop-after", "1"], "after --: --stop-after makes no"),
     (["--row", "o=--out x", "--rows", "o"], "row o: --out makes no"),
-    (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus"),
-])
+    (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus")])
 def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, capsys):
+    """A row of your own joins after --rows without being named there too (before: never run)."""
     import table
     code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
     assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
-
-
-def test_a_row_of_your_own_joins_the_table(capsys):
-    """--row NAME=FLAGS adds its row after --rows without being named there too (before: it was
-    defined but never run, so the same command ran the default rows and never looked at it)."""
-    import table
     cfg, _ = table.parse(["--rows", "paper", "--row", "drop=--strategy drop"])
     assert cfg["rows"] == ["paper", "drop"] and cfg["row_flags"]["drop"] == "--strategy drop"
     assert table.parse(["--row", "drop=--strategy drop"])[0]["rows"] == [*table.ROWS, "drop"]
-    code, err = in_process(lambda: table.main(["--dry-run", "--row", "b=--bench 2"]), capsys)
-    assert code == 2 and len(err) == 1 and "row b: --bench makes no training run" in err[0], err
 
 
 def test_table_gives_each_run_a_gpu_of_its_own_allocation(root, tmp_path, monkeypatch, capsys):
     """GPU k is the k-th this process sees: the child's CUDA_VISIBLE_DEVICES is the k-th entry of
-    the parent's (Slurm, a shared machine, UUID or MIG values), not k; a GPU it does not see is
-    refused in one line (before: GPU 7 on a machine without GPUs trained on the CPU); --dry-run
-    prints the commands for another machine."""
+    the parent's (Slurm, UUID or MIG values), not k; a GPU it does not see is refused in one line
+    (before: GPU 7 without GPUs trained on the CPU); --dry-run prints the commands."""
     import table
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
@@ -2615,8 +2247,7 @@ def test_table_gives_each_run_a_gpu_of_its_own_allocation(root, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-77c1")
     assert table.devices_of("")[0] == ["GPU-8f2a", "MIG-77c1"]
-    # each child sees its own
-    show = tmp_path / "show.py"
+    show = tmp_path / "show.py"  # each child sees its own
     show.write_text("import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n")
     jobs = [([str(show)], str(tmp_path / f"log{i}.txt")) for i in range(4)]
     assert table.execute(jobs, table.devices_of("")[0], "runs") == []
@@ -2633,8 +2264,7 @@ def test_table_gives_each_run_a_gpu_of_its_own_allocation(root, tmp_path, monkey
 
 
 def test_table_fetches_the_data_once_before_it_makes_anything(tmp_path, monkeypatch, capsys):
-    """A grid whose data cannot be fetched ends in one line before any folder (before: runs/ and
-    a pool log were left behind)."""
+    """A grid whose data cannot be fetched ends in one line before any folder is made."""
     import table
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -2648,16 +2278,13 @@ def test_table_fetches_the_data_once_before_it_makes_anything(tmp_path, monkeypa
     code, err = in_process(lambda: table.main(["--datasets", "cifar10", "--imbs", "10"]), capsys)
     assert code == 2 and len(err) == 1 and "download failed" in err[0], err
     assert fetched == [("cifar10", "./data")] and not os.listdir(tmp_path)
-
-
 # ---------------------------------------------------------------- the CUDA path on the CPU
 
 class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every op that would make a CUDA host wait for the device, with the line of ours it
-    came from: .item()/bool()/int() (_local_scalar_dense), nonzero, masked_select, boolean-mask
-    indexing, and tensors made from Python data (lift_fresh, and copy_ from a 0-d tensor: a number
-    written into a tensor). AdamW's step count lives on the host (not capturable), so its .item() is
-    no device sync and is left out."""
+    came from: .item()/bool() (_local_scalar_dense), nonzero, masked_select, boolean-mask indexing,
+    tensors made from Python data (lift_fresh, copy_ from a 0-d tensor). The optimizer's host-side
+    step count is no device sync and is left out."""
     OURS = ("train.py", "data.py", "generate.py", "model.py")
 
     def __init__(self):
@@ -2676,17 +2303,16 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
         stack = traceback.extract_stack()[:-1]
         if bad and not any("/torch/optim/" in f.filename for f in stack):
             ours = [f for f in stack if os.path.basename(f.filename) in self.OURS]
-            self.found.append(
-                f"{func} from {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} "
-                f"{ours[-1].line}"
-                if ours else f"{func} from no line of ours")
+            self.found.append(f"{func} from {os.path.basename(ours[-1].filename)}:"
+                              f"{ours[-1].lineno} {ours[-1].line}" if ours
+                              else f"{func} from no line of ours")
         return func(*args, **(kwargs or {}))
 
 
 def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
-    """A CPU stand-in for test_cuda_step_makes_no_host_sync, which needs a GPU: after a warm-up
-    step, two training steps (--loader gpu, planted images, both branches), a prototype pass and two
-    DDPM steps make no op that would wait for a CUDA device."""
+    """The CPU stand-in of test_cuda_step_makes_no_host_sync: after a warm-up, two training steps
+    (--loader gpu, planted images), a prototype pass and two DDPM steps make no op that would wait
+    for a CUDA device; and the recorder finds what it looks for."""
     from diffusers import DDPMScheduler
     cfg = tiny(root, "x", "--width", 4, "--syn-noise", 0.3, "--loader", "gpu", "--amp", "bf16")
     run_ = train.setup(cfg)
@@ -2695,8 +2321,7 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     flagged = torch.zeros(len(run_.mixed), dtype=torch.int32)
     batches = iter(train.streams(run_, cfg, 0))
     mix = train.mix_draws(np.random.default_rng(0), 4, 1.0)
-    # as --relabel audit --audit-cls on hands them to the step
-    suspects = torch.arange(len(run_.mixed)) % 3 == 0
+    suspects = torch.arange(len(run_.mixed)) % 3 == 0  # as --relabel audit hands them on
     step = lambda a, b, s=None: train.train_step(
         run_, train.step_inputs(run_, cfg, a, b, mix[0], protos, 0, s), flagged)
     step(*next(batches))
@@ -2710,18 +2335,14 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     unet, ema = ddpm.ddpm_unet(10, 8), ddpm.ddpm_unet(10, 8).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    x_all, y_all = torch.randint(0, 256, (50, 3, 32, 32),
-                                 dtype=torch.uint8), torch.randint(0, 10, (50, ))
-    g = torch.Generator().manual_seed(0)
+    x_all = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    y_all, g = torch.randint(0, 10, (50, )), torch.Generator().manual_seed(0)
     ddpm_step = lambda: ddpm.ddpm_step(unet, ema, opt, scheduler, ddpm.ddpm_batch(
         x_all, y_all, torch.ones(50), 8, 0.1, 10, g), 1e-3, 0.9)
     ddpm_step()
     with HostSyncs() as syncs:
         ddpm_step(), ddpm_step()
     assert not syncs.found, "\n".join(sorted(set(syncs.found)))
-
-
-def test_the_sync_recorder_finds_what_it_looks_for():
     x, mask = torch.arange(6.0), torch.arange(6) % 2 == 0
     with HostSyncs() as syncs:
         x.sum().item(), x[mask], torch.tensor([1.0, 2.0]), x.nonzero()
@@ -2730,14 +2351,13 @@ def test_the_sync_recorder_finds_what_it_looks_for():
     names = " ".join(syncs.found)
     for op in ("_local_scalar_dense", "aten.index.Tensor", "lift_fresh", "nonzero", "copy_"):
         assert op in names, (op, names)
-    assert "test_sau.py" not in HostSyncs.OURS and all("from no line of ours" in f
-                                                       for f in syncs.found)
+    assert "test_sau.py" not in HostSyncs.OURS
+    assert all("from no line of ours" in f for f in syncs.found)
 
 
 class StandInGenerator(torch._C.Generator):
-    """A generator whose state lives on the CPU and whose .device says what was asked for ("cuda"
-    cannot be made without a GPU): draws with device=g.device land on the CPU under emulation, on
-    the fake device under (b)."""
+    """A generator whose state lives on the CPU and whose .device says what was asked ("cuda"
+    needs a GPU): draws with device=g.device land on the CPU in (a), on the fake device in (b)."""
 
     def __new__(cls, device="cpu"):
         g = torch._C.Generator.__new__(cls, "cpu")
@@ -2751,8 +2371,8 @@ class StandInGenerator(torch._C.Generator):
 
 
 def _on_cpu(d):
-    return torch.device("cpu") if isinstance(
-        d, (str, torch.device)) and torch.device(d).type == "cuda" else d
+    cuda = isinstance(d, (str, torch.device)) and torch.device(d).type == "cuda"
+    return torch.device("cpu") if cuda else d
 
 
 class OnTheCPU(torch.overrides.TorchFunctionMode):
@@ -2767,14 +2387,13 @@ class OnTheCPU(torch.overrides.TorchFunctionMode):
 
 @pytest.fixture
 def emulated_cuda(monkeypatch):
-    """Layer (a). Yields the list of (call, argument) of every torch.cuda call that touched a
-    device."""
+    """Layer (a): torch.cuda says one GPU, tensors stay on the CPU. Yields the (call, argument)
+    of every torch.cuda call that touched a device."""
     calls = []
 
     def device_call(name, result=None, optional=True):
         def call(device=None, *_, **__):
-            # torch's own check: no "cuda"
-            index = torch.cuda._utils._get_device_index(device, optional=optional)
+            index = torch.cuda._utils._get_device_index(device, optional=optional)  # torch's check
             if not 0 <= index < 1:
                 raise ValueError(f"{name}: invalid device index {index} (one device)")
             calls.append((name, device))
@@ -2797,59 +2416,51 @@ def emulated_cuda(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "current_stream",
                         lambda *_: argparse.Namespace(is_capturing=lambda: False))
     monkeypatch.setattr(torch, "Generator", StandInGenerator)
-    # DataLoader's pinning thread
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # DataLoader's
     with OnTheCPU():
         yield calls
 
 
 class OneDevice(torch.overrides.TorchFunctionMode):
-    """Layer (b)'s check on top of FakeTensorMode's own: no op takes a CPU tensor (0-d scalars
-    aside) beside a CUDA one, indexing included (a real GPU would copy or sync for it)."""
+    """Layer (b)'s check beside FakeTensorMode's own: no op takes a CPU tensor (0-d scalars aside)
+    beside a CUDA one, indexing included (a real GPU would copy or sync for it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        found = [
-            t for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        ]
-        if any(t.device.type == "cuda" for t in found) and any(t.device.type == "cpu" and t.dim()
-                                                               for t in found):
+        found = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)]
+        if (any(t.device.type == "cuda" for t in found)
+                and any(t.device.type == "cpu" and t.dim() for t in found)):
             raise AssertionError(f"{func.__name__}: a CPU tensor meets a CUDA one")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def fake_cuda(monkeypatch):
-    """Layer (b): FakeTensorMode (real host tensors taken in as fake CPU ones) with "cuda" the
-    default device."""
+    """Layer (b): FakeTensorMode (host tensors taken in as fake CPU ones), "cuda" the default."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setattr(torch, "Generator", StandInGenerator)
-    with FakeTensorMode(allow_non_fake_inputs=True), OneDevice(), torch.device(
-            "cuda"), warnings.catch_warnings():
-        # autocast("cuda") turns itself off: no CUDA
-        warnings.filterwarnings("ignore", "CUDA is not available")
+    with (FakeTensorMode(allow_non_fake_inputs=True), OneDevice(), torch.device("cuda"),
+          warnings.catch_warnings()):
+        warnings.filterwarnings("ignore", "CUDA is not available")  # autocast("cuda") turns off
         yield
 
 
 def emulated_cfg(root, out, *flags):
-    """A tiny run with the defaults a GPU user gets (--device auto: cuda, so the gpu loader and
-    bf16)."""
-    return train.get_config([
-        "--data-root", root, "--out",
-        str(out), "--width", "4", "--batch-size", "16", "--imb", "10", "--syn", "heldout",
-        "--syn-noise", "0.3", *map(str, flags)
-    ])
+    """A tiny run with a GPU user's defaults (--device auto: cuda, the gpu loader, bf16)."""
+    return train.get_config(["--data-root", root, "--out", str(out), "--width", "4",
+                             "--batch-size", "16", "--imb", "10", "--syn", "heldout",
+                             "--syn-noise", "0.3", *map(str, flags)])
 
 
 @pytest.mark.quick
 def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
         root, tmp_path, emulated_cuda, capsys):
-    """The default command's CUDA branches (the crash of set_device(torch.device("cuda")) among
-    them), a stop and --resume, every file, the start line of a GPU run, the precision settings."""
+    """The default command's CUDA branches (set_device(torch.device("cuda")) once crashed), a stop
+    and --resume, every file, a GPU run's start line, the precision settings."""
     train.train(emulated_cfg(root, tmp_path / "part", "--epochs", 2, "--stop-after", 1))
     assert "cuda bf16, loader gpu" in capsys.readouterr().out
     train.train(train.get_config(["--resume", str(tmp_path / "part")]))
-    ckpt = torch.load(tmp_path / "part" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = ckpt_of(tmp_path / "part")
     assert ckpt["epoch"] == 2 and ckpt["config"]["device"] == "auto"
     for f in ("config.json", "metrics.jsonl", "final.json", "curves.png", "suspects.png",
               "audit.png"):
@@ -2861,17 +2472,16 @@ def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
 
 def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(
         root, tmp_path, emulated_cuda):
-    """--deterministic on with --relabel audit, stopped and resumed: the weights of an uninterrupted
-    run; and --loader cpu, whose DataLoader pins memory on CUDA."""
+    """--deterministic on, --relabel audit, stopped and resumed: an uninterrupted run's weights;
+    and --loader cpu, whose DataLoader pins memory on CUDA."""
     flags = ["--epochs", 2, "--deterministic", "on", "--relabel", "audit"]
     train.train(emulated_cfg(root, tmp_path / "full", *flags))
     assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
     train.train(emulated_cfg(root, tmp_path / "part", *flags, "--stop-after", 1))
     train.train(train.get_config(["--resume", str(tmp_path / "part")]))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "part"))
-    assert all(torch.equal(a["model"][k], b["model"][k])
-               for k in a["model"]) and torch.equal(a["audit"], b["audit"])
+    a, b = ckpt_of(tmp_path / "full"), ckpt_of(tmp_path / "part")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["audit"], b["audit"])
     assert json.loads((tmp_path / "full" / "final.json").read_text())["audit_last_epoch"]
     train.train(emulated_cfg(root, tmp_path / "c", "--epochs", 1, "--loader", "cpu", "--workers",
                              0))
@@ -2879,41 +2489,35 @@ def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(
 
 def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(
         root, emulated_cuda, capsys, monkeypatch):
-    """--bench: sync debug mode is on for the timed steps only, not for the warm-up's one-time
-    copies."""
+    """--bench: sync debug mode is on for the timed steps only, not the warm-up's copies."""
     steps, made = [], train.train_step
-    monkeypatch.setattr(
-        train, "train_step", lambda *a: steps.append(
-            ("set_sync_debug_mode", "warn") in emulated_cuda and emulated_cuda[-1][1] == "warn") or
-        made(*a))
+    monkeypatch.setattr(train, "train_step", lambda *a: steps.append(
+        ("set_sync_debug_mode", "warn") in emulated_cuda and emulated_cuda[-1][1] == "warn")
+        or made(*a))
     cfg = emulated_cfg(root, "unused", "--bench", 2)
-    res = runner.bench(cfg, train.setup(cfg), train)
+    res = bench.bench(cfg, train.setup(cfg), train)
     assert steps == [False] * 3 + [True] * 2  # 3 warm-up steps, then the 2 timed ones in "warn"
-    assert [c for c in emulated_cuda
-            if c[0] == "set_sync_debug_mode"][-1] == ("set_sync_debug_mode", "default")
+    modes = [c for c in emulated_cuda if c[0] == "set_sync_debug_mode"]
+    assert modes[-1] == ("set_sync_debug_mode", "default")
     assert res["device"] == "emulated CUDA device" and res["host_syncs_in_timed_steps"] == 0
     assert "GiB on the GPU" in res["peak"]
 
 
 def test_emulated_cuda_both_generators(root, pipe_dir, tmp_path, emulated_cuda):
-    """generate.py's CUDA branches: the text-to-image pipeline in bf16 and the DDPM, trained and
-    sampled."""
+    """generate.py's CUDA branches: the pipeline in bf16, and the DDPM trained and sampled."""
     import generate
     with contextlib.redirect_stdout(io.StringIO()):
         generate.main(gen_argv(root, pipe_dir, tmp_path / "t2i", "--imb", 10, "--device", "auto"))
-        generate.main([
-            "--data-root", root, "--pool",
-            str(tmp_path / "ddpm"), *map(str, DDPM), "--train-steps", "2"
-        ])
+        generate.main(["--data-root", root, "--pool", str(tmp_path / "ddpm"), *map(str, DDPM),
+                       "--train-steps", "2"])
     assert json.load(open(tmp_path / "t2i" / "manifest.json"))["generator"]["dtype"] == "bfloat16"
     assert data.read_pool(str(tmp_path / "ddpm"), "cifar10", CIFAR10_NAMES)
     assert ("set_device", 0) in emulated_cuda
 
 
 def test_each_process_takes_a_gpu_it_sees_under_torchrun_and_srun(monkeypatch, emulated_cuda):
-    """LOCAL_RANK among the GPUs a process sees; GPU 0 where each task sees one of its own
-    (srun --gpus-per-task=1; before: every rank but the first failed); a world without a local
-    rank, or more local ranks than GPUs, is one line (before: every rank took GPU 0)."""
+    """LOCAL_RANK among the GPUs a process sees; GPU 0 where each task sees its own (srun
+    --gpus-per-task=1); no local rank, or more local ranks than GPUs: one line (before: GPU 0)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -2939,28 +2543,24 @@ def test_each_process_takes_a_gpu_it_sees_under_torchrun_and_srun(monkeypatch, e
 @pytest.mark.quick
 def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audit(
         root, monkeypatch):
-    """Layer (b): every forward pass of a run with its inputs on a fake CUDA device. Backward cannot
-    run here (the autograd engine asks for a real CUDA context): the step's backward and SGD step
-    run under emulation (above)."""
-    cfg = train.get_config([
-        "--data-root", root, "--imb", "10", "--width", "4", "--batch-size", "16", "--syn",
-        "heldout", "--syn-noise", "0.3", "--relabel", "audit", "--audit-cls", "on"
-    ])
+    """Layer (b): every forward pass of a run with its inputs on a fake CUDA device (backward
+    needs a real CUDA context: layer (a) runs it); and the check finds a CPU tensor or index."""
+    cfg = train.get_config(["--data-root", root, "--imb", "10", "--width", "4", "--batch-size",
+                            "16", "--syn", "heldout", "--syn-noise", "0.3", "--relabel", "audit",
+                            "--audit-cls", "on"])
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    # host-side set-up from torchvision's Python floats: made before, moved inside
-    tables = views._aa_tables(32, 32)
+    tables = views._aa_tables(32, 32)  # from torchvision's Python floats: made before
     monkeypatch.setattr(views, "_aa_tables", lambda h, w: tables)
     with fake_cuda(monkeypatch):
         device = torch.device("cuda")
         model = resnet32(len(mixed.classes), 4)
-        view_fn = views.DeviceViews("cifar10", device)
         x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-        made = view_fn(x, ("v1", "v2", "v3"), torch.Generator(device).manual_seed(0))
+        made = views.DeviceViews("cifar10", device)(x, ("v1", "v2", "v3"),
+                                                     torch.Generator(device).manual_seed(0))
         assert made["v1"].device.type == "cuda" and made["v3"].shape == (16, 3, 32, 32)
-        fmt = torch.channels_last
         run = runner.Run(
             model=model, device=device, mixed=mixed, rank=0, world=1, amp=True, loader="gpu",
-            prep=lambda t: t.to(device, non_blocking=True).contiguous(memory_format=fmt),
+            prep=lambda t: t.to(device).contiguous(memory_format=torch.channels_last),
             batches=data.Batches(mixed, "gpu", device), opt=None, sched=None, step_fn=None,
             real=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
             test=(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(40) % 10))
@@ -2973,19 +2573,13 @@ def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audi
         model.train()
         suspects = torch.zeros(len(mixed), dtype=torch.bool, device=device)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
-        # the epoch's orders are drawn on the host, as Python lists
-        with unset_fake_temporarily(), torch.device("cpu"):
+        with unset_fake_temporarily(), torch.device("cpu"):  # the orders: host lists
             pairs = iter(train.streams(run, cfg, 0))
-        a, b = next(pairs)
         mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64, device=device)
-        batch = train.step_inputs(run, cfg, a, b, mix, protos, 0, suspects)
+        batch = train.step_inputs(run, cfg, *next(pairs), mix, protos, 0, suspects)
         with torch.autocast("cuda", torch.bfloat16):
             loss, loss_cls, loss_con, suspect = step(batch)
         assert loss.device.type == "cuda" and suspect.shape == (16,)
-
-
-def test_the_device_check_finds_a_cpu_tensor_or_index_meeting_a_cuda_one(monkeypatch):
-    with fake_cuda(monkeypatch):
         x = torch.zeros(4, 3)
         with pytest.raises(Exception, match="same device|meets a CUDA one"):
             x + torch.zeros(4, 3, device="cpu")
@@ -2995,50 +2589,40 @@ def test_the_device_check_finds_a_cpu_tensor_or_index_meeting_a_cuda_one(monkeyp
 
 
 def test_a_ddpm_trained_on_one_device_type_samples_on_another(root, tmp_path):
-    """A finished DDPM's state.pt from a GPU (a CUDA generator state: 16 bytes) is used for sampling
-    on a CPU."""
+    """A finished DDPM's state.pt from a GPU (a CUDA generator state: 16 bytes) samples on a CPU,
+    and trains on from a fresh stream."""
     import generate
     import shutil
     pool = tmp_path / "ddpm"
-    argv = lambda pool, steps: [
-        "--device", "cpu", "--data-root", root, "--pool",
-        str(pool), *map(str, DDPM), "--train-steps",
-        str(steps)
-    ]
-    args = argv(pool, 2)
+    argv = lambda pool, steps: ["--device", "cpu", "--data-root", root, "--pool", str(pool),
+                                *map(str, DDPM), "--train-steps", str(steps)]
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        generate.main(args)
+        generate.main(argv(pool, 2))
         state_file = pool / "ddpm" / "state.pt"
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         torch.save({**state, "rng": torch.zeros(16, dtype=torch.uint8)}, state_file)
         for f in pool.glob("c*.npz"):
             f.unlink()
-        generate.main(args)  # samples again with the finished model
+        generate.main(argv(pool, 2))  # samples again with the finished model
         shutil.copytree(pool / "ddpm", tmp_path / "on" / "ddpm")
-        state_file = tmp_path / "on" / "ddpm" / "state.pt"
-        generate.main(argv(tmp_path / "on", 3))  # and trains on, from a fresh stream
+        generate.main(argv(tmp_path / "on", 3))
     assert data.read_pool(str(pool), "cifar10", CIFAR10_NAMES)
     assert "trained so far on another device type" in said.getvalue()
-    assert torch.load(state_file, map_location="cpu", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "on" / "ddpm" / "state.pt", map_location="cpu",
+                      weights_only=True)["step"] == 3
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
-CUDA = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU here: the GPU check runs these (pytest -k cuda; docs/gpus.md)")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA GPU here: the GPU check runs these (docs/gpus.md)")
 
 
 def same_u8(cpu, gpu, what, exact):
-    """uint8 [B, C, H, W] from the CPU and from CUDA for the same parameters. exact: integer
-    arithmetic (or float64 holding integers) must agree bit for bit; float blends and nearest
-    sampling may round the other way at an exact tie, on at most 0.1% of the values."""
-    gpu = gpu.cpu()
-    diff = cpu != gpu
-    if exact:
-        assert not diff.any(), what
-    else:
-        assert diff.float().mean() <= 1e-3, (what, diff.float().mean().item())
+    """uint8 from the CPU and CUDA for the same parameters. exact: integer arithmetic agrees bit
+    for bit; float blends and nearest sampling may round the other way at a tie, on <= 0.1%."""
+    diff = cpu != gpu.cpu()
+    assert not diff.any() if exact else diff.float().mean() <= 1e-3, (what, diff.float().mean())
 
 
 @CUDA
@@ -3046,9 +2630,8 @@ def test_cuda_batched_views_equal_the_cpu_views_for_fixed_parameters():
     x, g, dev = smooth_images(64, seed=6), torch.Generator().manual_seed(7), torch.device("cuda")
     rand = lambda *s: torch.rand(*s, generator=g)
     on = lambda d, *ts: [t.to(d) for t in ts]
-    top, left, flip = torch.randint(9, (64, ),
-                                    generator=g), torch.randint(9, (64, ),
-                                                                generator=g), rand(64) < 0.5
+    top, left = (torch.randint(9, (64, ), generator=g) for _ in range(2))
+    flip = rand(64) < 0.5
     same_u8(views.crop_flip(x, top, left, flip), views.crop_flip(*on(dev, x, top, left, flip)),
             "crop+flip", True)
     for name, magnitude in policy_cases():  # every AutoAugment op and magnitude, grey fill included
@@ -3066,20 +2649,16 @@ def test_cuda_batched_views_equal_the_cpu_views_for_fixed_parameters():
     same_u8(gray(x), gray(x.to(dev)), "grayscale", False)
     sigma = rand(64) * 1.9 + 0.1
     same_u8(views.gaussian_blur(x, sigma), views.gaussian_blur(*on(dev, x, sigma)), "blur", True)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
     box = views.resized_crop_box(rand(64, 10), rand(64, 10), rand(64), rand(64), 32, 32)
     same_u8(views.resized_crop(x, *box, 32), views.resized_crop(*on(dev, x, *box), 32),
             "resized crop", False)
 
 
 def cuda_run(root, *flags):
-    """A tiny CUDA run's config and setup, with one epoch's stream iterator (its first batch already
-    made)."""
-    cfg = train.get_config([
-        "--data-root", root, "--device", "cuda", "--imb", "10", "--width", "4", "--batch-size",
-        "16", "--syn", "heldout", "--syn-noise", "0.3", "--loader", "gpu", "--amp", "bf16",
-        *map(str, flags)
-    ])
+    """A tiny CUDA run's set-up, an epoch's batch iterator and its step."""
+    cfg = train.get_config(["--data-root", root, "--device", "cuda", "--imb", "10", "--width", "4",
+                            "--batch-size", "16", "--syn", "heldout", "--syn-noise", "0.3",
+                            "--loader", "gpu", "--amp", "bf16", *map(str, flags)])
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     run.model.train()
@@ -3092,9 +2671,8 @@ def cuda_run(root, *flags):
 
 @CUDA
 def test_cuda_step_makes_no_host_sync(root):
-    """Views, mixing, the four passes, both losses, the detector counts and the SGD step under sync
-    debug mode 'error': any host sync raises. The first step (the epoch's order copied to the
-    device, cuDNN set-up) runs before."""
+    """Views, mixing, the passes, both losses, the counts and the SGD step under sync debug mode
+    'error': any host sync raises. The first step (orders to the device, cuDNN) runs before."""
     run, batches, step = cuda_run(root)
     step(*next(batches))
     torch.cuda.synchronize()
@@ -3109,10 +2687,8 @@ def test_cuda_step_makes_no_host_sync(root):
 
 @CUDA
 def test_cuda_compiled_step_matches_eager(root):
-    """--compile on: the same first-step losses as eager within 2% (bf16 autocast, fused kernels
-    round differently). --relabel off: the paper's rule takes an argmax over near-equal cosines at
-    width 4, where one flip moves the contrastive loss by 1-2%; without it the comparison sees
-    rounding alone."""
+    """--compile on: eager's first-step losses within 2% (bf16, fused kernels). --relabel off: the
+    paper's rule's argmax over near-equal cosines at width 4 would move the loss by 1-2%."""
     losses = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
@@ -3123,12 +2699,10 @@ def test_cuda_compiled_step_matches_eager(root):
 
 @CUDA
 def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_path):
-    """--deterministic on: cuDNN and cuBLAS pick deterministic kernels, so a run stopped after epoch
-    1 and resumed ends with the weights of an uninterrupted one."""
-    args = [
-        "--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn",
-        "heldout", "--syn-noise", 0.3, "--deterministic", "on"
-    ]
+    """--deterministic on: a run stopped after epoch 1 and resumed ends with the weights of an
+    uninterrupted one."""
+    args = ["--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn",
+            "heldout", "--syn-noise", 0.3, "--deterministic", "on"]
     r = script("train.py", *args, "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
@@ -3137,17 +2711,16 @@ def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_pa
     assert "cuda bf16, loader gpu" in r.stdout
     r = script("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
     assert r.returncode == 0, r.stderr
-    # run() pins the CPU unless told
-    r = script("train.py", "--resume", tmp_path / "part", "--device", "cuda")
+    r = script("train.py", "--resume", tmp_path / "part", "--device", "cuda")  # script pins CPU
     assert r.returncode == 0, r.stderr
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
-            for d in ("full", "part"))
+    a, b = ckpt_of(tmp_path / "full"), ckpt_of(tmp_path / "part")
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["flagged"], b["flagged"])
 
 
 @CUDA
-def test_cuda_generate_bf16_pool_is_valid_and_reproducible(root, pipe_dir, tmp_path):
+def test_cuda_generate_bf16_pool_is_valid_and_reproducible_and_a_ddpm_trains(root, pipe_dir,
+                                                                              tmp_path):
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
         r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--imb", 10, "--device", "cuda",
@@ -3157,12 +2730,8 @@ def test_cuda_generate_bf16_pool_is_valid_and_reproducible(root, pipe_dir, tmp_p
     pool = data.read_pool(pools[0], "cifar10", CIFAR10_NAMES)
     fill = {c: 20 - n for c, n in enumerate(data.lt_counts(20, 10, 10)) if 20 - n}
     assert {c: len(v) for c, v in pool.items()} == fill
-    assert json.load(open(os.path.join(pools[0],
-                                       "manifest.json")))["generator"]["dtype"] == "bfloat16"
-
-
-@CUDA
-def test_cuda_ddpm_trains_and_samples(root, tmp_path):
+    manifest = json.load(open(os.path.join(pools[0], "manifest.json")))
+    assert manifest["generator"]["dtype"] == "bfloat16"
     pool = str(tmp_path / "ddpm")
     r = script("generate.py", "--data-root", root, "--pool", pool, "--device", "cuda", *DDPM,
                "--train-steps", 8)
@@ -3170,5 +2739,5 @@ def test_cuda_ddpm_trains_and_samples(root, tmp_path):
     assert torch.load(os.path.join(pool, "ddpm", "state.pt"), map_location="cpu",
                       weights_only=True)["step"] == 8
     pool_images = data.read_pool(pool, "cifar10", CIFAR10_NAMES)
-    assert sum(len(v) for v in pool_images.values()) == sum(20 - n
-                                                            for n in data.lt_counts(20, 10, 10))
+    assert sum(map(len, pool_images.values())) == sum(20 - n for n in data.lt_counts(20, 10, 10))
+

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import audit
+import bench
 import cli
 import data
 import report
@@ -61,8 +62,7 @@ CONFIG = {
     "seed": S(0, "training seed: init, order, augmentation, mixing", cli.SEED, named="never"),
     **runner.RUNTIME_CONFIG,
 }
-# A setting that cannot act under another one is refused rather than silently named:
-# (setting, when, because).
+# (setting, when, because): a setting that cannot act under another is refused, never named
 IGNORED = [
     ("strategy", lambda c: c["relabel"] == "off", "with --relabel off"),
     *[(k, lambda c: c["relabel"] != "audit", "with --relabel other than audit")
@@ -85,9 +85,8 @@ def soft_ce(logits, targets, weight=None):
 
 
 def supcon(feats, labels, is_anchor, temperature, member=None):
-    """Supervised contrastive loss. feats [M, V, D], labels [M], is_anchor [M] bool -> scalar.
-    member [M] bool (default all): non-members are no anchor, no positive and in no denominator,
-    as if left out, with fixed shapes."""
+    """Supervised contrastive loss. feats [M, V, D], labels [M], is_anchor [M] bool -> scalar;
+    non-members (member [M] bool, default all) take no part, as if left out, with fixed shapes."""
     m, v = feats.shape[:2]
     member = torch.ones_like(is_anchor) if member is None else member
     # fp32 products, also inside the step's bf16 autocast
@@ -107,8 +106,7 @@ def supcon(feats, labels, is_anchor, temperature, member=None):
 
 
 def with_prototypes(z, labels, is_syn, prototypes):
-    """The batch with the class prototypes joined as C extra real samples (labels 0..C-1): feats
-    [B + C, 2, D], labels [B + C], is_syn [B + C]."""
+    """The batch with the class prototypes joined as C extra real samples (labels 0..C-1)."""
     c = len(prototypes)
     feats = torch.cat([z, prototypes.to(z.dtype)])
     labels = torch.cat([labels, torch.arange(c, device=z.device)])
@@ -131,8 +129,8 @@ def paper_suspects(z, labels, is_syn, prototypes):
 
 def sau_contrastive_loss(z, labels, is_syn, prototypes, suspect=None, strategy="pos_neg",
                          temperature=0.1):
-    """The synthetic-aware branch: supervised contrast over the batch and the prototypes, the
-    suspects (suspect [B] bool, default none) treated by the strategy."""
+    """The synthetic-aware branch: contrast over the batch and the prototypes, suspects [B] bool
+    treated by the strategy."""
     if strategy not in CONFIG["strategy"].choices:
         raise ValueError(f"unknown strategy {strategy!r}: one of {CONFIG['strategy'].choices}")
     # The prototypes join the batch as extra real samples: every sample has positives of its
@@ -235,9 +233,8 @@ class Step(torch.nn.Module):
 
 
 def step_inputs(run, cfg, batch_a, batch_b, mix, protos, epoch=0, audit_suspects=None):
-    """StepInputs from one pair of batches of the two streams and this step's mix_draws, on the
-    device. audit_suspects [N] bool: the epoch audit's suspects over the mixed set (--relabel
-    audit), else None."""
+    """StepInputs of a pair of batches on the device; audit_suspects [N] bool: the epoch audit's
+    suspects over the mixed set (--relabel audit), else None."""
     a, b = (None if x is None else data.Batches.to(x, run.device) for x in (batch_a, batch_b))
     keep = suspect = None
     if audit_suspects is not None:
@@ -365,8 +362,7 @@ def prototypes(run, seed):
 
 @torch.no_grad()
 def confusion_counts(run):
-    """(confusion [C * C], top-5 hits []) of the classifier head on the test set, on the device,
-    summed over processes."""
+    """(confusion [C * C], top-5 hits) of the classifier head on the test set, on the device."""
     model, device, num_classes = run.model, run.device, len(run.mixed.classes)
     run.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
@@ -411,8 +407,8 @@ def setup(cfg):  # runner.Run: processes, device, data, the network, the optimis
 
 
 def streams(run, cfg, epoch_seed):
-    """The epoch's (batch A, batch B) pairs: stream A with the views the branches need, stream B
-    (v1 only) the mixing partners of the classification branch, None without it."""
+    """The epoch's (batch A, batch B): A with the views the branches need, B (v1) the partners of
+    the classifier's mixing, None without it."""
     use_cls = cfg["w_cls"] > 0
     views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if cfg["w_con"] > 0 else ())
     return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, use_cls,
@@ -439,8 +435,8 @@ def main(argv=None):
     cfg = get_config(argv)
     if cfg["summarize"]:
         return report.summarize(CONFIG, cfg["summarize"], cfg["out"])
-    try:  # --bench: the step, its data path and the forward passes timed (runner.bench)
-        runner.bench(cfg, setup(cfg), sys.modules[__name__]) if cfg["bench"] else train(cfg)
+    try:  # --bench: the step, its data path and the forward passes timed (bench.py)
+        bench.bench(cfg, setup(cfg), sys.modules[__name__]) if cfg["bench"] else train(cfg)
     finally:  # under torchrun: a process group left at exit can hang it
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,13 +1,10 @@
-"""The three augmentation views of an image: torchvision's, one image at a time on the CPU (--loader
-cpu, as the paper), and the same views as batched tensor ops on the device with per-sample random
-parameters (--loader gpu).
+"""The three views of an image: torchvision's, one image at a time on the CPU (--loader cpu, as the
+paper), and the same as batched tensor ops on the device, per-sample draws (--loader gpu).
 
     v1: random crop 32 (4-pixel zero padding), horizontal flip
     v2: v1, AutoAugment (CIFAR-10 policy, the reference's numbers), Cutout 16x16
     v3: random resized crop (0.2-1), flip, colour jitter (p 0.8), grayscale (p 0.2),
         PIL's Gaussian blur (p 0.5)
-
-All end normalised with the reference's constants (MEAN_STD).
 """
 import math
 from typing import NamedTuple
@@ -17,15 +14,13 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; torchvision pinned
 
-# the reference's normalisation constants
 MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
             "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 SEED_MIX = 1_000_003  # a seed and an index mixed into one seed: seed * SEED_MIX + i
 
 
 class Batch(NamedTuple):
-    """A batch of the mixed set, as both loaders yield it: the cpu loader's with its views, the
-    gpu loader's with its images and the views' draws (DeviceViews.apply makes them)."""
+    """A batch: the cpu loader's with its views, the gpu loader's with images and view draws."""
     views: dict  # view name -> B x 3 x 32 x 32, normalised
     y: torch.Tensor  # B labels
     is_syn: torch.Tensor  # B bool
@@ -34,15 +29,12 @@ class Batch(NamedTuple):
     draws: dict = None  # view name -> its random numbers (DeviceViews.draw)
 
 
-def mean_std(dataset, device="cpu"):
-    """The dataset's normalisation constants as [3, 1, 1] tensors on the device."""
+def mean_std(dataset, device="cpu"):  # the reference's normalisation, [3, 1, 1] tensors
     return (torch.tensor(s, device=device)[:, None, None] for s in MEAN_STD[dataset])
 
 
 def normalize(x, mean, std):
-    """A plain (unaugmented) uint8 batch normalised: the evaluation's and the audit's input. It
-    divides by 255 where the views multiply by 1/255 (torchvision's rounding): the last bit of
-    every evaluation so far depends on it."""
+    """A plain uint8 batch normalised (evaluation, audit): / 255, where the views * (1 / 255)."""
     return (x.float() / 255 - mean) / std
 
 
@@ -65,9 +57,8 @@ AA_FILL = 128
 
 
 class AutoAugment(T.AutoAugment):
-    """torchvision's CIFAR-10 AutoAugment with the reference's numbers (its utils/autoaug.py): grey
-    fill for the geometric ops, solarize thresholds linspace(256, 0, 10). Ops stay nearest (the
-    reference shears bicubic)."""
+    """torchvision's CIFAR-10 AutoAugment with the reference's grey fill and solarize thresholds
+    linspace(256, 0, 10); ops stay nearest (the reference shears bicubic)."""
 
     # Solarize: x 255 (torchvision's bound) = the reference's thresholds
     _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE, "Solarize": (
@@ -78,8 +69,7 @@ class AutoAugment(T.AutoAugment):
 
 
 def view_transforms(dataset):
-    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor (the module
-    docstring)."""
+    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor."""
     mean, std = MEAN_STD[dataset]
     finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
@@ -94,11 +84,9 @@ def view_transforms(dataset):
 
 
 class Views(torch.utils.data.Dataset):
-    """Item (i, seed) -> (views, label, is_syn, i) with the named views, drawn from a generator
-    seeded by (seed, i) alone, whatever --workers is."""
+    """Item (i, seed) -> (views, label, is_syn, i), drawn by (seed, i) alone, whatever --workers."""
 
     def __init__(self, images, labels, is_syn, dataset, views):
-        # N x 3 x 32 x 32, a view, no copy
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
         self.labels, self.is_syn = torch.from_numpy(labels), torch.from_numpy(is_syn)
         transforms = view_transforms(dataset)
@@ -115,10 +103,8 @@ class Views(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------- the views as batched tensor ops (--loader gpu)
-# The same three views, made on the device for a whole batch with per-sample random parameters.
-# torchvision v2 draws one parameter set per call, and kornia 0.9 one AutoAugment sub-policy and one
-# colour-jitter order per batch, so each op here is ours; test_sau.py checks each against
-# torchvision's kernel for fixed parameters, and the views' pixel statistics against the CPU views.
+# torchvision v2 draws one parameter set a call, kornia 0.9 one sub-policy and jitter order a batch:
+# each op here is ours, tested against torchvision's kernel for fixed parameters.
 
 
 def _col(v):  # [B] -> [B, 1, 1, 1]
@@ -137,9 +123,8 @@ def _gray(xf):  # [B, 3, H, W] float -> [B, 1, H, W], torchvision's weights and 
     return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114)[:, None]
 
 
-# xf * f + other * (1 - f) per sample, f float64 [B], rounded as torchvision's _blend
 def _blend(xf, other, f):
-    return _u8(torch.addcmul(xf * _col(f.float()), other, _col((1 - f).float())))
+    return _u8(torch.addcmul(xf * _col(f.float()), other, _col((1 - f).float())))  # as _blend
 
 
 def crop_flip(x, top, left, flip, pad=4):
@@ -154,8 +139,7 @@ def crop_flip(x, top, left, flip, pad=4):
 
 
 def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
-    """torchvision's affine (nearest, constant fill) with per-sample float64 parameters [B]; (cx,
-    cy) is the centre relative to the image centre. x uint8 [B, C, H, W]."""
+    """torchvision's affine (nearest, constant fill), per-sample float64 parameters [B]."""
     b, _, h, w = x.shape
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
     a = torch.cos(rot - sy) / torch.cos(sy)
@@ -169,7 +153,6 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w),
                         torch.ones(h, w, device=x.device)], -1)  # H x W x 3
-    # to grid units; no host tensor
     theta = torch.stack([theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)], 1)
     grid = base.reshape(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2))  # B x HW x 2
     # outside the image: 0, so fill after adding it back
@@ -179,10 +162,8 @@ def affine_nearest(x, angle, shear_x, shear_y, tx, ty, cx, cy, fill=0):
 
 
 def _sharpness(xf, f):
-    """Blend with the 3x3 smoothed image (border pixels kept), as torchvision's adjust_sharpness.
-    Its kernel (1 1 1 / 1 5 1 / 1 1 1) / 13 is summed in whole numbers: no constant copied to the
-    device, no TF32 convolution, and the same rounding as torchvision's, since S / 13 never lies
-    within 1/26 of a half."""
+    """torchvision's adjust_sharpness, its kernel (1 1 1 / 1 5 1 / 1 1 1) / 13 summed in whole
+    numbers: no TF32 convolution, the same rounding (S / 13 is never within 1/26 of a half)."""
     h, w = xf.shape[-2:]
     inner = xf[..., 1:-1, 1:-1]
     blurred = (sum(xf[..., i:h - 2 + i, j:w - 2 + j] for i in range(3)
@@ -204,9 +185,7 @@ AA_OPS = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness"
 
 
 def autoaugment_op(x, op, mag):
-    """One AutoAugment op per sample, as torchvision's: op [B] indexes AA_OPS (-1: none), mag [B]
-    float64 signed magnitude. Every op is computed for the whole batch and selected per sample: no
-    host sync, fixed shapes."""
+    """One AutoAugment op per sample (op [B] in AA_OPS, -1: none; mag [B]): all, then one picked."""
     is_op = {name: op == i for i, name in enumerate(AA_OPS[:5])}  # the geometric ones
     zero, w, h = torch.zeros_like(mag), x.shape[-1], x.shape[-2]
     # sheared about the top-left corner, as torchvision's AutoAugment
@@ -238,8 +217,7 @@ def autoaugment_op(x, op, mag):
 
 
 def _aa_tables(h, w):
-    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy (AutoAugment
-    above)."""
+    """[25, 2] op index, probability, magnitude and signedness of the CIFAR-10 policy."""
     aa = AutoAugment()
     rows = []
     for policy in aa._policies:
@@ -262,8 +240,7 @@ def cutout(x, cy, cx, length=16):
 
 
 def resized_crop(x, top, left, ch, cw, size):
-    """Crop the box (top, left, ch, cw) per sample and resize it to size x size, bilinear as torch's
-    upsampling."""
+    """Crop the box (top, left, ch, cw) per sample, resized bilinear (torch's) to size x size."""
     b, c = x.shape[:2]
 
     def axis(start, length):  # B x size: the two source indices and the weight of the second
@@ -275,7 +252,6 @@ def resized_crop(x, top, left, ch, cw, size):
     y0, y1, wy = axis(top, ch)
     x0, x1, wx = axis(left, cw)
     xf = x.float()
-    # B x C x size x W
     rows = lambda i: xf.gather(2, i[:, None, :, None].expand(b, c, size, xf.shape[-1]))
     r = rows(y0) + (rows(y1) - rows(y0)) * wy[:, None, :, None]
     cols = lambda i: r.gather(3, i[:, None, None, :].expand(b, c, size, size))
@@ -283,8 +259,7 @@ def resized_crop(x, top, left, ch, cw, size):
 
 
 def resized_crop_box(area, log_r, top, left, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params per sample from its uniform draws (area and
-    log_r [B, 10]: ten tries, top and left [B]): the first try that fits, else the image."""
+    """RandomResizedCrop.get_params per sample from uniform draws: the first of ten that fits."""
     area = h * w * (area * (scale[1] - scale[0]) + scale[0])
     log_r = log_r * math.log(ratio[1] / ratio[0]) + math.log(ratio[0])
     cw, ch = (area * log_r.exp()).sqrt().round().long(), (area / log_r.exp()).sqrt().round().long()
@@ -300,8 +275,7 @@ HSV_SELECT = [[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]
 
 
 def _hsv_to_rgb(hsv, select):
-    """torchvision's _hsv_to_rgb, op for op, with its table (HSV_SELECT) already on the device: no
-    host copy."""
+    """torchvision's _hsv_to_rgb, op for op, its table (HSV_SELECT) already on the device."""
     h, s, v = hsv.unbind(-3)
     h6 = h * 6
     i = h6.floor()
@@ -313,9 +287,7 @@ def _hsv_to_rgb(hsv, select):
 
 
 def color_jitter(x, order, bf, cf, sf, hf, select=None):
-    """torchvision's ColorJitter with per-sample factors [B] and per-sample order [B, 4] (0
-    brightness, 1 contrast, 2 saturation, 3 hue). x uint8 [B, 3, H, W]. Each of the four passes
-    computes all four ops and keeps one per sample: fixed shapes, no host sync."""
+    """torchvision's ColorJitter with per-sample factors [B] and order [B, 4] of the four ops."""
     select = torch.tensor(HSV_SELECT, device=x.device) if select is None else select
     for k in range(4):
         xf = x.float()
@@ -330,26 +302,22 @@ def color_jitter(x, order, bf, cf, sf, hf, select=None):
 
 
 def _pil_box_radius(sigma, passes=3):
-    """PIL's _gaussian_blur_radius: the fractional box radius whose `passes` box blurs have variance
-    sigma^2, computed in float32 (and float64 where PIL's C does)."""
+    """PIL's _gaussian_blur_radius in float32 (float64 where PIL's C is)."""
     # divided by a tensor: CUDA multiplies by the rounded reciprocal of a Python number, and
     # PIL's weights would move by one for some sigmas
     s2 = sigma.float() ** 2 / torch.full_like(sigma, passes, dtype=torch.float)
-    # PIL's l: the whole-pixel radius
     n = ((torch.sqrt(12.0 * s2.double() + 1.0) - 1.0) / 2.0).floor().float()
     return n + (2 * n + 1) * (n * (n + 1) - 3 * s2) / (6 * (s2 - (n + 1) * (n + 1)))
 
 
 def gaussian_blur(x, sigma, passes=3):
-    """PIL's GaussianBlur(radius=sigma) with a per-sample sigma [B] (up to 2.4), bit for bit: three
-    extended box blurs along the width, then three along the height, edge pixels repeated, PIL's
-    24-bit fixed-point weights and rounding to uint8 after every pass. x uint8 [B, C, H, W]."""
+    """PIL's GaussianBlur(radius=sigma), per-sample sigma [B] up to 2.4, bit for bit: three box
+    blurs along each axis, edges repeated, 24-bit fixed-point weights, rounded every pass."""
     r = _pil_box_radius(sigma, passes)
     n = r.floor()  # PIL's l
     ww = (float(1 << 24) / (2 * r + 1)).floor().double()  # weight of the 2n + 1 whole pixels
     fw = ((1 << 24) - (2 * n.double() + 1) * ww).div(2).floor()  # weight of the two fractional ones
     d = torch.arange(-2, 3, device=x.device).abs()  # offsets; n <= 1 for sigma < 2.45
-    # B x 5
     k = torch.where(d <= n[:, None], ww[:, None], torch.where(d == n[:, None] + 1, fw[:, None], 0.))
     # integers below 2^35, summed exactly in float64 in any order
     y, k = x.double(), k[:, None, None, None, :]
@@ -361,21 +329,18 @@ def gaussian_blur(x, sigma, passes=3):
 
 
 class DeviceViews:
-    """The batched views of uint8 [B, 3, 32, 32] images on their device, in two parts: draw, every
-    random number of a batch from generator g, in the calls and order the views have always made
-    them; apply, a pure function of the images and the draws (torch.compile traces it)."""
+    """Batched views: draw, a batch's random numbers; apply, a pure function of images and draws."""
 
     def __init__(self, dataset, device, size=32):
         self.mean, self.std = mean_std(dataset, device)
         self.aa = [t.to(device) for t in _aa_tables(size, size)]
-        # constants made once, not in every batch
         self.hsv_select = torch.tensor(HSV_SELECT, device=device)
 
     def __call__(self, x, names, g):
         return self.apply(x, self.draw(names, len(x), g, *x.shape[-2:]))
 
     def draw(self, names, b, g, h=32, w=32):
-        """{view: {name: tensor [B] or [B, n]}}: uniform floats, or whole numbers below a bound."""
+        """{view: {name: [B] or [B, n]}}: uniform floats, or whole numbers below a bound."""
         rand = lambda *shape: torch.rand(*shape, generator=g, device=g.device)
         below = lambda n: torch.randint(n, (b,), generator=g, device=g.device)
         crop = lambda: {"top": below(9), "left": below(9), "flip": rand(b)}
