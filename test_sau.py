@@ -2447,9 +2447,8 @@ def fake_cuda(monkeypatch):
 
 def emulated_cfg(root, out, *flags):
     """A tiny run with a GPU user's defaults (--device auto: cuda, the gpu loader, bf16)."""
-    return train.get_config(["--data-root", root, "--out", str(out), "--width", "4",
-                             "--batch-size", "16", "--imb", "10", "--syn", "heldout",
-                             "--syn-noise", "0.3", *map(str, flags)])
+    return train.get_config(list(map(str, ["--data-root", root, "--out", out, *TINY, "--width", 4,
+                                            "--syn", "heldout", "--syn-noise", 0.3, *flags])))
 
 
 @pytest.mark.quick
@@ -2656,9 +2655,9 @@ def test_cuda_batched_views_equal_the_cpu_views_for_fixed_parameters():
 
 def cuda_run(root, *flags):
     """A tiny CUDA run's set-up, an epoch's batch iterator and its step."""
-    cfg = train.get_config(["--data-root", root, "--device", "cuda", "--imb", "10", "--width", "4",
-                            "--batch-size", "16", "--syn", "heldout", "--syn-noise", "0.3",
-                            "--loader", "gpu", "--amp", "bf16", *map(str, flags)])
+    cfg = train.get_config(list(map(str, [
+        "--data-root", root, "--device", "cuda", *TINY, "--width", 4, "--syn", "heldout",
+        "--syn-noise", 0.3, "--loader", "gpu", "--amp", "bf16", *flags])))
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     run.model.train()
