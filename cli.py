@@ -159,8 +159,9 @@ def use_device(name, deterministic=False):
         torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
         torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-    if deterministic:  # read when cuBLAS starts: before any matmul
+    if deterministic:  # the workspace is read when cuBLAS starts: before any matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # an op with no deterministic kernel warns rather than fails
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
 

@@ -249,7 +249,8 @@ def read_pool(folder, dataset, classes):
         raise cli.SAUError(f"the pool at {folder} was made for {manifest['dataset']}, not "
                            f"{dataset}: pass --pool with a {dataset} pool")
     if list(manifest["classes"]) != list(classes):
-        raise cli.SAUError(f"the pool at {folder} names other classes than {dataset}'s")
+        raise cli.SAUError(f"the pool at {folder} names other classes than {dataset}'s: regenerate "
+                           f"it")
     pool = {}
     for c, shards in pool_shards(folder).items():
         if c >= len(classes):
@@ -260,7 +261,8 @@ def read_pool(folder, dataset, classes):
             if start != expected:
                 what = "gap" if start > expected else "overlap"
                 raise cli.SAUError(f"pool for class {c} has a {what} at index "
-                                   f"{min(start, expected)} ({path}): rerun generate.py")
+                                   f"{min(start, expected)} ({path}): rerun generate.py to fill a "
+                                   f"gap, or delete the overlapping shard")
             parts.append(read_shard(path))
             expected = start + len(parts[-1])
         pool[c] = np.concatenate(parts)
@@ -312,11 +314,11 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
     elif syn == "heldout":
         left = np.setdiff1d(np.arange(len(labels)), keep)
         source = {c: images[left[labels[left] == c]] for c in range(num_classes)}
-        hint = "lower --syn-ratio"
+        hint = "lower --syn-ratio (heldout has only the images the subset left out)"
     elif syn == "pool":
         folder = pool_folder({"pool": pool, "data_root": data_root, "dataset": dataset})
         source = read_pool(folder, dataset, classes)
-        hint = f"generate more (generate.py --imb {imb:g}) or lower --syn-ratio"
+        hint = f"generate more (generate.py --dataset {dataset} --imb {imb:g}) or lower --syn-ratio"
     for c, (n, k) in enumerate(zip(n_fill, n_noisy)):
         if n == 0:
             continue

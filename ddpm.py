@@ -83,7 +83,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         elif step < cfg["train_steps"]:
             rng.manual_seed(cli.derived_seed(cfg["seed"], step))
             log(f"{folder}: trained so far on another device type; its random stream goes on from "
-                f"a seed of (--seed, step {step})")
+                f"a seed of (--seed, step {step}): other weights than a run that never moved")
     if step:
         ema = UNet2DModel.from_pretrained(os.path.join(folder, "ema"))
     else:

@@ -144,8 +144,9 @@ def load_pipeline(model, dtype):
                 model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # a bad folder and a failed download both surface here
         if os.path.isdir(model):
+            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:120]}"
             raise cli.SAUError(f"--model {model} is not a diffusers text-to-image pipeline folder "
-                               f"({e.__class__.__name__})") from None
+                               f"({why})") from None
         raise cli.SAUError(f"could not fetch {model} from the Hugging Face hub "
                            f"({e.__class__.__name__}): pass a local folder with --model") from None
 
@@ -244,7 +245,8 @@ class Maker:
                 raise cli.SAUError(
                     f"class {c} ({self.names[c]}) image {k}: {MAX_RETRIES} seeds in a row gave "
                     f"black or non-finite images ({attempt - r}) or images CLIP refused ({r}); "
-                    f"check --model, --dtype and --steps" + (", --clip-*" if filtered else ""))
+                    f"check --model, --dtype and --steps"
+                    + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
             for i in again:
                 seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt)
             self.retries += len(again)
@@ -263,7 +265,8 @@ class ClipFilter:
             tok = CLIPTokenizer.from_pretrained(cfg["clip_model"])
         except Exception as e:  # no such hub id, no network, not a CLIP folder
             raise cli.SAUError(f"--clip-model {cfg['clip_model']}: no CLIP model and tokenizer "
-                               f"there ({e.__class__.__name__})") from None
+                               f"there ({e.__class__.__name__}): pass a hub id or a folder saved "
+                               f"with save_pretrained") from None
         self.cfg, self.device, self.size = cfg, device, self.model.config.vision_config.image_size
         self.mean, self.std = (torch.tensor(v, device=device)[:, None, None]
                                for v in (CLIP_MEAN, CLIP_STD))

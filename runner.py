@@ -31,15 +31,15 @@ RUNTIME_CONFIG = {
     "channels_last": S("on", "channels_last memory format (ours)", choices=ON_OFF, scope="runtime"),
     "compile": S("off", "torch.compile the training step, views included (ours)", choices=ON_OFF,
                  scope="runtime"),
-    "deterministic": S("off", "deterministic CUDA kernels: a CUDA run resumes bit for bit (ours)",
-                       choices=ON_OFF, scope="runtime"),
+    "deterministic": S("off", "deterministic CUDA kernels: a CUDA run resumes bit for bit; slower "
+                       "(ours)", choices=ON_OFF, scope="runtime"),
     "bench": S(0, "time this many steps after warm-up, print the figures and exit (ours)",
                cli.NON_NEGATIVE, scope="call"),
     "out": S("", "run folder; empty: runs/<the settings not at their defaults>", scope="call"),
     "resume": S("", "continue the run in this folder; flags not given are the run's", scope="call"),
     "summarize": S(None, "mean and std of finished runs' final metrics over seeds, into --out or "
                    "runs/summary_<name>.md/.json", scope="call", type=str, nargs="+"),
-    "stop_after": S(0, "leave after this many epochs in total, checkpoint kept (ours)",
+    "stop_after": S(0, "leave after this many epochs in all, checkpoint kept (time limits; ours)",
                     cli.NON_NEGATIVE, scope="call"),
 }
 RUNTIME_IGNORED = [
@@ -75,7 +75,8 @@ class Run:
         return t
 
     def eval(self):
-        """model.eval() with rank 0's BatchNorm statistics: the model the checkpoint saves."""
+        """model.eval() with rank 0's BatchNorm statistics (DDP sends them only at a training
+        forward): every process evaluates the model the checkpoint saves."""
         self.model.eval()
         for b in self.model.buffers() if self.world > 1 else ():
             torch.distributed.broadcast(b, 0)
