@@ -169,10 +169,9 @@ def write_tokenizer(folder):
 
 def quiet_libraries():  # our progress bar and errors, not the libraries' notes and bars
     import diffusers
-    import transformers
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    prompting.quiet_transformers()
 
 
 def sd_turbo_architecture(dtype):

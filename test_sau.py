@@ -188,6 +188,10 @@ def finished_run(folder, cfg, top1):
     return folder
 
 
+def ckpt_of(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
 def final_without_timings(out):
     f = json.loads((out / "final.json").read_text())
     return {k: v for k, v in f.items() if k not in ("seconds_per_epoch", "images_per_s")}
@@ -423,7 +427,7 @@ def test_the_cpu_loader_keeps_its_workers_for_the_run(root, tmp_path, monkeypatc
         out = tmp_path / f"w{workers}"
         train.train(tiny(root, out, "--epochs", 2, "--loader", "cpu", "--workers", workers,
                          "--syn-ratio", 0.3))
-        runs[workers] = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        runs[workers] = ckpt_of(out)
     assert started.read_text() == "111"
     assert all(torch.equal(runs[0]["model"][k], runs[1]["model"][k]) for k in runs[0]["model"])
 
@@ -1293,7 +1297,7 @@ def test_train_one_epoch_writes_every_run_file(root, tmp_path, capsys):
     assert final["final_epoch"]["top1"] == m["top1"]
     assert len(final["final_epoch"]["per_class"]) == 10
     assert "best_over_epochs_selected_on_test_set" in final
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = ckpt_of(out)
     assert ckpt["epoch"] == 1
     assert {"model", "optimizer", "scheduler", "config", "flagged", "metrics", "eval"} <= set(ckpt)
     mixed = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=0.5)
@@ -1359,10 +1363,6 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, monkeypatch, capsys, case,
                  else ["--epochs", 2])
     code, err = main_here(capsys, *base, *flags)
     assert code == 2 and len(err) == 1 and message in err[0], err
-
-
-def ckpt_of(out):
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_path, capsys):
