@@ -16,7 +16,7 @@ SCORES = ("p", "margin", "both")  # log p(label), the prototype margin, and thei
 class Suspects:
     """The suspects over the mixed set, kept in the checkpoint."""
     counts: torch.Tensor  # [N] int32 on the device: epochs each sample was a suspect in a step
-    total: torch.Tensor  # [N] int32 on the host: counts summed over processes, last epoch's end
+    total: torch.Tensor  # [N] int32 on the host: counts at the last epoch's end
     scores: torch.Tensor  # [N, 2] on the host: the last epoch audit's scores, None before it
     next: torch.Tensor  # [N] bool on the host: the audit's suspects for the next epoch
 
@@ -26,14 +26,12 @@ class Suspects:
         counts = torch.zeros(n, dtype=torch.int32, device=run.device)
         if not ckpt:
             return cls(counts, counts.cpu().clone(), None, torch.zeros(n, dtype=torch.bool))
-        # the saved counts are summed over processes: one process carries them on
-        if run.rank == 0:
-            counts += ckpt["flagged"].to(run.device)
+        counts += ckpt["flagged"].to(run.device)
         return cls(counts, ckpt["flagged"], ckpt.get("audit"),
                    ckpt.get("suspects", torch.zeros(n, dtype=torch.bool)))
 
     def end_epoch(self, run):  # [N] bool on the host: the suspects of this epoch's steps
-        before, self.total = self.total, run.sum(self.counts.clone()).cpu()
+        before, self.total = self.total, self.counts.clone().cpu()
         return (self.total - before).numpy() > 0
 
     def state(self):  # the checkpoint's keys, as runs made before this class have them
@@ -55,7 +53,7 @@ def epoch_audit(run, cfg, protos, suspects, epoch_suspects):
 @torch.no_grad()
 def score_mixed_set(run, protos):
     """[N, 2] scores of every sample on its plain image, in eval mode."""
-    run.eval()
+    run.model.eval()
     scores = torch.zeros(len(run.mixed), 2, device=run.device)
     unit = F.normalize(protos.float(), dim=-1)
     labels = torch.from_numpy(run.mixed.labels).to(run.device)
@@ -64,7 +62,7 @@ def score_mixed_set(run, protos):
             f = run.model.features(x)
             logits, z = run.model.fc(f), run.model.project(f)
         scores[i:i + len(x)] = audit_scores(logits, z, labels[i:i + len(x)], unit)
-    return run.sum(scores)
+    return scores
 
 
 def audit_scores(logits, z, y, protos):

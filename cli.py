@@ -121,40 +121,26 @@ def derived_seed(*parts, bits=32):
     return state >> 1 if bits == 63 else state
 
 
-def rank_and_world():  # torchrun's RANK and WORLD_SIZE, else (0, 1)
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def one_process(instead):
+    """Refuse torchrun's several processes (WORLD_SIZE > 1): a script is one process a GPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SAUError(f"started as one of {os.environ['WORLD_SIZE']} processes (torchrun?): "
+                       f"{instead}")
 
 
 # ------------------------------------------------- the device: every torch.cuda call of the scripts
 
 
-def pick_device(name):
-    """--device -> torch.device. Under torchrun or srun (WORLD_SIZE > 1) each process takes the
-    GPU of its LOCAL_RANK among those it sees, or the one it sees (one GPU bound to each task)."""
+def use_device(name, deterministic=False):
+    """--device -> torch.device, made the process's current GPU (not GPU 0 for pinned memory and
+    cuDNN). Convolutions in TF32, every fp32 matmul (losses, prototypes) in full fp32."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SAUError(f"--device {name}: CUDA is not available here; use --device cpu")
     device, seen = torch.device(name), torch.cuda.device_count()
-    if device.type == "cuda" and rank_and_world()[1] > 1:
-        if "LOCAL_RANK" not in os.environ:
-            raise SAUError("WORLD_SIZE is set but LOCAL_RANK is not: start the processes with "
-                           "torchrun, or set LOCAL_RANK (srun: LOCAL_RANK=$SLURM_LOCALID)")
-        # torchrun's LOCAL_WORLD_SIZE: the processes of this machine, that share what it sees
-        local, here = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if local >= seen > 1 or here > seen:
-            raise SAUError(f"LOCAL_RANK {local} of {here}, but this process sees {seen} GPU(s): "
-                           f"start at most {seen} processes a machine, or one GPU a task")
-        device = torch.device("cuda", local if seen > 1 else 0)
     if device.type == "cuda" and (device.index or 0) >= seen:
         raise SAUError(f"--device {name}: this machine has {seen} CUDA device(s)")
-    return device
-
-
-def use_device(name, deterministic=False):
-    """pick_device, made the process's current GPU (not GPU 0 for pinned memory and cuDNN).
-    Convolutions in TF32, every fp32 matmul (losses, prototypes, the views' grids) in full fp32."""
-    device = pick_device(name)
     if device.type == "cuda":
         torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -204,7 +190,7 @@ def run_cli(main):
 
 
 def ignore_sigint(*_):
-    """A DataLoader worker or a grid's run leaves Ctrl-C to the main process, that stops it."""
+    """A grid's run leaves Ctrl-C to the runner, that stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -2,6 +2,7 @@
 
     python data.py --dataset cifar10 --imb 100      # per-class real/synthetic counts
 """
+import dataclasses
 import glob
 import json
 import os
@@ -40,12 +41,14 @@ SPLITS = ("seeded", "reference", "ldam")
 REFERENCE_SEED = 35180  # the SAU authors' main.py --seed, set before their data set draws
 LDAM_SEED = 0  # LDAM-DRW's rand_number
 SHARD_RE = re.compile(r"^c(\d{3})_(\d{6})\.npz$")
-# each stream of an epoch's draws has its own seed, epoch_seed * len(STREAMS) + its index
+# each stream of an epoch's random draws has its own seed
 STREAMS = ("order_a", "order_b", "views_a", "views_b", "prototypes", "mix")
 
 
-def stream_seed(epoch_seed, stream):
-    return epoch_seed * len(STREAMS) + STREAMS.index(stream)
+def stream_seed(seed, epoch, stream):
+    """The seed of one stream of an epoch's draws: a function of (seed, epoch, stream) alone, so a
+    resumed run draws what an uninterrupted one does."""
+    return (seed * 1_000_003 + epoch) * len(STREAMS) + STREAMS.index(stream)
 
 
 # the flags of every script that builds the mixed set (data.py, train.py; generate.py some)
@@ -272,16 +275,19 @@ def read_pool(folder, dataset, classes):
 # ---------------------------------------------------------------- the mixed set
 
 
+@dataclasses.dataclass
 class MixedSet:
-    """The long-tailed real subset topped up per class: images uint8 [N, 32, 32, 3], labels, is_syn
-    and is_noisy (--syn-noise's planted images, synthetic too); per class n_real, n_syn, n_noisy."""
-
-    def __init__(self, images, labels, is_syn, is_noisy, n_real, n_syn, n_noisy, classes, dataset,
-                 subset):
-        self.images, self.labels, self.is_syn, self.is_noisy = images, labels, is_syn, is_noisy
-        self.n_real, self.n_syn, self.n_noisy = n_real, n_syn, n_noisy
-        self.classes, self.dataset = classes, dataset
-        self.subset = subset  # the real images' positions in the official train set
+    """The long-tailed real subset topped up per class."""
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    labels: np.ndarray  # [N]
+    is_syn: np.ndarray  # [N] bool
+    is_noisy: np.ndarray  # [N] bool: --syn-noise's planted images (synthetic too)
+    n_real: list  # per class
+    n_syn: list
+    n_noisy: list
+    classes: list  # names, in label order
+    dataset: str
+    subset: np.ndarray  # the real images' positions in the official train set
 
     def __len__(self):
         return len(self.labels)
@@ -341,91 +347,45 @@ def build_mixed(dataset, data_root="./data", imb=100, data_seed=0, syn="pool", s
         ys.append(np.full(n, c, np.int64))
         ss.append(np.ones(n, bool))
         ns.append(np.arange(n) >= n - k)
-    return MixedSet(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys),
-                    np.concatenate(ss), np.concatenate(ns), n_real, n_fill, n_noisy, classes,
-                    dataset, keep)
+    return MixedSet(images=np.ascontiguousarray(np.concatenate(xs)), labels=np.concatenate(ys),
+                    is_syn=np.concatenate(ss), is_noisy=np.concatenate(ns), n_real=n_real,
+                    n_syn=n_fill, n_noisy=n_noisy, classes=classes, dataset=dataset, subset=keep)
 
 
 # ---------------------------------------------------------------- the batch streams
 
 
 class Batches:
-    """(view names, batch size, seed, order, stream) -> views.Batch's of the mixed set in that
-    order, their views a function of the seed alone. cpu: torchvision in DataLoader workers, as
-    the paper, kept for the run; gpu: the set on the device, the views made there in batches."""
+    """(view names, batch size, seed, order) -> views.Batch's of the mixed set in that order: the
+    set on the device, each batch with its views' random numbers, a function of the seed alone."""
 
-    def __init__(self, mixed, loader="cpu", device="cpu", workers=0):
-        if loader not in ("cpu", "gpu"):
-            raise ValueError(f"unknown loader {loader!r}: cpu | gpu")
-        self.mixed, self.loader, self.workers, self.loaders = mixed, loader, workers, {}
-        self.images = torch.from_numpy(mixed.images).permute(0, 3, 1, 2)
-        self.pin = torch.device(device).type == "cuda"
-        if loader == "gpu":
-            self.images = self.images.to(device).contiguous()
-            self.labels = torch.from_numpy(mixed.labels).to(device)
-            self.is_syn = torch.from_numpy(mixed.is_syn).to(device)
-            self.views = views.DeviceViews(mixed.dataset, self.images.device)
+    def __init__(self, mixed, device="cpu"):
+        self.images = torch.from_numpy(mixed.images).permute(0, 3, 1, 2).to(device).contiguous()
+        self.labels = torch.from_numpy(mixed.labels).to(device)
+        self.is_syn = torch.from_numpy(mixed.is_syn).to(device)
+        self.views = views.DeviceViews(mixed.dataset, self.images.device)
 
-    def __call__(self, names, batch_size, seed, order, stream=""):
-        if self.loader == "gpu":
-            return self._on_device(names, batch_size, seed, order)
-        key, m = (tuple(names), batch_size, stream), self.mixed
-        if key not in self.loaders:
-            # the DataLoader's sampler: the (index, seed) items of each pass
-            items = []
-            self.loaders[key] = items, torch.utils.data.DataLoader(
-                views.Views(m.images, m.labels, m.is_syn, m.dataset, names), batch_size=batch_size,
-                sampler=items, num_workers=self.workers, pin_memory=self.pin, collate_fn=_batch,
-                worker_init_fn=cli.ignore_sigint, persistent_workers=self.workers > 0)
-        items, loader = self.loaders[key]
-        items[:] = [(i, seed) for i in order]
-        return loader
-
-    def _on_device(self, names, batch_size, seed, order):
+    def __call__(self, names, batch_size, seed, order):
         g = torch.Generator(self.images.device).manual_seed(seed)
         order = torch.as_tensor(order, dtype=torch.long).to(self.images.device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            yield views.Batch({}, self.labels[idx], self.is_syn[idx], idx, self.images[idx],
-                              self.views.draw(names, len(idx), g))
-
-    def finish(self, batch):  # the batch's views: the gpu loader's made from their draws
-        return batch.views if batch.draws is None else self.views.apply(batch.images, batch.draws)
-
-    @staticmethod
-    def to(batch, device):  # the cpu loader's batch to the device (the gpu loader's is there)
-        move = lambda t: t.to(device, non_blocking=True)
-        return batch._replace(views={v: move(x) for v, x in batch.views.items()}, y=move(batch.y),
-                              is_syn=move(batch.is_syn).bool(), index=move(batch.index))
+            yield views.Batch(self.images[idx], self.views.draw(names, len(idx), g),
+                              self.labels[idx], self.is_syn[idx], idx)
 
 
-def _batch(items):  # the DataLoader's batch of views.Views items
-    return views.Batch(*torch.utils.data.default_collate(items))
-
-
-def rank_seed(seed, rank):
-    """The seed of one process's own stream of view draws: the seed itself for rank 0."""
-    return seed if rank == 0 else cli.derived_seed(seed, rank)
-
-
-def share(order, rank=0, world=1):
-    """This process's part of an epoch's order: every world-th index from rank, equal parts."""
-    return order[rank::world][:len(order) // world]
-
-
-def train_streams(mixed, batch_size, seed, views_a=("v1", "v2", "v3"), stream_b=True, rank=0,
-                  world=1, batches=None):
+def train_streams(mixed, batch_size, seed, epoch, views_a=("v1", "v2", "v3"), stream_b=True,
+                  batches=None):
     """Per step (batch A, batch B): A with views_a and B with v1 (None without stream_b), from two
-    shuffles of the epoch. Each process takes a disjoint share of both, batch_size / world images a
-    step. A last batch of one image cannot train BatchNorm: it waits for the next epoch."""
+    shuffles of the epoch. A last batch of one image cannot train BatchNorm: it waits for the next
+    epoch."""
     batches = batches or Batches(mixed)
-    streams, per = [], batch_size // world
+    streams = []
     for k, names in zip("ab", [views_a] + ([("v1",)] if stream_b else [])):
-        g = torch.Generator().manual_seed(stream_seed(seed, "order_" + k))
-        order = share(torch.randperm(len(mixed), generator=g).tolist(), rank, world)
-        order = order[:len(order) - (len(order) % per == 1)]
-        view_seed = rank_seed(stream_seed(seed, "views_" + k), rank)
-        streams.append(batches(names, per, view_seed, order, stream=k))
+        g = torch.Generator().manual_seed(stream_seed(seed, epoch, "order_" + k))
+        order = torch.randperm(len(mixed), generator=g).tolist()
+        order = order[:len(order) - (len(order) % batch_size == 1)]
+        streams.append(batches(names, batch_size, stream_seed(seed, epoch, "views_" + k), order))
     return zip(*streams) if stream_b else ((batch, None) for batch in streams[0])
 
 

@@ -92,7 +92,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
     ema = ema.to(device).requires_grad_(False)
     if step < cfg["train_steps"] and world > 1:
         raise cli.SAUError("the class-conditional model is not trained yet: train it in one "
-                           "process (without torchrun or --shard), then sample with several")
+                           "process (without --shard), then sample with several")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     warm = lambda s: min(1.0, (s + 1) / max(cfg["warmup"], 1))
     cosine = cfg["lr_schedule"] == "cosine"

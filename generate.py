@@ -2,7 +2,7 @@
 
     python generate.py                               # CIFAR-10 imb 100 with stabilityai/sd-turbo
     python generate.py --dataset cifar100 --model D  # any text-to-image pipeline, hub id or folder
-    torchrun --nproc_per_node=4 generate.py ...      # several GPUs, same pool as one process
+    python generate.py --shard 1/4 --device cuda:1   # a quarter: one process a GPU, same pool
     python generate.py --bench --batch-size 64       # images/s of sd-turbo's shapes, random weights
 
 Image k of class c is a function of (generator settings, seed, c, k): a rerun makes the missing
@@ -75,7 +75,7 @@ CONFIG = {
     "dtype": S("auto", "auto: bf16 on CUDA, else fp32", choices=("auto", "bf16", "fp16", "fp32")),
     "device": cli.DEVICE,
     "compile": S(False, "torch.compile the UNet (pads the last batch)"),
-    "shard": S("", "i/N: make every N-th batch from the i-th (torchrun sets it)",
+    "shard": S("", "i/N: make every N-th batch from the i-th (one process a GPU)",
                (lambda v: not v or re.fullmatch(r"\d+/\d+", v)
                 and int(v.split("/")[0]) < int(v.split("/")[1]), "i/N with 0 <= i < N")),
     "ddpm_width": S(128, "ddpm: UNet base channels (stages w, 2w, 2w, 2w)", AT_LEAST_1),
@@ -107,12 +107,6 @@ IGNORED = [
 
 def parse_args(argv=None):
     return cli.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
-
-
-def shard_of(cfg):  # (rank, world): --shard i/N, else torchrun's RANK and WORLD_SIZE
-    if cfg["shard"]:
-        return tuple(map(int, cfg["shard"].split("/")))
-    return cli.rank_and_world()
 
 
 def image_seed(seed, label, index, attempt=0):  # a function of these numbers alone
@@ -501,6 +495,8 @@ def prompt_settings(cfg):  # the manifest's record of the prompts
 
 
 def main(argv=None):
+    cli.one_process("generate.py splits a pool with --shard i/N, one process a GPU: start the i-th "
+                    "with --device cuda:i --shard i/N (python table.py does)")
     cfg = parse_args(argv)
     if cfg["bench"]:
         return run_bench(cfg)
@@ -510,7 +506,7 @@ def main(argv=None):
     targets = ([cfg["per_class"]] * len(names) if cfg["per_class"] is not None
                else [n_max - n for n in data.lt_counts(n_max, len(names), cfg["imb"])])
     folder = data.pool_folder(cfg)
-    rank, world = shard_of(cfg)
+    rank, world = map(int, cfg["shard"].split("/")) if cfg["shard"] else (0, 1)
     if cfg["prompt_model"]:  # the descriptions first, then the pool drawn from them
         path = os.path.join(cli.writable_folder(folder, "--pool"), prompting.LM_FILE)
         counts = [(cfg["per_class"] if cfg["per_class"] is not None else 500) if n else 0

@@ -183,7 +183,7 @@ def write_lm_prompts(path, names, counts, model_id, device, seed, batch_size=16,
         return {}
     if world > 1:
         raise cli.SAUError(f"{path} is not written yet: write it in one process (the same command "
-                           f"without torchrun or --shard), then draw the pool with several")
+                           f"without --shard), then draw the pool with several")
     tok, model = load_language_model(model_id, device)
     drawn = {c: [0, 0] for c in todo}  # lines refused, calls
     with tqdm(total=sum(counts[c] - len(have[c]) for c in todo), unit="line",

@@ -4,7 +4,6 @@ are rebuilt from it by --resume, so a run killed at any instant resumes."""
 import dataclasses
 import json
 import os
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,18 +15,12 @@ import views
 from model import resnet32
 
 S, ON_OFF = cli.Setting, ("on", "off")
-# how a run is computed: named in the run (amp, loader, sync_bn), "runtime" (speed or rounding
-# only: kept on --resume unless given) or "call" (one command's)
+# how a run is computed: named in the run (amp), "runtime" (speed or rounding only: kept on
+# --resume unless given) or "call" (one command's)
 RUNTIME_CONFIG = {
     "amp": S("auto", "bf16 autocast: auto (on CUDA, and on a CPU with native bf16) | bf16 | off",
              choices=("auto", "bf16", "off")),
-    "loader": S("auto", "auto (gpu on CUDA) | cpu: torchvision in DataLoader workers, as the paper "
-                "| gpu: batched views on the device (ours)", choices=("auto", "cpu", "gpu")),
-    "sync_bn": S("off", "torchrun: BatchNorm statistics over all processes (off: the paper's)",
-                 choices=ON_OFF, tag="syncbn"),
     "device": cli.DEVICE,
-    "workers": S(-1, "DataLoader workers (--loader cpu); -1: 0 on a CPU, min(8, CPUs) on CUDA",
-                 (lambda v: v >= -1, ">= -1"), scope="runtime"),
     "channels_last": S("on", "channels_last memory format (ours)", choices=ON_OFF, scope="runtime"),
     "compile": S("off", "torch.compile the training step, views included (ours)", choices=ON_OFF,
                  scope="runtime"),
@@ -42,10 +35,7 @@ RUNTIME_CONFIG = {
     "stop_after": S(0, "leave after this many epochs in all, checkpoint kept (time limits; ours)",
                     cli.NON_NEGATIVE, scope="call"),
 }
-RUNTIME_IGNORED = [
-    ("workers", lambda c: c["loader"] == "gpu", "with --loader gpu"),
-    ("sync_bn", lambda c: cli.rank_and_world()[1] == 1, "with one process (it acts in torchrun)"),
-]
+RUNTIME_IGNORED = []
 
 
 # ---------------------------------------------------------------- set-up
@@ -53,81 +43,44 @@ RUNTIME_IGNORED = [
 
 @dataclasses.dataclass
 class Run:
-    """What a run holds from set-up to its end, and what its processes do together."""
-    world: int  # processes (torchrun's WORLD_SIZE), rank this one's (RANK)
-    rank: int
+    """What a run holds from set-up to its end: one process, one device."""
     device: torch.device
     amp: bool  # bf16 autocast on
-    loader: str  # "cpu" (DataLoader workers, torchvision) or "gpu" (batched views on the device)
-    prep: Callable  # a batch to the device, in the network's memory format
+    fmt: torch.memory_format  # the network's
     mixed: data.MixedSet
-    batches: data.Batches  # (views, batch size, seed, order) -> views.Batch
-    real: object  # this process's real images for the prototypes (on the device: gpu loader)
+    batches: data.Batches  # (views, batch size, seed, order) -> views.Batch, on the device
+    real: torch.Tensor  # the real images' positions in the mixed set (the prototypes')
     test: tuple  # (uint8 [10000, 3, 32, 32], labels [10000]) on the host
     model: torch.nn.Module  # the ResNet-32
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    step_fn: torch.nn.Module  # train.Step (in DDP under torchrun; compiled with --compile on)
+    opt: torch.optim.Optimizer = None  # these three: train.setup's
+    sched: torch.optim.lr_scheduler.LRScheduler = None
+    step_fn: torch.nn.Module = None  # train.Step (compiled with --compile on)
 
-    def sum(self, t, op="SUM"):  # over the processes, in place
-        if self.world > 1:
-            torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op))
-        return t
-
-    def eval(self):
-        """model.eval() with rank 0's BatchNorm statistics (DDP sends them only at a training
-        forward): every process evaluates the model the checkpoint saves."""
-        self.model.eval()
-        for b in self.model.buffers() if self.world > 1 else ():
-            torch.distributed.broadcast(b, 0)
+    def prep(self, x):  # on the device, in the network's memory format
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
 
     def plain(self, images, batch_size=1000):
-        """(start, x): this process's share of uint8 [N, 3, 32, 32] images, normalised."""
+        """(start, x): uint8 [N, 3, 32, 32] images in batches, normalised, on the device."""
         mean, std = views.mean_std(self.mixed.dataset, self.device)
-        for i in range(self.rank * batch_size, len(images), self.world * batch_size):
+        for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(self.device)
             yield i, self.prep(views.normalize(x, mean, std))
 
 
-def setup(cfg, step_class, optimizer):
-    rank, world = cli.rank_and_world()
-    if world > 1 and cfg["batch_size"] % world:
-        raise cli.SAUError(f"--batch-size {cfg['batch_size']} does not split over {world}")
+def setup(cfg):
+    """The run's device, data and network; train.setup adds the optimiser and the step."""
     device = cli.use_device(cfg["device"], cfg["deterministic"] == "on")
-    cuda = device.type == "cuda"
-    if cfg["sync_bn"] == "on" and not cuda:
-        raise cli.SAUError("--sync-bn on needs CUDA (torch's SyncBatchNorm): drop it on a CPU")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (cuda or cli.cpu_has_bf16()))
-    loader = cfg["loader"] if cfg["loader"] != "auto" else "gpu" if cuda else "cpu"
-    workers = cfg["workers"] if cfg["workers"] >= 0 else min(8, os.cpu_count() or 1) * cuda
-    fmt = torch.channels_last if cfg["channels_last"] == "on" else torch.contiguous_format
-
+    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (device.type == "cuda"
+                                                             or cli.cpu_has_bf16()))
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    real = torch.from_numpy(np.flatnonzero(~mixed.is_syn))[rank::world]
     x_test, y_test = data.load_cifar(cfg["dataset"], cfg["data_root"], train=False)
+    fmt = torch.channels_last if cfg["channels_last"] == "on" else torch.contiguous_format
     torch.manual_seed(cfg["seed"])
     model = resnet32(len(mixed.classes), cfg["width"]).to(device, memory_format=fmt)
-    opt, sched = optimizer(model, cfg)
-    n_real, n_syn = (torch.tensor(n, device=device) for n in (mixed.n_real, mixed.n_syn))
-    batches = data.Batches(mixed, loader, device, workers)
-    step_fn = step_class(model, cfg, n_real, n_syn, batches.finish, fmt)
-    if world > 1:
-        if cfg["sync_bn"] == "on":
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        both = cfg["w_cls"] > 0 and cfg["w_con"] > 0
-        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn,
-                                                            find_unused_parameters=not both)
-    # the whole step, views and backward included; one more graph for a short last batch
-    if cfg["compile"] == "on":
-        step_fn = torch.compile(step_fn)
-    return Run(world=world, rank=rank, device=device, amp=amp, loader=loader,
-               prep=lambda x: x.to(device, non_blocking=True).contiguous(memory_format=fmt),
-               mixed=mixed, batches=batches,
-               real=real.to(device) if loader == "gpu" else real.tolist(),
+    return Run(device=device, amp=amp, fmt=fmt, mixed=mixed, batches=data.Batches(mixed, device),
+               real=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
                test=(torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)),
-               model=model, opt=opt, sched=sched, step_fn=step_fn)
+               model=model)
 
 
 # ---------------------------------------------------------------- the run folder
@@ -138,11 +91,10 @@ class Folder:
 
     def __init__(self, cfg, name):
         self.cfg, self.out = cfg, cfg["out"] or os.path.join("runs", name)
-        self.main = cli.rank_and_world()[0] == 0
         self.metrics, self.ev, self.ckpt, self.done = [], None, None, 0
 
     def __enter__(self):
-        self.lock = cli.own(self.out) if self.main else None
+        self.lock = cli.own(self.out)
         try:  # a refused run (or an unreadable checkpoint) releases the lock as it leaves
             if not self.cfg["resume"] and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
                 raise cli.SAUError(f"{self.out} already holds a run: continue it with --resume "
@@ -169,11 +121,10 @@ class Folder:
             run.opt.load_state_dict(self.ckpt["optimizer"])
             run.sched.load_state_dict(self.ckpt["scheduler"])
             self.done, self.metrics, self.ev = (self.ckpt[k] for k in ("epoch", "metrics", "eval"))
-        if self.main:
-            config = {k: v for k, v in self.cfg.items() if k != "resume"}
-            cli.write_atomic(os.path.join(self.out, "config.json"), json.dumps(config, indent=1))
-            write_metrics(self.out, self.metrics)
-            print(start_line(self.out, self.cfg, run, self.done), flush=True)
+        config = {k: v for k, v in self.cfg.items() if k != "resume"}
+        cli.write_atomic(os.path.join(self.out, "config.json"), json.dumps(config, indent=1))
+        write_metrics(self.out, self.metrics)
+        print(start_line(self.out, self.cfg, run, self.done), flush=True)
         return self.done
 
     def epochs(self):  # the end of this command's epochs: --stop-after ends early
@@ -183,8 +134,6 @@ class Folder:
         mixed, self.done = run.mixed, metrics["epoch"]
         self.ev = {**ev, "n_real": mixed.n_real, "n_syn": mixed.n_syn, "classes": mixed.classes}
         self.metrics.append(metrics)
-        if not self.main:
-            return
         report.print_epoch(metrics, self.cfg["epochs"])
         state = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
                  "scheduler": run.sched.state_dict(), "epoch": self.done,
@@ -193,8 +142,6 @@ class Folder:
         write_metrics(self.out, self.metrics)
 
     def finish(self, run, flagged, scores):  # final.json and the pictures, also when resumed done
-        if not self.main:
-            return
         if self.done < self.cfg["epochs"]:
             print(f"stopping after epoch {self.done} (--stop-after); continue with --resume "
                   f"{self.out}")
@@ -203,14 +150,14 @@ class Folder:
                                scores)
 
     def check_finite(self, run, bad_step, epoch, weights=False):
-        """Stop at a non-finite loss (bad_step: its first step, or -1) or weights, over all
-        processes: what is saved is always finite."""
+        """Stop at a non-finite loss (bad_step: its first step, or -1) or weights: what is saved
+        is always finite."""
         bad_weights = torch.zeros((), device=bad_step.device)
         if weights:
             finite = [t.isfinite().all() for t in run.model.state_dict().values()
                       if t.is_floating_point()]
             bad_weights = (~torch.stack(finite).all()).float()
-        worst = run.sum(torch.stack([bad_step.float(), bad_weights]), "MAX").tolist()
+        worst = torch.stack([bad_step.float(), bad_weights]).tolist()
         if worst[0] < 0 and not worst[1]:
             return
         what = (f"loss at epoch {epoch + 1}, step {int(worst[0])}" if worst[0] >= 0
@@ -244,6 +191,12 @@ def resumed(table):
         if ckpt is None and not os.path.isfile(os.path.join(folder, "config.json")):
             raise cli.SAUError(f"--resume {folder}: no config.json there, so no run to continue")
         saved = ckpt["config"] if ckpt else cli.read_json(os.path.join(folder, "config.json"))
+        loader = saved.get("loader", "gpu")  # retired: the cpu loader was torchvision's views
+        if ckpt and loader != "gpu":
+            on = " (auto: cpu on a CPU)" if loader == "auto" else ""
+            print(f"{folder}: made with --loader {loader}{on}, now retired: from epoch "
+                  f"{ckpt['epoch'] + 1} its views are drawn on the device, the same "
+                  f"distributions from other random numbers")
         kept = {k: v for k, v in saved.items() if k in table and table[k].scope != "call"}
         cfg = {**cfg, **kept, **given, "out": folder}
         diff = cli.config_diff(table, saved, cfg)
@@ -263,8 +216,7 @@ def write_metrics(out, metrics):
 
 def start_line(out, cfg, run, start):
     mixed, epochs = run.mixed, cfg["epochs"]
-    where = f"{run.device}{' bf16' if run.amp else ''}, loader {run.loader}"
-    where += f" x {run.world} processes" if run.world > 1 else ""
+    where = f"{run.device}{' bf16' if run.amp else ''}"
     todo = (f"epochs {start + 1}-{epochs}" if start < epochs
             else f"all {start} epochs done: its files are rebuilt from the checkpoint")
     line = (f"{out}: {len(mixed)} training images ({sum(mixed.n_real)} real, "

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import torch.utils._python_dispatch
 
 import audit
-import bench
 import cli
 import data
 import ddpm
@@ -156,9 +155,8 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def one_step(root, *flags):
-    """(run, cfg, step): a tiny run's set-up and its step (--loader gpu, planted images)."""
-    cfg = tiny(root, "x", "--width", 4, "--batch-size", 32, "--syn-noise", 0.3, "--loader",
-                   "gpu", *flags)
+    """(run, cfg, step): a tiny run's set-up and its step (planted images)."""
+    cfg = tiny(root, "x", "--width", 4, "--batch-size", 32, "--syn-noise", 0.3, *flags)
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     counts, rng = torch.zeros(len(run.mixed), dtype=torch.int32), np.random.default_rng(0)
@@ -166,17 +164,18 @@ def one_step(root, *flags):
 
     def step(a, b, epoch=0):
         mix = train.mix_draws(rng, 1, 1.0)[0]
-        return train.train_step(run, train.step_inputs(run, cfg, a, b, mix, protos, epoch), counts)
+        return train.train_step(run, train.step_inputs(cfg, a, b, mix, protos, epoch), counts)
     return run, cfg, step
+
+
+class GivenViews:
+    """A Step's views made by hand: a batch's draws are its views (batch_of)."""
+    apply = staticmethod(lambda images, draws: draws)
 
 
 def batch_of(x, y, is_syn=None, **named):  # a views.Batch of these views (else v1: x)
     is_syn = torch.zeros(len(y), dtype=torch.bool) if is_syn is None else is_syn
-    return views.Batch(named or {"v1": x}, y, is_syn, torch.arange(len(y)))
-
-
-# two processes on two cores: one thread each (the gloo run: 17 s, not 60 s)
-ONE_THREAD_EACH = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return views.Batch(None, named or {"v1": x}, y, is_syn, torch.arange(len(y)))
 
 
 def finished_run(folder, cfg, top1):
@@ -257,8 +256,6 @@ def test_a_setting_is_one_entry_of_the_table(root, tmp_path, monkeypatch, capsys
     (["--w-cls", 0, "--mix-alpha", 0.4], "--mix-alpha 0.4 has no effect with --w-cls 0"),
     (["--syn", "none", "--syn-noise", 0.4], "--syn-noise 0.4 has no effect with --syn none"),
     (["--syn", "heldout", "--pool", "x"], "--pool x has no effect with --syn heldout"),
-    (["--loader", "gpu", "--workers", 2], "--workers 2 has no effect with --loader gpu"),
-    (["--sync-bn", "on"], "--sync-bn on has no effect with one process"),
     (["--audit-q", 0.05], "--audit-q 0.05 has no effect with --relabel other than audit"),
     (["--syn-ratio", 0, "--syn-noise", 0.5], "--syn-noise 0.5 has no effect with --syn-ratio 0"),
     (["--w-cls", 0, "--w-con", 0], "--w-cls and --w-con are both 0"),
@@ -285,8 +282,7 @@ def flag_cases():  # every numeric and choice flag of the three scripts: a new f
                 yield pytest.param(script, key, s, parse, id=f"{script}--{key}")
 
 
-NEGATIVE_OK = {"workers"}  # -1: the automatic choice
-# else refused
+# the flags that act only with others: given those
 ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "audit_cls")},
              **{k: ["--filter", "clip"] for k in ("clip_top_k", "clip_min_p")}}
 
@@ -294,7 +290,7 @@ ACTS_WITH = {**{k: ["--relabel", "audit"] for k in ("audit_score", "audit_q", "a
 @pytest.mark.parametrize("script,key,setting,parse", list(flag_cases()))
 def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, capsys):
     """NaN, inf, a negative, zero and a wrong type: refused in one line, exit 2, where wrong for
-    the flag; every numeric flag has a check and refuses negatives unless in NEGATIVE_OK."""
+    the flag; every numeric flag has a check and refuses negatives."""
     flag, kind = cli.flag(key), setting.type or type(setting.default)
     if setting.choices:
         cases = {"not-a-choice": False, setting.choices[-1]: True}
@@ -303,7 +299,7 @@ def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, ca
         cases = {"nan": False, "inf": False, "-inf": False, "abc": False,
                  "1.5" if kind is int else "1e": False}
         cases.update({str(v): bool(setting.check[0](v)) for v in (-1, 0)})
-        assert key in NEGATIVE_OK or not cases["-1"], f"{script} {flag} takes a negative"
+        assert not cases["-1"], f"{script} {flag} takes a negative"
     else:
         pytest.skip("a path or a name: tested with the runs")
     for value, ok in cases.items():
@@ -322,18 +318,27 @@ def test_every_torch_load_names_map_location():
                 assert "map_location" in {k.arg for k in node.keywords}, f"{name}:{node.lineno}"
 
 
-def test_an_empty_resume_a_cpus_sync_bn_and_a_second_runner_are_refused(root, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_an_empty_resume_is_refused(capsys):
     code, err = in_process(lambda: config("--resume", ""), capsys)
     assert code == 2 and "--resume needs the run's folder" in err[0], err
+
+
+def test_a_second_runner_of_a_grid_is_refused(tmp_path):
     first = cli.own(str(tmp_path / "grid"), "--name", "runner")
     with pytest.raises(cli.SAUError, match="in use by another runner"):
         cli.own(str(tmp_path / "grid"), "--name", "runner")
     first.close()
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: --sync-bn acts
-    cfg = config("--data-root", root, "--sync-bn", "on", "--device", "cpu", "--batch-size", "16")
-    code, err = in_process(lambda: train.setup(cfg), capsys)
-    assert code == 2 and len(err) == 1 and "--sync-bn on needs CUDA" in err[0]
+
+
+@pytest.mark.parametrize("name", ["train.py", "generate.py"])
+def test_torchrun_is_refused_in_one_line_that_names_the_way(name, monkeypatch, capsys):
+    """One process a GPU: train.py names the grid runner and --device, generate.py --shard."""
+    import generate
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = in_process(lambda: (train if name == "train.py" else generate).main([]), capsys)
+    assert code == 2 and len(err) == 1, err
+    named = ("python table.py", "--device cuda:N") if name == "train.py" else ("--shard i/N",)
+    assert all(n in err[0] for n in named), err
 
 
 # ---------------------------------------------------------------- data.py
@@ -417,40 +422,23 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_pat
         data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder, syn_noise=0.5, syn_ratio=1.0)
 
 
-def test_the_cpu_loader_keeps_its_workers_for_the_run(root, tmp_path, monkeypatch):
-    """--loader cpu: workers started once a stream for the run (A, B, prototypes: 3; before: 11
-    over 2 epochs), and the same views as without workers."""
-    started = tmp_path / "started"
-    monkeypatch.setattr(cli, "ignore_sigint", lambda _: open(started, "a").write("1"))
-    runs = {}
-    for workers in (0, 1):
-        out = tmp_path / f"w{workers}"
-        train.train(tiny(root, out, "--epochs", 2, "--loader", "cpu", "--workers", workers,
-                         "--syn-ratio", 0.3))
-        runs[workers] = ckpt_of(out)
-    assert started.read_text() == "111"
-    assert all(torch.equal(runs[0]["model"][k], runs[1]["model"][k]) for k in runs[0]["model"])
-
-
-def test_gpu_loader_batches_like_the_cpu_loader(root):
+def test_batches_follow_the_order_and_their_views_the_seed(root):
+    """Batches in the given order with their labels and flags; the views' draws a function of the
+    seed alone, another seed other views."""
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     order = np.random.default_rng(0).permutation(len(m)).tolist()
-    cpu = list(data.Batches(m, "cpu")(("v1", "v2", "v3"), 32, 7, order))
-    dev = data.Batches(m, "gpu", "cpu")
-    made = lambda *args: [b._replace(views=dev.finish(b)) for b in dev(*args)]
+    batches = data.Batches(m)
+    made = lambda *args: [(b, batches.views.apply(b.images, b.draws)) for b in batches(*args)]
     ours = made(("v1", "v2", "v3"), 32, 7, order)
-    assert len(cpu) == len(ours) and list(cpu[0].views) == list(ours[0].views)
-    for v in ("v1", "v2", "v3"):
-        c, o = cpu[0].views[v], ours[0].views[v]
-        assert c.shape == o.shape and c.dtype == o.dtype
-    for c, o in zip(cpu, ours):  # the same images (by index), labels and flags in the same order
-        same = lambda k: torch.equal(getattr(c, k), getattr(o, k).cpu())
-        assert all(same(k) for k in ("y", "is_syn", "index"))
-    for x, y in zip(ours, made(("v1", "v2", "v3"), 32, 7, order)):  # a function of the seed
-        assert all(torch.equal(x.views[v], y.views[v]) for v in x.views)
-        assert torch.equal(x.index, y.index)
+    assert torch.equal(torch.cat([b.index for b, _ in ours]), torch.tensor(order))
+    for b, v in ours:
+        assert torch.equal(b.y, torch.from_numpy(m.labels)[b.index])
+        assert torch.equal(b.is_syn, torch.from_numpy(m.is_syn)[b.index])
+        assert list(v) == ["v1", "v2", "v3"] and v["v3"].shape == (len(b.index), 3, 32, 32)
+    for (_, x), (_, y) in zip(ours, made(("v1", "v2", "v3"), 32, 7, order)):
+        assert all(torch.equal(x[v], y[v]) for v in x)
     other = made(("v1",), 32, 8, order)
-    assert not torch.equal(other[0].views["v1"], ours[0].views["v1"])
+    assert not torch.equal(other[0][1]["v1"], ours[0][1]["v1"])
 
 
 def test_data_script_prints_counts(root, monkeypatch, capsys):
@@ -474,36 +462,31 @@ def test_two_independent_shuffles_and_every_stream_of_draws_with_its_own_seed(ro
     """No two streams share a seed within or across epochs (the prototype pass of epoch e once
     reused stream A's of e + 1); train_streams seeds its orders and its views apart."""
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
-    batches = list(data.train_streams(m, 50, seed=5))
+    batches = list(data.train_streams(m, 50, 5, 0))
     a_labels, b_labels = (torch.cat([ab[k].y for ab in batches]) for k in (0, 1))
     a_index = torch.cat([a.index for a, _ in batches])
     assert sorted(a_index.tolist()) == list(range(len(m)))
     assert torch.equal(torch.from_numpy(m.labels)[a_index], a_labels)
-    assert len(batches) == 4 and list(batches[0][0].views) == ["v1", "v2", "v3"]
-    assert list(batches[0][1].views) == ["v1"]
+    assert len(batches) == 4 and list(batches[0][0].draws) == ["v1", "v2", "v3"]
+    assert list(batches[0][1].draws) == ["v1"]
     assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
     assert not torch.equal(a_labels, b_labels)
-    seeds = [data.stream_seed(e, s) for e in range(50) for s in data.STREAMS]
+    seeds = [data.stream_seed(k, e, s) for k in range(3) for e in range(50) for s in data.STREAMS]
     assert len(set(seeds)) == len(seeds)
     used = []
-    fake = lambda views, bs, seed, order, stream: used.append(seed) or [None]
+    fake = lambda views, bs, seed, order: used.append(seed) or [None]
     for e in (7, 8):
-        list(data.train_streams(m, 50, e, batches=fake))
-    assert used == [data.stream_seed(e, s) for e in (7, 8) for s in ("views_a", "views_b")]
+        list(data.train_streams(m, 50, 5, e, batches=fake))
+    assert used == [data.stream_seed(5, e, s) for e in (7, 8) for s in ("views_a", "views_b")]
     orders = [torch.randperm(len(m), generator=torch.Generator().manual_seed(
-        data.stream_seed(7, s))).tolist() for s in ("order_a", "order_b")]
+        data.stream_seed(5, 7, s))).tolist() for s in ("order_a", "order_b")]
     assert orders[0] != orders[1]
 
 
-def test_shares_are_disjoint_and_a_remainder_of_one_waits(root, tmp_path):
-    order = torch.randperm(103, generator=torch.Generator().manual_seed(0)).tolist()
-    parts = [data.share(order, r, 2) for r in (0, 1)]
-    assert len(parts[0]) == len(parts[1]) == 51 and not set(parts[0]) & set(parts[1])
-    assert set(parts[0]) | set(parts[1]) == set(order) - {order[-1]}  # one image left over of 103
-    assert data.share(order) == order
+def test_a_remainder_of_one_image_waits_for_the_next_epoch(root, tmp_path):
     mixed = data.build_mixed("cifar10", root, 10, 0, "none")
     bs = next(b for b in range(4, 64) if len(mixed) % b == 1)
-    sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, ("v1",))]
+    sizes = [len(a.index) for a, _ in data.train_streams(mixed, bs, 0, 0, ("v1",))]
     assert sum(sizes) == len(mixed) - 1 and min(sizes) >= 2
     out = tmp_path / "run"
     train.train(tiny(root, out, "--syn", "none", "--w-con", 0, "--batch-size", bs))
@@ -562,7 +545,7 @@ def test_malformed_pools_are_one_line(root, tmp_path, what, breakage, message, c
 
 
 def test_processes_started_at_once_on_an_empty_data_root_fetch_it_once(tmp_path, monkeypatch):
-    """Every torchrun rank, grid run and generator calls the download: one at a time (a lock in the
+    """Every grid run and generator calls the download: one at a time (a lock in the
     data root), into a temporary folder renamed when whole. Four processes started at once on a
     slow download all read whole data, and it ran once (before: "cannot read data_batch_N")."""
     import multiprocessing
@@ -681,6 +664,34 @@ TF = views.T.functional
 SIGNED = {name for name, (_, signed) in views.T.AutoAugment._AUGMENTATION_SPACE.items() if signed}
 
 
+def torchvision_views(dataset="cifar10"):
+    """The oracle: the reference's views as torchvision's per-image pipeline, uint8 CHW ->
+    normalised float CHW, random numbers from the global generator. A fork can swap an
+    augmentation this way too (docs/method.md), one image at a time."""
+    T = views.T
+    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(*views.MEAN_STD[dataset])]
+    v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    return {
+        "v1": T.Compose(v1 + finish),
+        "v2": T.Compose(v1 + [views.AutoAugment(), random_cutout] + finish),
+        "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                         T.RandomGrayscale(p=0.2), T.RandomApply([random_blur], p=0.5)] + finish),
+        "test": T.Compose(finish),
+    }
+
+
+def random_cutout(x, length=16):  # one square of zeros centred uniformly, clipped at the border
+    cy, cx = (int(torch.randint(n, (1,))) for n in x.shape[-2:])
+    x = x.clone()
+    x[:, max(cy - length // 2, 0):cy + length // 2, max(cx - length // 2, 0):cx + length // 2] = 0
+    return x
+
+
+def random_blur(x):  # PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference's
+    return pil_blur(x, torch.empty(1).uniform_(0.1, 2.0))
+
+
 def smooth_images(n, seed=0):
     """uint8 [n, 3, 32, 32] with structure at several scales, plus flat corner cases."""
     g = torch.Generator().manual_seed(seed)
@@ -775,7 +786,7 @@ def pil_blur(img, sigma):  # uint8 [3, H, W] through PIL's GaussianBlur, the ref
 
 
 def test_blur_is_pils_gaussian_blur_bit_for_bit():
-    """Every pixel equal to PIL's over the whole sigma range, its ends included, both loaders, also
+    """Every pixel equal to PIL's over the whole sigma range, its ends included, also
     with CUDA's divisions (before: sigma^2 / 3 by the rounded reciprocal moved the radius of 57 of
     200 sigmas)."""
     x = torch.cat([smooth_images(24, seed=5),
@@ -784,11 +795,6 @@ def test_blur_is_pils_gaussian_blur_bit_for_bit():
     sigma = torch.cat([torch.tensor([0.1, 2.0]), sigma])
     assert torch.equal(views.gaussian_blur(x, sigma),
                        torch.stack([pil_blur(x[i], s) for i, s in enumerate(sigma)]))
-    # the cpu loader's transform draws sigma ~ U(0.1, 2) from the global generator
-    torch.manual_seed(3)
-    ours = views.random_blur(x[0])
-    torch.manual_seed(3)
-    assert torch.equal(ours, pil_blur(x[0], torch.empty(1).uniform_(0.1, 2.0)))
     impulse = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     impulse[..., 16, 16] = 255  # full support: a 3x3 kernel kept 33 of 255 at the centre at sigma 2
     assert views.gaussian_blur(impulse, torch.tensor([2.0]))[0, 0, 16, 16] == 9
@@ -813,12 +819,12 @@ class ReciprocalDivision(torch.overrides.TorchFunctionMode):
 
 
 def test_the_references_views_autoaugment_fill_solarize_cutout_and_normalisation():
-    made = views.view_transforms("cifar10")
+    made = torchvision_views("cifar10")
     for v in ("v1", "v2", "v3", "test"):
         out = made[v](torch.full((3, 32, 32), 200, dtype=torch.uint8))
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     torch.manual_seed(0)
-    cut = views.random_cutout(torch.ones(3, 32, 32))
+    cut = random_cutout(torch.ones(3, 32, 32, dtype=torch.uint8))
     zeros = int((cut[0] == 0).sum())
     assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
     ops, _, mag, _ = views._aa_tables(32, 32)
@@ -851,11 +857,11 @@ def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view
                         v[:, 0].mean() - v[:, 2].mean()])
 
 
-def test_device_views_match_the_cpu_views_in_distribution():
+def test_the_views_match_torchvisions_in_distribution():
     """The same 4 images, 256 draws each: the batched views' statistics within 4x the spread of
-    two CPU runs of torchvision's; v1 against v2 or v3 must fail it."""
+    two runs of torchvision's per-image pipeline; v1 against v2 or v3 must fail it."""
     x = smooth_images(4, seed=3).repeat(256, 1, 1, 1)
-    cpu, dev = views.view_transforms("cifar10"), views.DeviceViews("cifar10", torch.device("cpu"))
+    cpu, dev = torchvision_views("cifar10"), views.DeviceViews("cifar10", torch.device("cpu"))
     stats = {}
     for v in ("v1", "v2", "v3"):
         runs = []
@@ -870,19 +876,16 @@ def test_device_views_match_the_cpu_views_in_distribution():
         assert ((stats["v1"][0] - stats[v][0]).abs() >= 4 * stats[v][1]).any()
 
 
-def test_views_are_drawn_apart_on_each_process(root):
-    """--loader gpu: one image at one position of two processes' batches gets other draws; one
-    process draws as before."""
-    mixed = data.build_mixed("cifar10", root, 10, 0, "heldout")
-    mixed.images[:] = mixed.images[0]  # every image the same: the views differ only by their draws
-    batches = data.Batches(mixed, "gpu", "cpu")
-    drawn = [batches.finish(next(iter(data.train_streams(
-        mixed, 16, 5, rank=r, world=2, batches=batches)))[0]) for r in (0, 1)]
-    for v in ("v1", "v2", "v3"):
-        assert not torch.equal(drawn[0][v], drawn[1][v]), v
-    one = next(iter(data.train_streams(mixed, 8, 5, batches=batches)))[0]
-    assert data.rank_seed(7, 0) == 7 and data.rank_seed(7, 1) != data.rank_seed(7, 2)
-    assert batches.finish(one)["v1"].shape[0] == 8
+def test_the_views_are_fp32_under_bf16_autocast():
+    """Inside the step's bf16 autocast the views are the fp32 ones exactly (in bf16 the affine
+    grid's bmm moved v2's pixels by up to a whole level)."""
+    dev = views.DeviceViews("cifar10", torch.device("cpu"))
+    x = smooth_images(64, seed=4)
+    draws = dev.draw(("v1", "v2", "v3"), 64, torch.Generator().manual_seed(0))
+    fp32 = dev.apply(x, draws)
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16 = dev.apply(x, draws)
+    assert all(bf16[v].dtype == torch.float32 and torch.equal(bf16[v], fp32[v]) for v in fp32)
 
 
 # ---------------------------------------------------------------- model.py
@@ -1083,10 +1086,10 @@ def test_the_step_compiled_by_inductor_trains_as_eager(root, monkeypatch):
     """The one inductor test: the whole step and its backward by inductor on the CPU, fp32, with a
     stand-in network (ResNet-32's kernels take minutes to build), three steps against eager:
     losses within 1e-3 relative, weights 1e-4 (inductor rounds the views' blends once)."""
-    cfg = tiny(root, "x", "--syn-noise", 0.3, "--loader", "gpu")
+    cfg = tiny(root, "x", "--syn-noise", 0.3)
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
-    batches = data.Batches(mixed, "gpu", "cpu")
-    run = argparse.Namespace(mixed=mixed, rank=0, world=1, batches=batches, device="cpu")
+    batches = data.Batches(mixed)
+    run = argparse.Namespace(mixed=mixed, batches=batches)
     protos = F.normalize(torch.randn(10, 2, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     n = [torch.tensor(c) for c in (mixed.n_real, mixed.n_syn)]
     losses, weights = {}, {}
@@ -1097,12 +1100,12 @@ def test_the_step_compiled_by_inductor_trains_as_eager(root, monkeypatch):
         torch.manual_seed(0)
         model = TinyNet(10)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        step = train.Step(model, cfg, *n, batches.finish)
+        step = train.Step(model, cfg, *n, batches.views)
         step = step if mode == "eager" else torch.compile(step)
         pairs, rng, losses[mode] = iter(train.streams(run, cfg, 0)), np.random.default_rng(0), []
         for _ in range(3):
             mix = train.mix_draws(rng, 1, 1.0)[0]
-            loss, cls, con, _ = step(train.step_inputs(run, cfg, *next(pairs), mix, protos))
+            loss, cls, con, _ = step(train.step_inputs(cfg, *next(pairs), mix, protos))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -1121,13 +1124,13 @@ def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
     model = resnet32(3, width=4).train()
     cfg = {k: s.default for k, s in train.CONFIG.items()}
     n_real, n_syn = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])
-    step = train.Step(model, {**cfg, "w_con": 0.0}, n_real, n_syn)
+    step = train.Step(model, {**cfg, "w_con": 0.0}, n_real, n_syn, GivenViews)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
     step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
     bn = model.proj[1]
     assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
-    step = train.Step(model, cfg, n_real, n_syn)
+    step = train.Step(model, cfg, n_real, n_syn, GivenViews)
     t, is_syn = F.one_hot(y, 3).float(), torch.arange(8) % 2 == 1
     protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
     mix = torch.tensor([1.0, 0.0, 16.0, 16.0], dtype=torch.float64)  # mixup: A; cutmix: all B
@@ -1316,25 +1319,21 @@ def test_train_ablations_run(root, tmp_path, flags):
     assert (m["loss_cls"] == 0) == ("--w-cls" in flags)
 
 
-def test_a_bf16_run_on_the_cpu_with_the_gpu_loader_and_bench(root, tmp_path, monkeypatch,
-                                                             capsys):
-    """The suite's one bf16 run on the CPU (the others pin --amp off), with --loader gpu; --bench
-    prints its figures and writes nothing."""
+def test_a_bf16_run_on_the_cpu(root, tmp_path, capsys):
+    """The suite's one bf16 run on the CPU (the others pin --amp off)."""
     out = tmp_path / "run"
     capsys.readouterr()
     # a third of the fill: 8 steps (bf16 without native support is slow)
-    train.main(on_cpu("train.py", ["--data-root", root, "--out", out, *TINY, "--loader", "gpu",
-                                   "--amp", "bf16", "--syn-ratio", 0.3]))
-    assert "cpu bf16, loader gpu" in capsys.readouterr().out
+    train.main(on_cpu("train.py", ["--data-root", root, "--out", out, *TINY, "--amp", "bf16",
+                                   "--syn-ratio", 0.3]))
+    assert "cpu bf16" in capsys.readouterr().out
     assert 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
-    made, orders = data.Batches.__call__, []
-    monkeypatch.setattr(data.Batches, "__call__", lambda self, names, bs, seed, order, stream="":
-                        orders.append((stream, len(order))) or made(self, names, bs, seed, order))
-    train.main(on_cpu("train.py", ["--data-root", root, *TINY, "--bench", 2, "--loader", "gpu",
-                                   "--epochs", 200, "--out", tmp_path / "bench"]))
-    # the forward passes' images: enough for 5 batches of 256 (before: 129 copies of the set)
-    real = sum(data.build_mixed("cifar10", root, 10, 0, "pool").n_real)
-    assert 5 * 256 <= dict(orders)["bench"] < 5 * 256 + real
+
+
+def test_bench_prints_its_figures_and_writes_nothing(root, tmp_path, capsys):
+    capsys.readouterr()
+    train.main(on_cpu("train.py", ["--data-root", root, *TINY, "--bench", 2, "--epochs", 200,
+                                   "--out", tmp_path / "bench"]))
     printed = capsys.readouterr().out
     res = json.loads(printed.split("bench_json ")[1])
     assert res["step_images_per_s"] > 0 and res["data_images_per_s"] > res["step_images_per_s"]
@@ -1425,9 +1424,9 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
     the last), then --resume: the final.json, weights, audit scores, suspects and metrics of an
     uninterrupted run. It relabels by the epoch audit: epoch 1 has no suspects, and epoch 2's
     step flags exactly the samples the audit after epoch 1 flagged, resumed or not."""
-    # 139 images, 5 steps; the gpu loader: the same writes, faster here
+    # 139 images, 5 steps
     flags = ["--epochs", 2, "--syn-noise", 0.3, "--syn-ratio", 0.5, "--batch-size", 32,
-             "--loader", "gpu", "--relabel", "audit", "--audit-cls", "on", "--audit-score",
+             "--relabel", "audit", "--audit-cls", "on", "--audit-score",
              "both", "--audit-q", 0.3]
     real_replace, written = os.replace, []
     monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst),
@@ -1501,7 +1500,7 @@ def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path
     out = tmp_path / "run"
     cmd = lambda seed: script("train.py", "--data-root", root, *TINY, "--syn", "heldout", "--seed",
                               seed, "--out", out, wait=False, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=ONE_THREAD_EACH)
+                              stderr=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1"})
     results = [(p.wait(timeout=600), p.stderr.read()) for p in (cmd(0), cmd(1))]
     assert sorted(c for c, _ in results) == [0, 2], results
     err = next(e for c, e in results if c == 2)
@@ -1569,81 +1568,6 @@ def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_d
         code, err = in_process(lambda: generate.main(argv), capsys)
         message = "is a file" if case == "pool is a file" else "is not a readable UTF-8 text file"
     assert code == 2 and len(err) == 1 and message in err[0], err
-
-
-# ---------------------------------------------------------------- several processes
-
-RECORD_VIEW_SEEDS = """import atexit, json, os, sys
-sys.path.insert(0, {here!r})
-import cli, data, torch, train, views
-log = lambda name, text: open(os.path.join({folder!r}, name + os.environ.get("RANK", "0")),
-                              "a").write(text)
-made = views.DeviceViews.draw
-def record(self, names, b, g, *hw):  # the seed of each batch's stream of views, per process
-    log("seeds", json.dumps([list(names), g.initial_seed()]) + "\\n")
-    return made(self, names, b, g, *hw)
-views.DeviceViews.draw = record
-counted = train.confusion_counts
-def bn_stats(run):  # the BatchNorm statistics each process evaluates with, per epoch
-    out = counted(run)
-    log("bn", json.dumps(sum(b.double().sum().item() for b in run.model.buffers())) + "\\n")
-    return out
-train.confusion_counts = bn_stats
-stepped, steps = train.train_step, []
-def nan_on_rank_1(run, batch, flagged):  # NAN_ON_RANK_1: rank 1's loss is NaN from step 3
-    parts = stepped(run, batch, flagged)
-    steps.append(1)
-    nan = os.environ.get("NAN_ON_RANK_1") and run.rank == 1 and len(steps) >= 3
-    return parts * float("nan") if nan else parts
-train.train_step = nan_on_rank_1
-sys.argv[0] = "train.py"
-# the process group is gone at exit (before: NCCL's "destroy_process_group() was not called")
-atexit.register(lambda: log("pg", str(torch.distributed.is_initialized())))
-cli.run_cli(train.main)
-"""
-
-
-def torchrun(tmp_path, port, *flags, env=()):
-    wrapper = tmp_path / "record_view_seeds.py"
-    wrapper.write_text(RECORD_VIEW_SEEDS.format(here=HERE, folder=str(tmp_path)))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", wrapper, *on_cpu("train.py", flags)],
-                          capture_output=True, text=True, timeout=600, cwd=HERE,
-                          env={**ONE_THREAD_EACH, **dict(env)})
-
-
-def test_two_process_gloo_run(root, tmp_path):
-    """Two processes with gloo: one report, every test image scored once, each process draws its
-    views from its own streams, rank 0 from a one-process run's seeds."""
-    out = tmp_path / "ddp"
-    r = torchrun(tmp_path, 29518, "--data-root", root, "--out", out, *TINY, "--epochs", 2,
-                 "--loader", "gpu")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "x 2 processes" in r.stdout and r.stdout.count("final (epoch 2)") == 1  # rank 0 alone
-    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
-    # every test image scored once: per-class accuracies are multiples of 1/4 (4 images a class)
-    final = json.loads((out / "final.json").read_text())["final_epoch"]
-    assert all(abs(a / 25 - round(a / 25)) < 1e-6 for a in final["per_class"])
-    bn = [(tmp_path / f"bn{rank}").read_text().splitlines() for rank in (0, 1)]
-    assert len(bn[0]) == 2 and bn[0] == bn[1]  # every process evaluates rank 0's statistics
-    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
-    seeds = [{s for _, s in map(json.loads, (tmp_path / f"seeds{rank}").read_text().splitlines())}
-             for rank in (0, 1)]
-    assert seeds[0] and seeds[1] and not seeds[0] & seeds[1]  # no stream shared
-    # rank 0 draws as a one-process run would; the last audit's: a third epoch's prototypes
-    one = {data.stream_seed(e, k) for e in range(2) for k in ("views_a", "views_b")}
-    assert seeds[0] == one | {data.stream_seed(e, "prototypes") for e in range(3)}
-
-
-def test_a_non_finite_loss_on_one_process_stops_every_process_in_one_line(root, tmp_path):
-    """Decided over all processes: rank 1's NaN stops rank 0 too, each with one line. With
-    --loader cpu: DataLoader workers under torchrun."""
-    r = torchrun(tmp_path, 29519, "--data-root", root, "--out", tmp_path / "ddp", *TINY,
-                 "--epochs", 2, "--loader", "cpu", env={"NAN_ON_RANK_1": "1"})
-    assert r.returncode != 0, r.stderr[-3000:]
-    assert r.stderr.count("error: non-finite loss at epoch 1") == 2, r.stderr[-3000:]
-    assert [(tmp_path / f"pg{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
 
 
 # ---------------------------------------------------------------- report.py: --summarize
@@ -2311,10 +2235,10 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     """The CPU stand-in of test_cuda_step_makes_no_host_sync: after a warm-up, two training steps
-    (--loader gpu, planted images), a prototype pass and two DDPM steps make no op that would wait
+    (planted images), a prototype pass and two DDPM steps make no op that would wait
     for a CUDA device; and the recorder finds what it looks for."""
     from diffusers import DDPMScheduler
-    cfg = tiny(root, "x", "--width", 4, "--syn-noise", 0.3, "--loader", "gpu", "--amp", "bf16")
+    cfg = tiny(root, "x", "--width", 4, "--syn-noise", 0.3, "--amp", "bf16")
     run_ = train.setup(cfg)
     protos = train.prototypes(run_, 0)
     run_.model.train()
@@ -2323,7 +2247,7 @@ def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
     mix = train.mix_draws(np.random.default_rng(0), 4, 1.0)
     suspects = torch.arange(len(run_.mixed)) % 3 == 0  # as --relabel audit hands them on
     step = lambda a, b, s=None: train.train_step(
-        run_, train.step_inputs(run_, cfg, a, b, mix[0], protos, 0, s), flagged)
+        run_, train.step_inputs(cfg, a, b, mix[0], protos, 0, s), flagged)
     step(*next(batches))
     step(*next(batches), suspects)
     cfg["audit_cls"] = "on"
@@ -2446,7 +2370,7 @@ def fake_cuda(monkeypatch):
 
 
 def emulated_cfg(root, out, *flags):
-    """A tiny run with a GPU user's defaults (--device auto: cuda, the gpu loader, bf16)."""
+    """A tiny run with a GPU user's defaults (--device auto: cuda, bf16)."""
     return train.get_config(list(map(str, ["--data-root", root, "--out", out, *TINY, "--width", 4,
                                             "--syn", "heldout", "--syn-noise", 0.3, *flags])))
 
@@ -2457,7 +2381,7 @@ def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
     """The default command's CUDA branches (set_device(torch.device("cuda")) once crashed), a stop
     and --resume, every file, a GPU run's start line, the precision settings."""
     train.train(emulated_cfg(root, tmp_path / "part", "--epochs", 2, "--stop-after", 1))
-    assert "cuda bf16, loader gpu" in capsys.readouterr().out
+    assert "cuda bf16" in capsys.readouterr().out
     train.train(train.get_config(["--resume", str(tmp_path / "part")]))
     ckpt = ckpt_of(tmp_path / "part")
     assert ckpt["epoch"] == 2 and ckpt["config"]["device"] == "auto"
@@ -2471,8 +2395,7 @@ def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
 
 def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(
         root, tmp_path, emulated_cuda):
-    """--deterministic on, --relabel audit, stopped and resumed: an uninterrupted run's weights;
-    and --loader cpu, whose DataLoader pins memory on CUDA."""
+    """--deterministic on, --relabel audit, stopped and resumed: an uninterrupted run's weights."""
     flags = ["--epochs", 2, "--deterministic", "on", "--relabel", "audit"]
     train.train(emulated_cfg(root, tmp_path / "full", *flags))
     assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
@@ -2482,8 +2405,6 @@ def test_emulated_cuda_deterministic_audit_run_resumes_to_the_same_weights(
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["audit"], b["audit"])
     assert json.loads((tmp_path / "full" / "final.json").read_text())["audit_last_epoch"]
-    train.train(emulated_cfg(root, tmp_path / "c", "--epochs", 1, "--loader", "cpu", "--workers",
-                             0))
 
 
 def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(
@@ -2493,8 +2414,7 @@ def test_emulated_cuda_bench_counts_host_syncs_in_the_timed_steps_alone(
     monkeypatch.setattr(train, "train_step", lambda *a: steps.append(
         ("set_sync_debug_mode", "warn") in emulated_cuda and emulated_cuda[-1][1] == "warn")
         or made(*a))
-    cfg = emulated_cfg(root, "unused", "--bench", 2)
-    res = bench.bench(cfg, train.setup(cfg), train)
+    res = train.benchmark(emulated_cfg(root, "unused", "--bench", 2))
     assert steps == [False] * 3 + [True] * 2  # 3 warm-up steps, then the 2 timed ones in "warn"
     modes = [c for c in emulated_cuda if c[0] == "set_sync_debug_mode"]
     assert modes[-1] == ("set_sync_debug_mode", "default")
@@ -2514,28 +2434,11 @@ def test_emulated_cuda_both_generators(root, pipe_dir, tmp_path, emulated_cuda):
     assert ("set_device", 0) in emulated_cuda
 
 
-def test_each_process_takes_a_gpu_it_sees_under_torchrun_and_srun(monkeypatch, emulated_cuda):
-    """LOCAL_RANK among the GPUs a process sees; GPU 0 where each task sees its own (srun
-    --gpus-per-task=1); no local rank, or more local ranks than GPUs: one line (before: GPU 0)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert cli.pick_device("auto") == torch.device("cuda", 1)
-    with pytest.raises(ValueError, match="invalid device index 1"):  # the stand-in has one device
-        cli.use_device("auto")
+def test_the_device_is_a_gpu_this_process_sees(monkeypatch, emulated_cuda):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.pick_device("cuda") == torch.device("cuda", 0)
-    assert cli.use_device("auto") == torch.device("cuda", 0)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes on one GPU
-    with pytest.raises(cli.SAUError, match=r"LOCAL_RANK 1 of 2, but this process sees 1 GPU"):
-        cli.pick_device("cuda")
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(cli.SAUError, match=r"LOCAL_RANK 3 of 2, but this process sees 2 GPU"):
-        cli.pick_device("cuda")
-    monkeypatch.delenv("LOCAL_RANK")
-    with pytest.raises(cli.SAUError, match="WORLD_SIZE is set but LOCAL_RANK is not"):
-        cli.pick_device("auto")
+    assert cli.use_device("auto") == torch.device("cuda")
+    with pytest.raises(cli.SAUError, match=r"--device cuda:1: this machine has 1 CUDA device"):
+        cli.use_device("cuda:1")
     assert emulated_cuda == [("set_device", 0)]
 
 
@@ -2558,9 +2461,8 @@ def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audi
                                                      torch.Generator(device).manual_seed(0))
         assert made["v1"].device.type == "cuda" and made["v3"].shape == (16, 3, 32, 32)
         run = runner.Run(
-            model=model, device=device, mixed=mixed, rank=0, world=1, amp=True, loader="gpu",
-            prep=lambda t: t.to(device).contiguous(memory_format=torch.channels_last),
-            batches=data.Batches(mixed, "gpu", device), opt=None, sched=None, step_fn=None,
+            model=model, device=device, mixed=mixed, amp=True, fmt=torch.channels_last,
+            batches=data.Batches(mixed, device),
             real=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
             test=(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(40) % 10))
         protos = train.prototypes(run, 0)
@@ -2568,14 +2470,14 @@ def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audi
         scores = audit.score_mixed_set(run, protos)
         assert protos.device.type == confusion.device.type == scores.device.type == "cuda"
         n = torch.tensor(mixed.n_real, device=device), torch.tensor(mixed.n_syn, device=device)
-        step = train.Step(model, cfg, *n, run.batches.finish)
+        step = train.Step(model, cfg, *n, run.batches.views)
         model.train()
         suspects = torch.zeros(len(mixed), dtype=torch.bool, device=device)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         with unset_fake_temporarily(), torch.device("cpu"):  # the orders: host lists
             pairs = iter(train.streams(run, cfg, 0))
         mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64, device=device)
-        batch = train.step_inputs(run, cfg, *next(pairs), mix, protos, 0, suspects)
+        batch = train.step_inputs(cfg, *next(pairs), mix, protos, 0, suspects)
         with torch.autocast("cuda", torch.bfloat16):
             loss, loss_cls, loss_con, suspect = step(batch)
         assert loss.device.type == "cuda" and suspect.shape == (16,)
@@ -2657,14 +2559,13 @@ def cuda_run(root, *flags):
     """A tiny CUDA run's set-up, an epoch's batch iterator and its step."""
     cfg = train.get_config(list(map(str, [
         "--data-root", root, "--device", "cuda", *TINY, "--width", 4, "--syn", "heldout",
-        "--syn-noise", 0.3, "--loader", "gpu", "--amp", "bf16", *flags])))
+        "--syn-noise", 0.3, "--amp", "bf16", *flags])))
     run = train.setup(cfg)
     protos = train.prototypes(run, 0)
     run.model.train()
     flagged = torch.zeros(len(run.mixed), dtype=torch.int32, device="cuda")
     mix = train.mix_draws(np.random.default_rng(0), 1, 1.0)[0].cuda()
-    step = lambda a, b: train.train_step(run, train.step_inputs(run, cfg, a, b, mix, protos),
-                                         flagged)
+    step = lambda a, b: train.train_step(run, train.step_inputs(cfg, a, b, mix, protos), flagged)
     return run, iter(train.streams(run, cfg, 0)), step
 
 
@@ -2707,7 +2608,7 @@ def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_pa
     for f in ("config.json", "metrics.jsonl", "final.json", "checkpoint.pt", "curves.png",
               "per_class.png", "confusion.png", "suspects.png"):
         assert (tmp_path / "full" / f).stat().st_size > 0, f
-    assert "cuda bf16, loader gpu" in r.stdout
+    assert "cuda bf16" in r.stdout
     r = script("train.py", *args, "--out", tmp_path / "part", "--stop-after", 1)
     assert r.returncode == 0, r.stderr
     r = script("train.py", "--resume", tmp_path / "part", "--device", "cuda")  # script pins CPU

@@ -9,6 +9,7 @@ Top to bottom: the settings, the losses, the step, one epoch and the run, protot
 the set-up and the command line (docs/method.md; audit.py: the epoch audit; runner.py: the rest).
 """
 import argparse
+import itertools
 import sys
 import time
 from typing import NamedTuple
@@ -182,8 +183,8 @@ def mix_draws(rng, steps, alpha, h=32, w=32):
 
 
 class StepInputs(NamedTuple):
-    """One step's inputs on the device. A stream's batch (views.Batch) holds its views, or, from
-    the gpu loader, its uint8 images and the views' draws (made into views inside the step)."""
+    """One step's inputs on the device. A stream's batch (views.Batch) holds its uint8 images and
+    its views' random numbers, made into views inside the step."""
     a: views.Batch  # stream A: v1 (classification), v2 and v3 (contrastive), y, is_syn, index
     b: views.Batch  # stream B: the mixing partners' v1; None without the classification branch
     mix: torch.Tensor  # [4] float64: this step's mix_draws
@@ -194,19 +195,18 @@ class StepInputs(NamedTuple):
 
 
 class Step(torch.nn.Module):
-    """The forward passes of one step and their losses, one module call so that
-    DistributedDataParallel sees one forward per backward and torch.compile one graph. It sees the
-    run's settings, the real and synthetic counts per class (n_real, n_syn: C on the device) and,
-    per call, StepInputs."""
+    """The views and forward passes of one step and their losses, one module call so that
+    torch.compile makes one graph. It sees the run's settings, the real and synthetic counts per
+    class (n_real, n_syn: C on the device) and, per call, StepInputs."""
 
-    def __init__(self, model, cfg, n_real, n_syn, finish=lambda batch: batch.views,
-                 fmt=torch.contiguous_format):
+    def __init__(self, model, cfg, n_real, n_syn, views, fmt=torch.contiguous_format):
         super().__init__()
         self.model, self.cfg, self.n_real, self.n_syn = model, cfg, n_real, n_syn
-        self.finish, self.fmt = finish, fmt  # a batch's views (data.Batches.finish), their format
+        self.views, self.fmt = views, fmt  # views.DeviceViews; the network's memory format
 
     def views_of(self, batch):  # name -> B x 3 x 32 x 32 in the network's memory format
-        return {v: x.contiguous(memory_format=self.fmt) for v, x in self.finish(batch).items()}
+        made = self.views.apply(batch.images, batch.draws)
+        return {v: x.contiguous(memory_format=self.fmt) for v, x in made.items()}
 
     def forward(self, s: StepInputs):
         m, cfg, a = self.model, self.cfg, self.views_of(s.a)
@@ -232,10 +232,9 @@ class Step(torch.nn.Module):
         return cfg["w_cls"] * loss_cls + cfg["w_con"] * loss_con, loss_cls, loss_con, suspect
 
 
-def step_inputs(run, cfg, batch_a, batch_b, mix, protos, epoch=0, audit_suspects=None):
-    """StepInputs of a pair of batches on the device; audit_suspects [N] bool: the epoch audit's
-    suspects over the mixed set (--relabel audit), else None."""
-    a, b = (None if x is None else data.Batches.to(x, run.device) for x in (batch_a, batch_b))
+def step_inputs(cfg, a, b, mix, protos, epoch=0, audit_suspects=None):
+    """StepInputs of a pair of batches; audit_suspects [N] bool: the epoch audit's suspects over
+    the mixed set (--relabel audit), else None."""
     keep = suspect = None
     if audit_suspects is not None:
         suspect = audit_suspects[a.index] if cfg["w_con"] > 0 else None
@@ -260,12 +259,11 @@ def train_step(run, inputs, counts):
 
 
 def train_epoch(run, cfg, epoch, protos, suspects, folder):
-    """One pass of stream A: ([loss, cls, con] means over steps and processes, images seen)."""
+    """One pass of stream A: ([loss, cls, con] means over steps, images seen)."""
     # every random draw of an epoch follows from (seed, epoch): a resumed run repeats it exactly
-    epoch_seed = cfg["seed"] * views.SEED_MIX + epoch
-    rng = np.random.default_rng(data.stream_seed(epoch_seed, "mix"))  # mixup and cutmix
+    rng = np.random.default_rng(data.stream_seed(cfg["seed"], epoch, "mix"))  # mixup and cutmix
     # drawn for the epoch at once (at least its steps): one copy to the device, none a step
-    steps = -(-len(run.mixed) // (cfg["batch_size"] // run.world))
+    steps = -(-len(run.mixed) // cfg["batch_size"])
     mixes = mix_draws(rng, steps, cfg["mix_alpha"]).to(run.device)
     audit_suspects = suspects.next.to(run.device) if cfg["relabel"] == "audit" else None
     run.model.train()
@@ -273,22 +271,20 @@ def train_epoch(run, cfg, epoch, protos, suspects, folder):
     # the first step with a non-finite loss, found without a sync
     bad_step = torch.full((), -1, device=run.device)
     bar = tqdm(total=len(run.mixed), unit="img", desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-               leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
-               disable=run.rank != 0)
-    for step, (batch_a, batch_b) in enumerate(streams(run, cfg, epoch_seed)):
-        inputs = step_inputs(run, cfg, batch_a, batch_b, mixes[step], protos, epoch,
-                             audit_suspects)
+               leave=False, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+    for step, (batch_a, batch_b) in enumerate(streams(run, cfg, epoch)):
+        inputs = step_inputs(cfg, batch_a, batch_b, mixes[step], protos, epoch, audit_suspects)
         losses = train_step(run, inputs, suspects.counts)
         sums += losses
         bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(losses[0]), step + 1)
-        seen += len(batch_a.index) * run.world
-        bar.update(len(batch_a.index) * run.world)
+        seen += len(batch_a.index)
+        bar.update(len(batch_a.index))
         if step % 20 == 0:  # .item() syncs the device: only now and then
             folder.check_finite(run, bad_step, epoch)
             bar.set_postfix(loss=f"{losses[0].item():.3f}")
     folder.check_finite(run, bad_step, epoch, weights=True)
     bar.close()
-    means = [s / run.world / (step + 1) for s in run.sum(sums).tolist()]
+    means = [s / (step + 1) for s in sums.tolist()]
     return means, seen
 
 
@@ -300,11 +296,10 @@ def train(cfg):
         suspects = audit.Suspects.new(run, folder.ckpt)
         use_con, protos = cfg["w_con"] > 0, None
         for epoch in range(folder.restore(run), folder.epochs()):
-            epoch_seed = cfg["seed"] * views.SEED_MIX + epoch
             t0 = time.time()
             # made by the previous epoch's audit, except in a run's first epoch
             if use_con and protos is None:
-                protos = prototypes(run, data.stream_seed(epoch_seed, "prototypes"))
+                protos = prototypes(run, data.stream_seed(cfg["seed"], epoch, "prototypes"))
             lr = run.opt.param_groups[0]["lr"]
             (loss, loss_cls, loss_con), seen = train_epoch(run, cfg, epoch, protos, suspects,
                                                            folder)
@@ -317,7 +312,7 @@ def train(cfg):
             # weights, same seed), and the audit measures every sample against them.
             protos = None
             if use_con:
-                protos = prototypes(run, data.stream_seed(epoch_seed + 1, "prototypes"))
+                protos = prototypes(run, data.stream_seed(cfg["seed"], epoch + 1, "prototypes"))
             if use_con and run.mixed.is_syn.any():
                 audited = audit.epoch_audit(run, cfg, protos, suspects, epoch_suspects)
                 audited["audit_s"] = time.time() - t1
@@ -337,7 +332,7 @@ def train(cfg):
 
 def project_views(run, batch, names=("v2", "v3")):
     """[B, V, D]: the batch's views through the backbone and the projection head (autocast)."""
-    made = run.batches.finish(batch)
+    made = run.batches.views.apply(batch.images, batch.draws)
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
         return torch.stack([run.model.project(run.model.features(run.prep(made[v])))
                             for v in names], 1)
@@ -347,24 +342,22 @@ def project_views(run, batch, names=("v2", "v3")):
 def prototypes(run, seed):
     """[C, 2, D]: per class, the mean projection of its real images' v2 and v3 (eval mode)."""
     model, device = run.model, run.device
-    run.eval()
+    model.eval()
     num_classes = len(run.mixed.classes)
     sums = torch.zeros(num_classes, 2, model.proj[-1].out_features, device=device)
     counts = torch.zeros(num_classes, device=device)
-    seed = data.rank_seed(seed, run.rank)
-    for batch in run.batches(("v2", "v3"), 256, seed, run.real, stream="prototypes"):
-        y = batch.y.to(device, non_blocking=True)
+    for batch in run.batches(("v2", "v3"), 256, seed, run.real):
         z = project_views(run, batch)
-        sums.index_add_(0, y, z.float())  # C x 2 x D
-        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-    return run.sum(sums) / run.sum(counts).clamp(min=1)[:, None, None]
+        sums.index_add_(0, batch.y, z.float())  # C x 2 x D
+        counts.index_add_(0, batch.y, torch.ones_like(batch.y, dtype=torch.float))
+    return sums / counts.clamp(min=1)[:, None, None]
 
 
 @torch.no_grad()
 def confusion_counts(run):
     """(confusion [C * C], top-5 hits) of the classifier head on the test set, on the device."""
     model, device, num_classes = run.model, run.device, len(run.mixed.classes)
-    run.eval()
+    model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
     x_test, y_test = run.test
@@ -374,7 +367,7 @@ def confusion_counts(run):
             top5 = model.fc(model.features(x)).float().topk(min(5, num_classes), 1).indices
         confusion.index_add_(0, y * num_classes + top5[:, 0], torch.ones_like(y))
         top5_hits += (top5 == y[:, None]).any(1).sum()
-    return run.sum(confusion), run.sum(top5_hits)
+    return confusion, top5_hits
 
 
 def evaluate(run):
@@ -402,17 +395,41 @@ def optimizer(model, cfg):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
 
 
-def setup(cfg):  # runner.Run: processes, device, data, the network, the optimiser, the Step
-    return runner.setup(cfg, Step, optimizer)
+def setup(cfg):
+    """runner.Run: the device, the data and the network (runner.setup), the optimiser, the Step."""
+    run = runner.setup(cfg)
+    run.opt, run.sched = optimizer(run.model, cfg)
+    n_real, n_syn = (torch.tensor(n, device=run.device) for n in (run.mixed.n_real,
+                                                                  run.mixed.n_syn))
+    step = Step(run.model, cfg, n_real, n_syn, run.batches.views, run.fmt)
+    # the whole step, views and backward included; one more graph for a short last batch
+    run.step_fn = torch.compile(step) if cfg["compile"] == "on" else step
+    return run
 
 
-def streams(run, cfg, epoch_seed):
+def streams(run, cfg, epoch):
     """The epoch's (batch A, batch B): A with the views the branches need, B (v1) the partners of
     the classifier's mixing, None without it."""
     use_cls = cfg["w_cls"] > 0
     views_a = (("v1",) if use_cls else ()) + (("v2", "v3") if cfg["w_con"] > 0 else ())
-    return data.train_streams(run.mixed, cfg["batch_size"], epoch_seed, views_a, use_cls,
-                              run.rank, run.world, run.batches)
+    return data.train_streams(run.mixed, cfg["batch_size"], cfg["seed"], epoch, views_a, use_cls,
+                              run.batches)
+
+
+def benchmark(cfg):
+    """--bench: the step, its data path alone and a prototype pass timed (bench.py), nothing
+    written; random unit vectors stand in for the prototypes."""
+    run = setup(cfg)
+    mix = mix_draws(np.random.default_rng(0), 1, cfg["mix_alpha"])[0].to(run.device)
+    protos = F.normalize(torch.randn(len(run.mixed.classes), 2, run.model.proj[-1].out_features,
+                                     device=run.device), dim=-1)
+    counts = torch.zeros(len(run.mixed), dtype=torch.int32, device=run.device)
+    pairs = lambda: (ab for e in itertools.count() for ab in streams(run, cfg, e))
+    inputs = lambda ab: step_inputs(cfg, *ab, mix, protos)
+    real = lambda: (b for e in itertools.count()
+                    for b in run.batches(("v2", "v3"), 256, e, run.real))
+    return bench.bench(cfg, run, step=(pairs, lambda ab: train_step(run, inputs(ab), counts)),
+                       data=(pairs, inputs), forward=(real, lambda b: project_views(run, b)))
 
 
 # ---------------------------------------------------------------- the command line
@@ -432,14 +449,12 @@ def run_name(cfg, seed=True):
 
 
 def main(argv=None):
+    cli.one_process("train.py is one process on one device: for several GPUs run a grid with "
+                    "python table.py (a run on each GPU), or one run a GPU with --device cuda:N")
     cfg = get_config(argv)
     if cfg["summarize"]:
         return report.summarize(CONFIG, cfg["summarize"], cfg["out"])
-    try:  # --bench: the step, its data path and the forward passes timed (bench.py)
-        bench.bench(cfg, setup(cfg), sys.modules[__name__]) if cfg["bench"] else train(cfg)
-    finally:  # under torchrun: a process group left at exit can hang it
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return benchmark(cfg) if cfg["bench"] else train(cfg)
 
 
 if __name__ == "__main__":

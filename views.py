@@ -1,5 +1,6 @@
-"""The three views of an image: torchvision's, one image at a time on the CPU (--loader cpu, as the
-paper), and the same as batched tensor ops on the device, per-sample draws (--loader gpu).
+"""The three views of an image as batched tensor ops on the run's device, each sample with its own
+random numbers, the same distributions as the reference's torchvision pipeline (the tests' oracle,
+op by op for fixed parameters and in distribution).
 
     v1: random crop 32 (4-pixel zero padding), horizontal flip
     v2: v1, AutoAugment (CIFAR-10 policy, the reference's numbers), Cutout 16x16
@@ -16,17 +17,16 @@ from torchvision.transforms.v2.functional._color import _rgb_to_hsv  # batched; 
 
 MEAN_STD = {"cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
             "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
-SEED_MIX = 1_000_003  # a seed and an index mixed into one seed: seed * SEED_MIX + i
 
 
 class Batch(NamedTuple):
-    """A batch: the cpu loader's with its views, the gpu loader's with images and view draws."""
-    views: dict  # view name -> B x 3 x 32 x 32, normalised
+    """A batch on the device: its images and its views' random numbers (made into views by
+    DeviceViews.apply, inside the step)."""
+    images: torch.Tensor  # uint8 B x 3 x 32 x 32
+    draws: dict  # view name -> its random numbers (DeviceViews.draw)
     y: torch.Tensor  # B labels
     is_syn: torch.Tensor  # B bool
     index: torch.Tensor  # B: each sample's position in the mixed set
-    images: torch.Tensor = None  # uint8 B x 3 x 32 x 32
-    draws: dict = None  # view name -> its random numbers (DeviceViews.draw)
 
 
 def mean_std(dataset, device="cpu"):  # the reference's normalisation, [3, 1, 1] tensors
@@ -38,27 +38,13 @@ def normalize(x, mean, std):
     return (x.float() / 255 - mean) / std
 
 
-# -------------------------------------------------- the CPU views: torchvision, one image at a time
-
-
-# uint8 [C, H, W]: one square of zeros centred uniformly, clipped at the border
-def random_cutout(x, length=16):
-    cy, cx = torch.randint(x.shape[-2], (1,)), torch.randint(x.shape[-1], (1,))
-    return cutout(x[None], cy, cx, length)[0]
-
-
-# uint8 [C, H, W]: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), as the reference (MoCo v2)
-def random_blur(x):
-    return gaussian_blur(x[None], torch.empty(1).uniform_(0.1, 2.0))[0]
-
-
 # the reference's grey (128, 128, 128) outside the image after shear, translate and rotate
 AA_FILL = 128
 
 
 class AutoAugment(T.AutoAugment):
     """torchvision's CIFAR-10 AutoAugment with the reference's grey fill and solarize thresholds
-    linspace(256, 0, 10); ops stay nearest (the reference shears bicubic)."""
+    linspace(256, 0, 10): the policy's tables (_aa_tables) and the tests' per-image oracle."""
 
     # Solarize: x 255 (torchvision's bound) = the reference's thresholds
     _AUGMENTATION_SPACE = {**T.AutoAugment._AUGMENTATION_SPACE, "Solarize": (
@@ -68,41 +54,7 @@ class AutoAugment(T.AutoAugment):
         super().__init__(T.AutoAugmentPolicy.CIFAR10, fill=AA_FILL)
 
 
-def view_transforms(dataset):
-    """{"v1", "v2", "v3", "test"}: uint8 CHW tensor -> normalised float CHW tensor."""
-    mean, std = MEAN_STD[dataset]
-    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    v1 = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-    return {
-        "v1": T.Compose(v1 + finish),
-        "v2": T.Compose(v1 + [AutoAugment(), random_cutout] + finish),
-        "v3": T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                         T.RandomGrayscale(p=0.2), T.RandomApply([random_blur], p=0.5)] + finish),
-        "test": T.Compose(finish),
-    }
-
-
-class Views(torch.utils.data.Dataset):
-    """Item (i, seed) -> (views, label, is_syn, i), drawn by (seed, i) alone, whatever --workers."""
-
-    def __init__(self, images, labels, is_syn, dataset, views):
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
-        self.labels, self.is_syn = torch.from_numpy(labels), torch.from_numpy(is_syn)
-        transforms = view_transforms(dataset)
-        self.transforms = {v: transforms[v] for v in views}
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, item):
-        i, seed = item
-        torch.default_generator.manual_seed(seed * SEED_MIX + int(i))
-        x = self.images[i]
-        return {v: t(x) for v, t in self.transforms.items()}, self.labels[i], self.is_syn[i], i
-
-
-# ------------------------------------------------- the views as batched tensor ops (--loader gpu)
+# ------------------------------------------------- the ops, batched with per-sample parameters
 # torchvision v2 draws one parameter set a call, kornia 0.9 one sub-policy and jitter order a batch:
 # each op here is ours, tested against torchvision's kernel for fixed parameters.
 
@@ -362,7 +314,12 @@ class DeviceViews:
         return out
 
     def apply(self, x, draws):
-        """{view: B x 3 x H x W normalised}: the views of uint8 x [B, 3, H, W] from its draws."""
+        """{view: B x 3 x H x W normalised, fp32}: the views of uint8 x [B, 3, H, W] from its
+        draws. fp32 whatever the autocast around it: in bf16 the affine grid moves pixels."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._apply(x, draws)
+
+    def _apply(self, x, draws):
         h, w = x.shape[-2:]
         out = {}
         for v, d in draws.items():
