@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -89,11 +90,16 @@ def run_name(table, cfg, seed=True):
     return "_".join(parts + ([f"s{cfg['seed']}"] if seed else []))
 
 
-def config_diff(table, a, b, ignore=()):
-    """The settings that shape the results and differ (one newer than a run: its default)."""
-    defaults = {k: s.default for k, s in table.items()}
-    a, b = {**defaults, **a}, {**defaults, **b}
-    return [k for k, s in table.items() if s.scope == "run" and k not in ignore and a[k] != b[k]]
+def config_diff(a, b, table=None, ignore=()):
+    """The keys of two sets of settings whose values differ. With a settings table: those that
+    shape the results, in its order, a key missing on one side taking its default (a run made
+    before a setting existed had it)."""
+    if table:
+        defaults = {k: s.default for k, s in table.items() if s.scope == "run"}
+        a, b, keys = {**defaults, **a}, {**defaults, **b}, list(defaults)
+    else:
+        keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in ignore and a.get(k) != b.get(k)]
 
 
 def check_settings(cfg, table):
@@ -196,21 +202,40 @@ def ignore_sigint(*_):
 
 def write_atomic(path, text_or_save):
     """Write to a temporary name of this process, then rename: a kill or a full disk never leaves
-    a half-written file, and a failed write keeps the old one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    a half-written file, and a failed write keeps the old one. A folder (save writes one) replaces
+    the old one in two renames: a kill between them leaves path.old (restored puts it back)."""
+    tmp, old = f"{path}.{os.getpid()}.tmp", f"{path}.old"
     try:
         if isinstance(text_or_save, str):
             with open(tmp, "w") as f:
                 f.write(text_or_save)
         else:
             text_or_save(tmp)
-        os.replace(tmp, path)
+        if os.path.isdir(tmp):  # a folder: the old one moved aside, then replaced
+            if os.path.isdir(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
         raise SAUError(f"could not write {path} ({why}); the previous version, if any, is kept: "
                        f"free space or fix the folder, then run the same command again") from None
+
+
+def restored(folder):
+    """A folder as write_atomic left it, also when killed: the old one back if the new one was not
+    in place yet, half-written ones removed."""
+    for tmp in glob.glob(glob.escape(folder) + ".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+        os.replace(folder + ".old", folder)
+    return folder
 
 
 def writable_folder(path, flag):

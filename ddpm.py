@@ -3,6 +3,7 @@ long-tailed real subset, a pool with no download; its training resumes from stat
 import hashlib
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,23 +27,24 @@ def ddpm_unet(num_classes, width):
 
 def save_ddpm(folder, unet, ema, state):
     """Both networks and the training state, swapped in whole: a kill keeps the last."""
-    import shutil
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"))
-    ema.save_pretrained(os.path.join(tmp, "ema"))
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    def save(tmp):
+        unet.save_pretrained(os.path.join(tmp, "unet"))
+        ema.save_pretrained(os.path.join(tmp, "ema"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    cli.write_atomic(folder, save)
+
+
+class Trained(NamedTuple):  # train_ddpm's model and what the manifest records of it
+    ema: torch.nn.Module  # the EMA network, in eval mode: it samples
+    settings: dict
+    sha256: str  # of its weights file
+    losses: list  # this call's training losses
 
 
 def train_ddpm(cfg, folder, device, log=print, world=1):
-    """Train, resume or reuse the model: (EMA network, settings, its weights' sha256, losses)."""
+    """Train, resume or reuse the model (Trained)."""
     from diffusers import DDPMScheduler, UNet2DModel
-    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # killed between renames
-        os.replace(folder + ".old", folder)
+    cli.restored(folder)
     names = data.class_names(cfg["dataset"], cfg["data_root"])
     images, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     keep = data.long_tail_indices(labels, cfg["imb"], cfg["data_seed"], cfg["split"])
@@ -67,8 +69,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
         except Exception as e:  # truncated, or what weights_only refuses
             raise cli.SAUError(f"{folder}/state.pt is unreadable ({e.__class__.__name__}): "
                                f"delete {folder} to train the model again") from None
-        differ = sorted(k for k in settings
-                        if k != "train_steps" and state["settings"].get(k) != settings[k])
+        differ = cli.config_diff(state["settings"], settings, ignore={"train_steps"})
         if differ:
             raise cli.SAUError(
                 f"{folder} holds a model trained with other settings ({', '.join(differ)}): "
@@ -131,7 +132,7 @@ def train_ddpm(cfg, folder, device, log=print, world=1):
                         if f.endswith(".safetensors"))
     with open(os.path.join(folder, "ema", weights_file), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
-    return ema.eval(), settings, sha, [v.item() for v in losses]
+    return Trained(ema.eval(), settings, sha, [v.item() for v in losses])
 
 
 def ddpm_batch(x_all, y_all, weights, n, label_dropout, null, g):

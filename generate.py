@@ -3,7 +3,7 @@
     python generate.py                               # CIFAR-10 imb 100 with stabilityai/sd-turbo
     python generate.py --dataset cifar100 --model D  # any text-to-image pipeline, hub id or folder
     python generate.py --shard 1/4 --device cuda:1   # a quarter: one process a GPU, same pool
-    python generate.py --bench --batch-size 64       # images/s of sd-turbo's shapes, random weights
+    python generate.py --bench --batch-size 64       # images/s of --model, nothing written
 
 Image k of class c is a function of (generator settings, seed, c, k): a rerun makes the missing
 images, and a killed, resumed or split run writes the same bytes (docs/method.md: the files).
@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import re
-import tempfile
 import textwrap
 import time
 import warnings
@@ -90,7 +89,7 @@ CONFIG = {
                   choices=("balanced", "plain")),
     "sampler": S("ddim", "ddpm: DDIM or DPM-Solver++", choices=("ddim", "dpm")),
     "ckpt_every": S(1000, "ddpm: training steps between checkpoints", AT_LEAST_1),
-    "bench": S(False, "time the default architecture with random weights"),
+    "bench": S(False, "time --model's pipeline at --batch-size: images/s, nothing written"),
     "bench_batches": S(3, "timed batches after one warm-up, with --bench", AT_LEAST_1),
 }
 IGNORED = [
@@ -107,10 +106,6 @@ IGNORED = [
 
 def parse_args(argv=None):
     return cli.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
-
-
-def image_seed(seed, label, index, attempt=0):  # a function of these numbers alone
-    return cli.derived_seed(seed, label, index, attempt, bits=63)
 
 
 def plan_batches(targets, batch_size):  # every (label, index), in order, cut into batches
@@ -145,52 +140,11 @@ def load_pipeline(model, dtype):
                            f"({e.__class__.__name__}): pass a local folder with --model") from None
 
 
-def write_tokenizer(folder):
-    """A byte-level CLIP tokenizer with no download: the 256 byte symbols and their </w> forms."""
-    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map past 255
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbols = [chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
-               for b in range(256)]
-    words = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({s: i for i, s in enumerate(words)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-
-
 def quiet_libraries():  # our progress bar and errors, not the libraries' notes and bars
     import diffusers
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     prompting.quiet_transformers()
-
-
-def sd_turbo_architecture(dtype):
-    """stabilityai/sd-turbo's components (SD 2.1 shapes) with random weights: for --bench."""
-    quiet_libraries()
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024,
-                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D", ) * 4,
-                        up_block_types=("UpDecoderBlock2D", ) * 4, layers_per_block=2,
-                        latent_channels=4, sample_size=768)
-    tokenizer = write_tokenizer(tempfile.mkdtemp())
-    text = CLIPTextModel(
-        CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                       num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
-                       vocab_size=len(tokenizer), max_position_embeddings=77))
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                       beta_end=0.012, timestep_spacing="trailing", steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
-    return pipe.to(dtype=dtype)
 
 
 def broken(x):  # [n] bool on the host: all black (a safety checker's) or not finite
@@ -216,7 +170,8 @@ class Maker:
         """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds [n], CLIP refusals [n], CLIP p
         [n] or None); a black, non-finite or refused image is made again with the next seed."""
         n, filtered = len(items), self.clip is not None
-        seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
+        # image k of class c: a function of (seed, c, k, attempt) alone
+        seeds = [cli.derived_seed(self.cfg["seed"], c, k, 0, bits=63) for c, k in items]
         refused, p = [0] * n, [None] * n
         x, todo = self.raw(items, prompts, seeds), list(range(n))
         # every image still to make has failed as often as the others: one attempt count
@@ -241,7 +196,7 @@ class Maker:
                     f"check --model, --dtype and --steps"
                     + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
             for i in again:
-                seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt)
+                seeds[i] = cli.derived_seed(self.cfg["seed"], *items[i], attempt, bits=63)
             self.retries += len(again)
             x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again],
                                 [seeds[i] for i in again])
@@ -296,9 +251,8 @@ class TextToImage(Maker):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.cfg = device, cfg
-        model = "sd-turbo-architecture" if cfg["bench"] else cfg["model"]
-        steps, guidance = MODEL_DEFAULTS.get("stabilityai/sd-turbo" if cfg["bench"] else model,
-                                             GENERIC_DEFAULTS)
+        model = cfg["model"]
+        steps, guidance = MODEL_DEFAULTS.get(model, GENERIC_DEFAULTS)
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.steps = cfg["steps"] if cfg["steps"] is not None else steps
         self.guidance = cfg["guidance"] if cfg["guidance"] is not None else guidance
@@ -326,8 +280,9 @@ class TextToImage(Maker):
 class ClassConditional(Maker):
     """The trained class-conditional UNet, DDIM or DPM-Solver, classifier-free guidance."""
 
-    def __init__(self, unet, train_settings, sha, cfg, device, dtype):
+    def __init__(self, trained, cfg, device, dtype):  # trained: ddpm.Trained
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+        unet = trained.ema
         self.unet, self.cfg, self.device, self.dtype = unet.to(device), cfg, device, dtype
         config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
         self.sampler = (DDIMScheduler if cfg["sampler"] == "ddim" else
@@ -335,7 +290,8 @@ class ClassConditional(Maker):
         self.steps = cfg["steps"] if cfg["steps"] is not None else 50
         self.guidance = cfg["guidance"] if cfg["guidance"] is not None else 1.5
         self.null = unet.config.num_class_embeds - 1
-        self.settings = {"type": "ddpm", "training": train_settings, "checkpoint_sha256": sha,
+        self.settings = {"type": "ddpm", "training": trained.settings,
+                         "checkpoint_sha256": trained.sha256,
                          "sampler": cfg["sampler"], "steps": self.steps, "guidance": self.guidance,
                          "seed": cfg["seed"], "batch_size": cfg["batch_size"],
                          "dtype": str(dtype).replace("torch.", "")}
@@ -396,9 +352,8 @@ def check_manifest(folder, manifest):
     if "generator" not in manifest:
         return
     settings = {k: v for k, v in (old or {}).get("generator", {}).items() if k not in COUNTS}
-    if old and settings != manifest["generator"]:
-        diff = sorted(k for k in set(settings) | set(manifest["generator"])
-                      if settings.get(k) != manifest["generator"].get(k))
+    diff = cli.config_diff(settings, manifest["generator"]) if old else []
+    if diff:
         raise cli.SAUError(f"{folder} holds a pool made with other generator settings "
                            f"({', '.join(diff)}): use the same flags, or a new --pool folder")
     cli.write_atomic(path, json.dumps(manifest, indent=1))
@@ -468,10 +423,8 @@ def write_samples(folder, names, per_row=8):
 # ---------------------------------------------------------------- the pool
 
 
-def run_bench(cfg):  # sd-turbo's architecture, random weights: a warm-up batch, then the timed
-    device, dtype = pick(cfg)
-    torch.manual_seed(0)
-    gen = TextToImage(sd_turbo_architecture(dtype), cfg, device, dtype)
+def run_bench(cfg, device, dtype):  # --model's pipeline: a warm-up batch, then the timed ones
+    gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
     n, templates = cfg["batch_size"], prompting.TEMPLATES
     batch = [(3, k) for k in range(n)], [templates[i % len(templates)].format("cat")
                                          for i in range(n)]
@@ -498,8 +451,9 @@ def main(argv=None):
     cli.one_process("generate.py splits a pool with --shard i/N, one process a GPU: start the i-th "
                     "with --device cuda:i --shard i/N (python table.py does)")
     cfg = parse_args(argv)
+    device, dtype = pick(cfg)
     if cfg["bench"]:
-        return run_bench(cfg)
+        return run_bench(cfg, device, dtype)
     names = data.class_names(cfg["dataset"], cfg["data_root"])
     _, labels = data.load_cifar(cfg["dataset"], cfg["data_root"], train=True)
     n_max = int(np.bincount(labels).max())
@@ -512,7 +466,7 @@ def main(argv=None):
         counts = [(cfg["per_class"] if cfg["per_class"] is not None else 500) if n else 0
                   for n in targets]
         drawn = prompting.write_lm_prompts(path, names, counts, cfg["prompt_model"],
-                                           pick(cfg)[0], cfg["seed"], cfg["prompt_batch"], world)
+                                           device, cfg["seed"], cfg["prompt_batch"], world)
         cfg = {**cfg, "prompts": path}
     prompts = prompting.class_prompts(names, cfg["prompts"], cfg["prompt_style"], cfg["dataset"],
                                       cfg["seed"])
@@ -529,10 +483,9 @@ def main(argv=None):
                            f"lines beginning with each class name")
     check_manifest(cli.writable_folder(folder, "--pool"), {"dataset": cfg["dataset"],
                                                              "classes": names})
-    device, dtype = pick(cfg)
     if cfg["generator"] == "ddpm":
         trained = ddpm.train_ddpm(cfg, os.path.join(folder, "ddpm"), device, world=world)
-        gen = ClassConditional(*trained[:3], cfg, device, dtype)
+        gen = ClassConditional(trained, cfg, device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:
         gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
@@ -575,7 +528,8 @@ def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p)
         for _, group in itertools.groupby(enumerate(rows), lambda p: p[1] - p[0]):
             run = [i for _, i in group]
             ks = [batch[i][1] for i in run]
-            redone = np.array([seeds[i] != image_seed(cfg["seed"], c, k) for i, k in zip(run, ks)])
+            first = [cli.derived_seed(cfg["seed"], c, k, 0, bits=63) for k in ks]
+            redone = np.array([seeds[i] != s for i, s in zip(run, first)])
             clip = {} if clip_p is None else {
                 "clip_refused": np.array([refused[i] for i in run]),
                 "clip_p": np.array([clip_p[i] for i in run], np.float32)}

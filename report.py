@@ -195,7 +195,26 @@ def plot_suspects(out, mixed, flagged, epochs, per_side=8):
     save_figure(fig, os.path.join(out, "suspects.png"))
 
 
-# ---------------------------------------------------------------- --summarize
+# ------------------------------------------ finished runs over seeds: --summarize and table.py
+
+METRICS = ("top1", "top5", *data.GROUPS)  # the final-epoch figures of a summary
+
+
+def final_metrics(folder):
+    """A finished run's final-epoch metrics (its final.json), None while it is not finished."""
+    path = os.path.join(folder, "final.json")
+    return cli.read_json(path)["final_epoch"] if os.path.isfile(path) else None
+
+
+def spreads(finals, keys=METRICS):
+    """{metric: spread} over finished runs' final-epoch metrics."""
+    return {k: spread([f[k] for f in finals]) for k in keys}
+
+
+def write_summary(path, lines, summary):
+    """path.md (a table's lines) and path.json (its numbers), each in one rename."""
+    cli.write_atomic(path + ".md", "\n".join(lines) + "\n")
+    cli.write_atomic(path + ".json", json.dumps(summary, indent=1))
 
 
 def spread(values):
@@ -215,23 +234,22 @@ def shown_spread(t):
 
 def summarize(settings, dirs, out=""):
     """Mean and standard deviation of the final metrics over runs that differ only in --seed."""
-    runs, keys = [], ("top1", "top5", *data.GROUPS)
+    runs = []
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "config.json")):
             raise cli.SAUError(f"{d} is not a run folder (no config.json)")
-        if not os.path.isfile(os.path.join(d, "final.json")):
+        final = final_metrics(d)
+        if final is None:
             raise cli.SAUError(f"{d} has no final.json: finish the run with --resume {d}")
-        final = cli.read_json(os.path.join(d, "final.json"))["final_epoch"]
         runs.append((d, cli.read_json(os.path.join(d, "config.json")), final))
     ref = runs[0][1]
     for d, c, _ in runs[1:]:
-        diff = cli.config_diff(settings, ref, c, ignore={"seed"})
+        diff = cli.config_diff(ref, c, settings, ignore={"seed"})
         if diff:
             raise cli.SAUError(f"{d} differs from {runs[0][0]} in "
                                f"{', '.join(map(cli.flag, diff))}: summarize runs that differ "
                                f"only in --seed")
-    table = {k: spread([f[k] for _, _, f in runs]) for k in keys}
-    table = {k: t for k, t in table.items() if t}
+    table = {k: t for k, t in spreads([f for _, _, f in runs]).items() if t}
     defaults = {k: s.default for k, s in settings.items()}
     name = cli.run_name(settings, {**defaults, **ref}, seed=False)
     seeds = ", ".join(str(c["seed"]) for _, c, _ in runs)
@@ -242,7 +260,5 @@ def summarize(settings, dirs, out=""):
     print("\n".join(lines))
     path = out or os.path.join("runs", f"summary_{name}")
     cli.writable_folder(os.path.dirname(path) or ".", "--out")
-    cli.write_atomic(path + ".md", "\n".join(lines) + "\n")
-    summary = {"runs": dirs, "config": ref, "final_epoch": table}
-    cli.write_atomic(path + ".json", json.dumps(summary, indent=1))
+    write_summary(path, lines, {"runs": dirs, "config": ref, "final_epoch": table})
     print(f"written: {path}.md, {path}.json")

@@ -199,7 +199,7 @@ def resumed(table):
                   f"distributions from other random numbers")
         kept = {k: v for k, v in saved.items() if k in table and table[k].scope != "call"}
         cfg = {**cfg, **kept, **given, "out": folder}
-        diff = cli.config_diff(table, saved, cfg)
+        diff = cli.config_diff(saved, cfg, table)
         if diff:
             was = ", ".join(f"{cli.flag(k)} {saved.get(k, table[k].default)} (now {cfg[k]})"
                             for k in diff)

@@ -9,7 +9,6 @@
 The same command again skips finished runs and resumes killed ones; a failed run is one line.
 """
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -261,22 +260,18 @@ def write_table(folder, cfg, jobs, keys=("top1", *data.GROUPS)):
     """table.md, table.json and table.png: each cell the final-epoch accuracy, mean ± std over
     the seeds that finished (missing ones named)."""
     cells = list(dict.fromkeys(j.cell for j in jobs))
-    new = lambda: {"seeds": [], "missing_seeds": [], "runs": [], **{k: [] for k in keys}}
-    table = {row: {cell: new() for cell in cells} for row in cfg["rows"]}
+    table = {row: {cell: {"seeds": [], "missing_seeds": [], "runs": []} for cell in cells}
+             for row in cfg["rows"]}
+    finals = {}
     for j in jobs:
-        entry, final = table[j.row][j.cell], os.path.join(j.folder, "final.json")
-        if not os.path.isfile(final):
-            entry["missing_seeds"].append(j.seed)
-            continue
-        metrics = cli.read_json(final)["final_epoch"]
-        entry["seeds"].append(j.seed)
-        entry["runs"].append(j.folder)
-        for k in keys:
-            entry[k].append(metrics[k])
-    for row in table.values():
-        for entry in row.values():
-            for k in keys:
-                entry[k] = report.spread(entry[k])
+        entry, final = table[j.row][j.cell], report.final_metrics(j.folder)
+        entry["missing_seeds" if final is None else "seeds"].append(j.seed)
+        if final is not None:
+            entry["runs"].append(j.folder)
+            finals.setdefault((j.row, j.cell), []).append(final)
+    for row, cells_of_row in table.items():
+        for cell, entry in cells_of_row.items():
+            entry.update(report.spreads(finals.get((row, cell), []), keys))
 
     def shown(entry):
         t, missing = entry["top1"], len(entry["missing_seeds"])
@@ -293,10 +288,8 @@ def write_table(folder, cfg, jobs, keys=("top1", *data.GROUPS)):
         "", "| method | " + " | ".join(map(name, cells)) + " |", "|---" * (len(cells) + 1) + "|"]
     lines += [f"| {row} `{cfg['row_flags'][row] or 'the defaults'}` | "
               + " | ".join(shown(table[row][c]) for c in cells) + " |" for row in cfg["rows"]]
-    cli.write_atomic(os.path.join(folder, "table.md"), "\n".join(lines) + "\n")
     grid = {k: cfg[k] for k in ("name", "datasets", "imbs", "rows", "seeds", "syn", "row_flags")}
-    cli.write_atomic(os.path.join(folder, "table.json"),
-                     json.dumps({"grid": grid, "table": table}, indent=1))
+    report.write_summary(os.path.join(folder, "table"), lines, {"grid": grid, "table": table})
     plt = report.pyplot()
     mean = np.array([[np.nan if table[r][c]["top1"] is None else table[r][c]["top1"]["mean"]
                       for c in cells] for r in cfg["rows"]])

@@ -341,6 +341,27 @@ def test_torchrun_is_refused_in_one_line_that_names_the_way(name, monkeypatch, c
     assert all(n in err[0] for n in named), err
 
 
+def test_a_folder_written_atomically_survives_a_kill_between_its_renames(tmp_path, monkeypatch):
+    """write_atomic of a folder (the DDPM's checkpoint): killed after moving the old one aside,
+    restored puts it back and removes the half-written one; the next write replaces it."""
+    folder = str(tmp_path / "ddpm")
+    write = lambda text: cli.write_atomic(folder, lambda tmp: (os.makedirs(tmp), open(
+        os.path.join(tmp, "state"), "w").write(text)))
+    write("old")
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst), src.endswith(
+        ".tmp") or (_ for _ in ()).throw(Killed())))
+    with pytest.raises(Killed):
+        write("new")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [f"ddpm.{os.getpid()}.tmp", "ddpm.old"]
+    assert open(os.path.join(cli.restored(folder), "state")).read() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["ddpm"]
+    write("new")
+    assert open(os.path.join(folder, "state")).read() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["ddpm"]
+
+
 # ---------------------------------------------------------------- data.py
 
 @pytest.mark.parametrize("n_max,classes,imb,total", [
@@ -1593,14 +1614,59 @@ def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeyp
 
 # ---------------------------------------------------------------- generate.py
 
+def write_tokenizer(folder):
+    """A byte-level CLIP tokenizer with no download: the 256 byte symbols and their </w> forms."""
+    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map past 255
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbols = [chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
+               for b in range(256)]
+    words = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({s: i for i, s in enumerate(words)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def write_sd_turbo_architecture(folder):
+    """stabilityai/sd-turbo's components (SD 2.1 shapes) with random weights, saved as a pipeline
+    folder: generate.py --bench --model FOLDER --steps 1 --guidance 0 times sd-turbo's work with
+    no download (docs/gpus.md)."""
+    import generate
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    generate.quiet_libraries()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024,
+                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D", ) * 4,
+                        up_block_types=("UpDecoderBlock2D", ) * 4, layers_per_block=2,
+                        latent_channels=4, sample_size=768)
+    tokenizer = write_tokenizer(folder + "_tokenizer")
+    text = CLIPTextModel(
+        CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                       num_hidden_layers=23, hidden_act="gelu", projection_dim=512,
+                       vocab_size=len(tokenizer), max_position_embeddings=77))
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, timestep_spacing="trailing", steps_offset=1)
+    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            image_encoder=None, requires_safety_checker=False
+                            ).save_pretrained(folder)
+    return folder
+
+
 def write_tiny_pipeline(folder):
     """A Stable-Diffusion-shaped pipeline that runs in milliseconds, saved as a user's would be."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
-    import generate
     torch.manual_seed(0)
-    tokenizer = generate.write_tokenizer(os.path.join(folder + "_tokenizer"))
+    tokenizer = write_tokenizer(os.path.join(folder + "_tokenizer"))
     unet = UNet2DConditionModel(sample_size=16, block_out_channels=(4, 8), layers_per_block=1,
                                 cross_attention_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -1717,9 +1783,8 @@ def write_tiny_clip(folder, blind=False):
     position embeddings zero, patch weights scaled up), so classes rank differently image to
     image; blind: image features zero, every class p = 1/C."""
     from transformers import CLIPConfig, CLIPModel
-    import generate
     torch.manual_seed(0)
-    tokenizer = generate.write_tokenizer(folder)
+    tokenizer = write_tokenizer(folder)
     tokenizer.save_pretrained(folder)
     block = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     model = CLIPModel(CLIPConfig(
@@ -1928,6 +1993,8 @@ def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(
                                            r"airplane.*\(airplane: 8 lines in 2 calls"):
         gen_here(root, pipe_dir, tmp_path / "pool2", "--prompt-model", tiny_lm, "--per-class", 4,
                  "--prompt-batch", 4)
+
+
 # ---------------------------------------------------------------- ddpm.py
 
 DDPM = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-lr", 2e-3,
