@@ -36,16 +36,21 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                  "truck"]
 
 
-def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0):
-    """Standard python-layout CIFAR files with n_train / n_test random images per class."""
+def write_cifar(root, dataset="cifar10", n_train=20, n_test=4, seed=0, learnable=False):
+    """Standard python-layout CIFAR files with n_train / n_test random images per class: each
+    class a random pixel pattern plus noise, drawn anew for the test set (nothing to learn), or,
+    learnable, a colour of its own in both (hues around the circle) plus noise."""
+    import colorsys
     rng = np.random.default_rng(seed)
     num_classes = 10 if dataset == "cifar10" else 100
     names = CIFAR10_NAMES if dataset == "cifar10" else [f"class_{i}" for i in range(100)]
+    hues = [colorsys.hsv_to_rgb(c / num_classes, 0.8, 0.9) for c in range(num_classes)]
+    colours = np.repeat(np.array(hues) * 255, 1024, axis=1)  # C x 3072, channel-major as CIFAR's
 
     def split(n):
         y = np.repeat(np.arange(num_classes), n)
         rng.shuffle(y)
-        base = rng.integers(0, 256, (num_classes, 3072))  # a class colour pattern, plus noise
+        base = colours if learnable else rng.integers(0, 256, (num_classes, 3072))
         x = (base[y] * 0.7 + rng.integers(0, 256, (len(y), 3072)) * 0.3).astype(np.uint8)
         return x, y.tolist()
 
@@ -309,15 +314,6 @@ def test_every_flag_refuses_what_is_wrong_for_it(script, key, setting, parse, ca
             assert code == 2 and len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
 
 
-def test_every_torch_load_names_map_location():
-    """A CUDA run's files load on a CPU-only machine, never a whole model on the GPU by surprise."""
-    import ast
-    for name in ("train.py", "runner.py", "data.py", "generate.py", "ddpm.py", "test_sau.py"):
-        for node in ast.walk(ast.parse(open(os.path.join(HERE, name)).read())):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                assert "map_location" in {k.arg for k in node.keywords}, f"{name}:{node.lineno}"
-
-
 def test_an_empty_resume_is_refused(capsys):
     code, err = in_process(lambda: config("--resume", ""), capsys)
     assert code == 2 and "--resume needs the run's folder" in err[0], err
@@ -373,12 +369,15 @@ def test_lt_counts_totals(n_max, classes, imb, total):
     assert data.lt_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def test_the_subset_and_the_mixed_set_balanced_synthetic_flagged_heldout_apart(root):
+def test_the_seeded_subset_has_the_counts_drawn_by_the_data_seed():
     labels = np.repeat(np.arange(10), 50)
     a, b, c = (data.long_tail_indices(labels, 10, s) for s in (0, 0, 1))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(np.unique(a)) == len(a)
     assert np.bincount(labels[a]).tolist() == data.lt_counts(50, 10, 10)
+
+
+def test_the_mixed_set_is_balanced_its_synthetic_images_flagged(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     assert np.bincount(m.labels).tolist() == [20] * 10
     assert m.n_real == data.lt_counts(20, 10, 10) and sum(m.n_syn) == int(m.is_syn.sum())
@@ -387,11 +386,16 @@ def test_the_subset_and_the_mixed_set_balanced_synthetic_flagged_heldout_apart(r
     assert half.n_syn == [int(round(0.5 * (20 - n))) for n in half.n_real]
     none = data.build_mixed("cifar10", root, 10, 0, "none")
     assert not none.is_syn.any() and len(none) == sum(none.n_real)
+
+
+def test_cifar100_loads_in_its_layout(root):
     x, y = data.load_cifar("cifar100", root, train=True)
     assert x.shape == (600, 32, 32, 3) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [6] * 100
     assert data.class_names("cifar100", root)[7] == "class_7"
-    # heldout: the real images the subset left out
+
+
+def test_heldout_fills_with_the_real_images_the_subset_left_out(root):
     images, labels = data.load_cifar("cifar10", root, train=True)
     keep = data.long_tail_indices(labels, 10, 3)
     m = data.build_mixed("cifar10", root, 10, 3, "heldout")
@@ -402,7 +406,7 @@ def test_the_subset_and_the_mixed_set_balanced_synthetic_flagged_heldout_apart(r
     assert {x.tobytes() for x in m.images[~m.is_syn]} == lt_rows
 
 
-def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_path):
+def test_planted_images_come_from_other_classes_in_exact_counts(root):
     images, labels = data.load_cifar("cifar10", root, train=True)
     label_of = {x.tobytes(): y for x, y in zip(images, labels)}
     clean = data.build_mixed("cifar10", root, 10, 3, "heldout")
@@ -415,8 +419,15 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_pat
         assert all(label_of[x.tobytes()] != c for x in planted)  # from the other classes
         kept = m.images[m.is_syn & ~m.is_noisy & (m.labels == c)]
         assert all(label_of[x.tobytes()] == c for x in kept)
-    # the real images never change, and P = 0 is the set as built before --syn-noise existed
+    # the real images never change
     assert np.array_equal(m.images[~m.is_syn], clean.images[~clean.is_syn])
+    pooled = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=1.0)
+    assert pooled.n_noisy == pooled.n_syn and pooled.is_noisy.sum() == sum(pooled.n_syn)
+
+
+def test_no_planting_draws_the_set_as_before_syn_noise_existed(root):
+    images, labels = data.load_cifar("cifar10", root, train=True)
+    clean = data.build_mixed("cifar10", root, 10, 3, "heldout")
     zero = data.build_mixed("cifar10", root, 10, 3, "heldout", syn_noise=0.0)
     keep = data.long_tail_indices(labels, 10, 3)
     left, rng = np.setdiff1d(np.arange(len(labels)), keep), np.random.default_rng([3, 1])
@@ -428,10 +439,9 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_pat
     for a, b in ((zero, clean), (zero, data.build_mixed("cifar10", root, 10, 3, "heldout"))):
         assert all(np.array_equal(getattr(a, k), getattr(b, k))
                    for k in ("images", "labels", "is_syn", "is_noisy"))
-    pooled = data.build_mixed("cifar10", root, 10, 0, "pool", syn_noise=1.0)
-    assert pooled.n_noisy == pooled.n_syn and pooled.is_noisy.sum() == sum(pooled.n_syn)
-    with pytest.raises(cli.SAUError, match=r"--syn-noise must be in \[0, 1\]"):
-        cli.check_settings({"syn_noise": -0.1}, data.DATA_CONFIG)
+
+
+def test_a_class_no_other_class_can_plant_into_is_one_line(root, tmp_path):
     # class 1 alone in the pool: no other class can lend it wrong-class images
     folder = str(tmp_path / "pool")
     write_pool(folder, "cifar10", CIFAR10_NAMES, 20)
@@ -443,7 +453,7 @@ def test_planted_images_are_exact_per_class_and_from_other_classes(root, tmp_pat
         data.build_mixed("cifar10", root, 10, 0, "pool", pool=folder, syn_noise=0.5, syn_ratio=1.0)
 
 
-def test_batches_follow_the_order_and_their_views_the_seed(root):
+def test_batches_come_in_the_given_order_their_views_drawn_by_the_seed(root):
     """Batches in the given order with their labels and flags; the views' draws a function of the
     seed alone, another seed other views."""
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
@@ -479,9 +489,7 @@ def test_data_script_prints_counts(root, monkeypatch, capsys):
     assert code == 2 and "--syn-noise must be in [0, 1]" in err[0]
 
 
-def test_two_independent_shuffles_and_every_stream_of_draws_with_its_own_seed(root):
-    """No two streams share a seed within or across epochs (the prototype pass of epoch e once
-    reused stream A's of e + 1); train_streams seeds its orders and its views apart."""
+def test_the_two_streams_are_independent_shuffles_of_the_set(root):
     m = data.build_mixed("cifar10", root, 10, 0, "pool")
     batches = list(data.train_streams(m, 50, 5, 0))
     a_labels, b_labels = (torch.cat([ab[k].y for ab in batches]) for k in (0, 1))
@@ -492,6 +500,12 @@ def test_two_independent_shuffles_and_every_stream_of_draws_with_its_own_seed(ro
     assert list(batches[0][1].draws) == ["v1"]
     assert sorted(a_labels.tolist()) == sorted(m.labels.tolist()) == sorted(b_labels.tolist())
     assert not torch.equal(a_labels, b_labels)
+
+
+def test_every_stream_of_draws_has_its_own_seed(root):
+    """No two streams share a seed within or across epochs and seeds (the prototype pass of epoch
+    e once reused stream A's of e + 1); train_streams seeds its orders and its views apart."""
+    m = data.build_mixed("cifar10", root, 10, 0, "pool")
     seeds = [data.stream_seed(k, e, s) for k in range(3) for e in range(50) for s in data.STREAMS]
     assert len(set(seeds)) == len(seeds)
     used = []
@@ -641,8 +655,8 @@ def global_numpy_restored():
 
 @pytest.mark.parametrize("num_classes,per_class", [(10, 5000), (100, 500)])
 @pytest.mark.parametrize("imb", [100, 50, 10])
-def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, per_class, imb,
-                                                                   global_numpy_restored):
+def test_the_named_splits_are_their_codebases_subsets(num_classes, per_class, imb,
+                                                      global_numpy_restored):
     # CIFAR's layout: per_class of each class, shuffled
     labels = np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
     for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
@@ -651,8 +665,7 @@ def test_the_reference_and_ldam_splits_are_those_codebases_subsets(num_classes, 
         assert np.bincount(labels[ours]).tolist() == data.lt_counts(per_class, num_classes, imb)
 
 
-def test_the_splits_on_the_tiny_data_and_the_scripts_that_name_and_save_them(
-        root, tmp_path, capsys, global_numpy_restored):
+def test_the_named_splits_on_the_tiny_data_are_their_codebases(root, global_numpy_restored):
     _, labels = data.load_cifar("cifar10", root, train=True)
     for split, theirs in (("reference", authors_subset), ("ldam", ldam_subset)):
         assert sorted(data.long_tail_indices(labels, 10, 0, split).tolist()) == theirs(labels, 10)
@@ -662,6 +675,10 @@ def test_the_splits_on_the_tiny_data_and_the_scripts_that_name_and_save_them(
              for c, n in enumerate(data.lt_counts(20, 10, 10))]
     assert np.array_equal(data.long_tail_indices(labels, 10, 3), np.concatenate(drawn))
     assert np.array_equal(data.long_tail_indices(labels, 10, 3, "seeded"), np.concatenate(drawn))
+
+
+def test_the_data_script_saves_a_splits_positions(root, tmp_path, capsys, global_numpy_restored):
+    _, labels = data.load_cifar("cifar10", root, train=True)
     out = tmp_path / "subset.txt"
     code, err = in_process(lambda: data.main(["--data-root", root, "--imb", "10", "--split",
                                               "reference", "--save-indices", str(out)]), capsys)
@@ -671,6 +688,9 @@ def test_the_splits_on_the_tiny_data_and_the_scripts_that_name_and_save_them(
     code, err = in_process(lambda: data.main(["--data-root", root, "--split", "ldam",
                                               "--data-seed", "3"]), capsys)
     assert code == 2 and "--data-seed 3 has no effect with --split reference or ldam" in err[0]
+
+
+def test_a_split_names_its_runs_also_in_a_grid(root, capsys):
     import table
     cfg = config("--data-root", root, "--split", "ldam")
     assert "_splitldam_" in train.run_name(cfg) and "split" not in train.run_name(config())
@@ -679,6 +699,8 @@ def test_the_splits_on_the_tiny_data_and_the_scripts_that_name_and_save_them(
                 "l=--split ldam", "--seeds", "0"])
     printed = capsys.readouterr().out
     assert "--split ldam" in printed and "_splitldam_" in printed
+
+
 # ---------------------------------------------------------------- views.py
 
 TF = views.T.functional
@@ -839,15 +861,7 @@ class ReciprocalDivision(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_the_references_views_autoaugment_fill_solarize_cutout_and_normalisation():
-    made = torchvision_views("cifar10")
-    for v in ("v1", "v2", "v3", "test"):
-        out = made[v](torch.full((3, 32, 32), 200, dtype=torch.uint8))
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    torch.manual_seed(0)
-    cut = random_cutout(torch.ones(3, 32, 32, dtype=torch.uint8))
-    zeros = int((cut[0] == 0).sum())
-    assert 64 <= zeros <= 256 and torch.equal(cut[0] == 0, cut[2] == 0)
+def test_autoaugment_uses_the_references_grey_fill_solarize_thresholds():
     ops, _, mag, _ = views._aa_tables(32, 32)
     thresholds = sorted({round(255 * m, 4) for o, m in zip(ops.flatten().tolist(),
                          mag.flatten().tolist()) if o == views.AA_OPS.index("Solarize")})
@@ -864,12 +878,16 @@ def test_the_references_views_autoaugment_fill_solarize_cutout_and_normalisation
         op("Solarize"), torch.full((2, ), 256 * 7 / 9 / 255).double())
     # threshold 199.1: 199 kept (255 * 7/9 = 198.3 would invert it)
     assert solar[:, 0, 0, 0].tolist() == [199, 55]
+
+
+def test_the_views_are_normalised_with_the_references_constants():
     assert views.MEAN_STD["cifar10"] == ((0.49139968, 0.48215827, 0.44653124),
                                          (0.24703233, 0.24348505, 0.26158768))
     assert views.MEAN_STD["cifar100"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-    out = made["test"](torch.full((3, 32, 32), 128, dtype=torch.uint8))
+    x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    v1 = views.DeviceViews("cifar10", torch.device("cpu"))(x, ("v1",), torch.Generator())["v1"]
     mean, std = (torch.tensor(s) for s in views.MEAN_STD["cifar10"])
-    assert torch.allclose(out[:, 0, 0], (128 / 255 - mean) / std)
+    assert torch.allclose(v1[:, :, 16, 16], (128 / 255 - mean) / std)  # inside any crop
 
 
 def view_stats(v):  # [N, 3, 32, 32] normalised -> a few statistics a wrong view would move
@@ -912,7 +930,7 @@ def test_the_views_are_fp32_under_bf16_autocast():
 # ---------------------------------------------------------------- model.py
 
 @pytest.mark.quick
-def test_parameter_counts_and_shapes():
+def test_resnet32_has_the_papers_parameter_counts():
     assert param_counts(resnet32(10)) == (7_386_186, 4_993_152)
     assert param_counts(resnet32(100)) == (7_409_316, 4_993_152)
     logits, z = resnet32(10, width=4).eval()(torch.randn(3, 3, 32, 32))
@@ -925,13 +943,17 @@ def test_parameter_counts_and_shapes():
 # ---------------------------------------------------------------- train.py: the losses and the step
 
 @pytest.mark.quick
-def test_soft_ce_and_the_references_mixing():
-    """soft_ce is cross-entropy on one-hot targets; cutmix's weight is the true pasted area; its
-    box the reference's: a continuous centre ~ U(0, W), the clipped edges rounded (side 10
-    centred at 15.6 covers 11..20); mix_draws draws lam, lam, then the centre, per step."""
+def test_soft_ce_is_cross_entropy_on_one_hot_targets():
     logits, y = torch.randn(7, 5), torch.randint(5, (7,))
     assert torch.allclose(train.soft_ce(logits, F.one_hot(y, 5).float()),
                           F.cross_entropy(logits, y), atol=1e-6)
+
+
+@pytest.mark.quick
+def test_mixing_is_the_references_with_the_true_pasted_area():
+    """Cutmix's weight is the true pasted area; its box the reference's: a continuous centre
+    ~ U(0, W), the clipped edges rounded (side 10 centred at 15.6 covers 11..20); mix_draws draws
+    lam, lam, then the centre, per step."""
     xa, xb, t = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32), torch.eye(2)
     for lam in (0.1, 0.5, 0.9):
         for centre in ((16.0, 16.0), (2.5, 30.1)):  # inside, and clipped at two edges
@@ -970,12 +992,17 @@ def naive_supcon(feats, labels, is_anchor, t):
 
 
 @pytest.mark.quick
-def test_supcon_matches_the_formula_and_its_member_mask_leaves_members_out():
+def test_supcon_is_the_formula():
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(6, 2, 8), dim=-1)
     labels, is_anchor = torch.tensor([0, 1, 0, -1, 2, 1]), torch.tensor([1, 1, 1, 1, 0, 1]).bool()
     assert torch.allclose(train.supcon(feats, labels, is_anchor, 0.1),
                           naive_supcon(feats, labels, is_anchor, 0.1), atol=1e-4)
+
+
+@pytest.mark.quick
+def test_supcon_leaves_non_members_out():
+    torch.manual_seed(1)
     feats = F.normalize(torch.randn(9, 2, 8), dim=-1)
     labels, t = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0, 1]), 0.1
     anchor = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1, 1]).bool()
@@ -1047,13 +1074,14 @@ def test_strategies_change_the_loss_as_described():
 
 def test_an_eager_step_dispatches_few_operations(root):
     """Each aten operation of the eager step is a kernel launch and host time on a GPU (4,092 a
-    step before; 3,513 on torch 2.14.1)."""
+    step before the step was reworked; 3,515 on torch 2.14.1): an upper bound with room for a
+    torch upgrade, not for a step that grows by a view's worth of ops."""
     run, cfg, step = one_step(root)
     pairs = iter(train.streams(run, cfg, 0))
     step(*next(pairs))
     with CountOps() as ops:
         step(*next(pairs))
-    assert 3000 < ops.n <= 3600, ops.n
+    assert ops.n <= 3800, ops.n
 
 
 def test_the_compiled_step_is_one_graph_without_a_break(root):
@@ -1137,20 +1165,32 @@ def test_the_step_compiled_by_inductor_trains_as_eager(root, monkeypatch):
     assert torch.allclose(weights["inductor"], weights["eager"], atol=1e-4)
 
 
+STEP_X, STEP_Y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+COUNTS = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])  # real and synthetic, per class
+
+
 @pytest.mark.quick
-def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
-    """By hand, the same passes; and as the reference's, the classifier branch runs the whole
-    model: the projection head's BatchNorm statistics count the mixed batches too."""
+def test_the_projection_heads_batchnorm_sees_the_mixed_batches():
+    """As the reference's, the classifier branch runs the whole model: the projection head's
+    BatchNorm statistics count the mixup and cutmix batches too."""
     torch.manual_seed(0)
     model = resnet32(3, width=4).train()
     cfg = {k: s.default for k, s in train.CONFIG.items()}
-    n_real, n_syn = torch.tensor([6, 3, 1]), torch.tensor([0, 3, 5])
-    step = train.Step(model, {**cfg, "w_con": 0.0}, n_real, n_syn, GivenViews)
-    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    step = train.Step(model, {**cfg, "w_con": 0.0}, *COUNTS, GivenViews)
+    x, y = STEP_X, STEP_Y
     mix = torch.tensor([0.5, 0.5, 16.0, 16.0], dtype=torch.float64)
     step(train.StepInputs(batch_of(x, y), batch_of(x.flip(0), y), mix, None, 0))
     bn = model.proj[1]
     assert bn.num_batches_tracked == 2 and bn.running_mean.abs().sum() > 0
+
+
+@pytest.mark.quick
+def test_the_step_is_the_methods_passes_on_named_inputs():
+    """The step's losses are the branches' by hand; it sees the epoch and the class counts."""
+    torch.manual_seed(0)
+    model = resnet32(3, width=4).train()
+    cfg = {k: s.default for k, s in train.CONFIG.items()}
+    (n_real, n_syn), x, y = COUNTS, STEP_X, STEP_Y
     step = train.Step(model, cfg, n_real, n_syn, GivenViews)
     t, is_syn = F.one_hot(y, 3).float(), torch.arange(8) % 2 == 1
     protos = F.normalize(torch.randn(3, 2, 128), dim=-1)
@@ -1170,23 +1210,7 @@ def test_the_step_takes_named_inputs_and_sees_epoch_and_counts():
     assert torch.allclose(loss, cls + con)
 
 
-@pytest.mark.quick
-def test_the_forking_section_points_at_names_that_exist():
-    """README's worked ablations name functions and fields of the code: each must still exist."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    section = readme.split("## Forking", 1)[1].split("\n## ", 1)[0]
-    owners = "train|data|model|generate|cli|views|runner|audit"
-    names = set(re.findall(rf"`((?:{owners})(?:\.\w+)+)`", section))
-    assert len(names) >= 5, names
-    for name in names:
-        mod, *path = name.split(".")
-        obj = __import__(mod)
-        for part in path:
-            assert hasattr(obj, part) or part in getattr(obj, "_fields", ()), name
-            obj = getattr(obj, part, None)
-
-
-def test_the_forking_patches_apply_and_their_flags_run(root, tmp_path, monkeypatch):
+def test_the_forking_patches_train_with_their_flags(root, tmp_path, monkeypatch):
     """Each ```diff block of README's Forking section, as a reader copies it: git apply takes it on
     a copy of the repo, and a tiny run of the fork's train.py trains with the flag it adds, named
     by its tag, its value in config.json."""
@@ -1233,10 +1257,9 @@ def test_the_losses_are_fp32_inside_the_steps_bf16_autocast():
     assert torch.equal(inside[1], plain[1])
 # ---------------------------------------------------------------- audit.py
 
-def test_detector_figures_and_auc_on_known_answers():
+def test_detector_figures_on_known_answers():
     """2 classes, 2 real, 6 synthetic (3 planted); flagged: 2 planted, 1 clean and a real one
-    (never counted): recall 2/3, false-flag rate 1/3, precision 2/3; per class by label. The AUC
-    is the share of pairs ranked right, ties half."""
+    (never counted): recall 2/3, false-flag rate 1/3, precision 2/3; per class by label."""
     mixed = argparse.Namespace(labels=np.array([0, 1, 0, 0, 1, 1, 1, 0]), classes=["a", "b"],
                                is_syn=np.array([0, 0, 1, 1, 1, 1, 1, 1], bool),
                                is_noisy=np.array([0, 0, 1, 0, 1, 0, 1, 0], bool))
@@ -1247,6 +1270,9 @@ def test_detector_figures_and_auc_on_known_answers():
     assert report.detector(np.zeros(8, bool), mixed)["precision"] is None
     mixed.is_noisy[:] = False
     assert "recall" not in report.detector(flag, mixed)
+
+
+def test_auc_is_the_share_of_pairs_ranked_right_ties_half():
     rng = np.random.default_rng(0)
     score, pos = rng.integers(0, 6, 300).astype(float), rng.random(300) < 0.3  # many ties
     pairs = [(a > b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
@@ -1273,7 +1299,7 @@ def test_audit_scores_on_a_hand_built_batch():
 
 
 @pytest.mark.quick
-def test_the_real_reference_flags_about_q_and_a_low_mode():
+def test_the_real_reference_flags_about_q_of_samples_like_it_every_far_one():
     """Synthetic scores drawn like the class's real ones: about q rank below q; a low mode added
     (a fifth, far below) is flagged, the rest still at about q."""
     g, q = torch.Generator().manual_seed(0), 0.1
@@ -1292,6 +1318,30 @@ def test_the_real_reference_flags_about_q_and_a_low_mode():
 
 
 # ---------------------------------------------------------------- runs, kills and resume
+
+@pytest.fixture(scope="module")
+def learnable_root(tmp_path_factory):  # 40 train, 30 test images a class, each class a colour
+    r = str(tmp_path_factory.mktemp("learnable"))
+    write_cifar(r, n_train=40, n_test=30, learnable=True)
+    return r
+
+
+@pytest.mark.quick
+def test_the_network_learns_far_above_chance_its_loss_falling(learnable_root, tmp_path):
+    """The whole method, 4 epochs on classes a small network can tell apart (by colour, under
+    crops, flips and mixing): top-1 on 300 test images far above chance (10%), and the loss and
+    the classifier's loss lower in the last epoch than in the first. Seed 0, chosen before the
+    first run; seeds 0-3 reached 82-100% (a 2-core AMD EPYC CPU)."""
+    out = tmp_path / "run"
+    train.train(config("--data-root", learnable_root, "--imb", 10, "--syn", "heldout", "--width",
+                       8, "--batch-size", 32, "--epochs", 4, "--lr", 0.05, "--seed", 0,
+                       "--out", out))
+    first, last = ckpt_of(out)["metrics"][0], ckpt_of(out)["metrics"][-1]
+    final = json.loads((out / "final.json").read_text())["final_epoch"]
+    assert final["top1"] >= 10 + 30, final
+    assert last["loss"] < first["loss"] and last["loss_cls"] < first["loss_cls"], (first, last)
+
+
 
 @pytest.mark.quick
 @pytest.mark.pictures
@@ -1351,7 +1401,7 @@ def test_a_bf16_run_on_the_cpu(root, tmp_path, capsys):
     assert 0 <= json.loads((out / "final.json").read_text())["final_epoch"]["top1"] <= 100
 
 
-def test_bench_prints_its_figures_and_writes_nothing(root, tmp_path, capsys):
+def test_bench_writes_nothing_but_its_figures(root, tmp_path, capsys):
     capsys.readouterr()
     train.main(on_cpu("train.py", ["--data-root", root, *TINY, "--bench", 2, "--epochs", 200,
                                    "--out", tmp_path / "bench"]))
@@ -1413,11 +1463,22 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(root, tmp_pat
     assert (tmp_path / "kill" / "lock").read_text() == ""  # a clean end releases it
 
 
-def test_a_full_disk_a_non_finite_loss_and_a_truncated_checkpoint_keep_the_last_good_one(
-        root, tmp_path, capsys):
-    import resource
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_run(root, tmp_path_factory):
+    """A tiny run of 3 epochs stopped after the first: copy it to break it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     train.train(tiny(root, out, "--syn", "pool", "--epochs", 3, "--stop-after", 1))
+    return out
+
+
+def copy_of(run, tmp_path):
+    import shutil
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_a_full_disk_is_one_line_that_keeps_the_last_checkpoint(stopped_run, tmp_path):
+    import resource
+    out = copy_of(stopped_run, tmp_path)
     before = (out / "checkpoint.pt").read_bytes()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
     r = script("train.py", "--resume", out, preexec_fn=limit)
@@ -1426,6 +1487,11 @@ def test_a_full_disk_a_non_finite_loss_and_a_truncated_checkpoint_keep_the_last_
     assert "checkpoint.pt" in errors[0] and "Traceback" not in r.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_checkpoint(stopped_run, tmp_path,
+                                                                     capsys):
+    out = copy_of(stopped_run, tmp_path)
     ckpt = ckpt_of(out)
     ckpt["optimizer"]["param_groups"][0]["lr"] = 1e30  # the next epoch blows up
     torch.save(ckpt, out / "checkpoint.pt")
@@ -1434,7 +1500,12 @@ def test_a_full_disk_a_non_finite_loss_and_a_truncated_checkpoint_keep_the_last_
     errors = [line for line in err if "error:" in line]  # beside the progress bar's lines
     assert code == 2 and len(errors) == 1 and "non-finite loss at epoch 2, step " in errors[0], err
     assert (out / "checkpoint.pt").read_bytes() == before
-    (out / "checkpoint.pt").write_bytes(before[: len(before) // 2])  # truncated: one line
+
+
+def test_a_truncated_checkpoint_is_one_line(stopped_run, tmp_path, capsys):
+    out = copy_of(stopped_run, tmp_path)
+    before = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(before[: len(before) // 2])
     code, err = in_process(lambda: train.train(config("--resume", out)), capsys)
     assert code == 2 and len(err) == 1, err
     assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err[0]
@@ -1497,18 +1568,23 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_run(root, tmp_path, m
 
 
 @pytest.mark.quick
-def test_resume_keeps_the_runs_runtime_settings_and_rebuilds_every_derived_file(root, tmp_path):
+def test_resume_keeps_the_runs_runtime_settings_unless_given(root, tmp_path):
     """--resume takes the run's runtime settings (it used to drop --deterministic and --compile)
-    unless given again; the files derived from checkpoint.pt, deleted, it writes again."""
-    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
-                                    "per_class.png", "confusion.png")
+    unless given again."""
+    out = tmp_path / "run"
     train.train(tiny(root, out, "--epochs", 2, "--w-con", 0, "--deterministic", "on",
                      "--channels-last", "off", "--stop-after", 1))
     cfg = config("--resume", out, "--deterministic", "off")
     assert cfg["deterministic"] == "off" and cfg["channels_last"] == "off"
     cfg = config("--resume", out)
     assert cfg["deterministic"] == "on" and cfg["channels_last"] == "off" and cfg["stop_after"] == 0
-    train.train(cfg)
+
+
+@pytest.mark.quick
+def test_resume_rebuilds_every_file_derived_from_the_checkpoint(root, tmp_path):
+    out, files = tmp_path / "run", ("config.json", "metrics.jsonl", "final.json", "curves.png",
+                                    "per_class.png", "confusion.png")
+    train.train(tiny(root, out, "--w-con", 0))
     ref, metrics = final_without_timings(out), (out / "metrics.jsonl").read_text()
     for f in files:
         os.remove(out / f)
@@ -1531,7 +1607,9 @@ def test_two_runs_on_one_folder_one_finishes_the_other_is_refused(root, tmp_path
     assert json.loads((out / "final.json").read_text())["seed"] == seed
     assert ckpt_of(out)["config"]["seed"] == seed
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-def test_ctrl_c_ends_in_one_line_and_the_run_resumes(root, tmp_path):
+
+
+def test_ctrl_c_in_the_loop_is_one_line_that_says_how_to_resume(root, tmp_path):
     import signal
     import time
     out = tmp_path / "run"
@@ -1573,8 +1651,7 @@ def test_non_finite_weights_are_never_saved(root, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("case", ["out is a file", "out not writable", "pool is a file",
                                   "prompts not text"])
-def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_dir, tmp_path, case,
-                                                                    capsys):
+def test_an_unusable_folder_or_prompts_file_is_one_line(root, pipe_dir, tmp_path, case, capsys):
     import generate
     (tmp_path / "file").write_text("x")
     (tmp_path / "binary").write_bytes(bytes(range(256)) * 4)
@@ -1593,9 +1670,13 @@ def test_folders_that_cannot_be_written_and_files_that_are_not_text(root, pipe_d
 
 # ---------------------------------------------------------------- report.py: --summarize
 
-def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeypatch, capsys):
-    runs = [finished_run(tmp_path / f"s{seed}", tiny(root, "x", "--seed", seed, *extra), top1)
+def summarized_runs(root, tmp_path):  # two seeds, and a third run with another --lr
+    return [finished_run(tmp_path / f"s{seed}", tiny(root, "x", "--seed", seed, *extra), top1)
             for seed, extra, top1 in ((0, [], 41.5), (1, [], 47.0), (2, ["--lr", 0.02], 50.0))]
+
+
+def test_summarize_gives_the_mean_std_over_seeds(root, tmp_path, capsys):
+    runs = summarized_runs(root, tmp_path)
     code, err = main_here(capsys, "--summarize", runs[0], runs[1], "--out", tmp_path / "summary")
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())["final_epoch"]
@@ -1604,6 +1685,10 @@ def test_summarize_over_seeds_and_refuses_other_settings(root, tmp_path, monkeyp
     assert "many" not in summary and "44.25 ± 3.89" in (tmp_path / "summary.md").read_text()
     code, err = main_here(capsys, "--summarize", runs[0], "--out", tmp_path / "one")
     assert code == 0 and "41.50 (n = 1)" in (tmp_path / "one.md").read_text()
+
+
+def test_summarize_refuses_runs_of_other_settings_or_none(root, tmp_path, capsys):
+    runs = summarized_runs(root, tmp_path)
     code, err = main_here(capsys, "--summarize", runs[0], runs[2])
     assert code == 2 and "differs from" in err[0] and "--lr" in err[0]
     (tmp_path / "empty").mkdir()
@@ -1722,8 +1807,7 @@ def gen_pool(root, pipe_dir, tmp_path_factory):
     return pool
 
 
-def test_generate_writes_the_pool_format_and_train_runs_on_it(root, gen_pool, pipe_dir, tmp_path,
-                                                              capsys):
+def test_generate_writes_the_pool_format(gen_pool, pipe_dir):
     manifest = json.load(open(os.path.join(gen_pool, "manifest.json")))
     assert manifest["dataset"] == "cifar10" and manifest["classes"] == CIFAR10_NAMES
     assert manifest["image_size"] == 32
@@ -1742,12 +1826,16 @@ def test_generate_writes_the_pool_format_and_train_runs_on_it(root, gen_pool, pi
             for k in range(len(z["seeds"]))]
     assert os.path.getsize(os.path.join(gen_pool, "samples.png")) > 0
     assert not [f for f in os.listdir(gen_pool) if ".tmp" in f]
+
+
+def test_train_runs_on_a_generated_pool(root, gen_pool, tmp_path, capsys):
     capsys.readouterr()
     train.train(tiny(root, tmp_path / "run", "--syn", "pool", "--pool", gen_pool))
     assert "122 synthetic" in capsys.readouterr().out
 
 
-def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool, tmp_path):
+def test_a_rerun_makes_the_missing_images_with_the_same_bytes(root, pipe_dir, gen_pool,
+                                                              tmp_path):
     ref = pool_bytes(gen_pool)
     again = str(tmp_path / "again")
     gen_here(root, pipe_dir, again, "--imb", 10)  # in this process: the same bytes as the script's
@@ -1757,6 +1845,10 @@ def test_generate_reruns_and_shards_make_the_same_bytes(root, pipe_dir, gen_pool
     out = gen_here(root, pipe_dir, again, "--imb", 10)
     assert "made 10 images" in out, out
     assert pool_bytes(again) == ref
+
+
+def test_shards_make_the_pool_of_one_process(root, pipe_dir, gen_pool, tmp_path):
+    ref = pool_bytes(gen_pool)
     split = str(tmp_path / "split")
     for i in (0, 1):
         gen_here(root, pipe_dir, split, "--imb", 10, "--shard", f"{i}/2")
@@ -1801,11 +1893,17 @@ def write_tiny_clip(folder, blind=False):
     return folder
 
 
-def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_dir, tmp_path):
-    clip = write_tiny_clip(str(tmp_path / "clip"))
-    pool = str(tmp_path / "pool")
-    flags = ["--per-class", 3, "--filter", "clip", "--clip-model", clip, "--clip-top-k", 7]
-    gen_here(root, pipe_dir, pool, *flags)
+@pytest.fixture(scope="module")
+def clip_pool(root, pipe_dir, tmp_path_factory):  # (a pool made with the CLIP filter, its CLIP)
+    tmp = tmp_path_factory.mktemp("clip")
+    clip, pool = write_tiny_clip(str(tmp / "clip")), str(tmp / "pool")
+    gen_here(root, pipe_dir, pool, "--per-class", 3, "--filter", "clip", "--clip-model", clip,
+             "--clip-top-k", 7)
+    return pool, clip
+
+
+def test_the_clip_filter_records_what_it_refused(clip_pool):
+    pool, clip = clip_pool
     g = json.load(open(os.path.join(pool, "manifest.json")))["generator"]
     assert g["filter"] == {"type": "clip", "model": clip, "top_k": 7, "min_p": 0.0}
     refused = g["clip_refused_per_class"]
@@ -1822,7 +1920,10 @@ def test_clip_filter_records_what_it_refused_and_its_pool_needs_it(root, pipe_di
                 assert (z["rejected"] == (z["clip_refused"] > 0)).all()
                 counted[name] = counted.get(name, 0) + int(z["clip_refused"].sum())
     assert counted == refused
-    # the same folder without the filter: other settings
+
+
+def test_a_pool_made_with_the_filter_refuses_more_without_it(root, pipe_dir, clip_pool):
+    pool, _ = clip_pool
     r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--per-class", 3))
     assert r.returncode == 2 and "other generator settings (filter" in r.stderr, r.stderr
 
@@ -1868,9 +1969,8 @@ def test_generate_bad_input(root, pipe_dir, gen_pool, tmp_path, capsys, case, me
 # ---------------------------------------------------------------- prompting.py
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
-def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset):
-    """>= 500 distinct built prompts per class, each beginning with the class name; image k takes
-    prompt k mod the count, the same on every call with the seed, another order with another."""
+def test_default_prompts_are_hundreds_per_class_each_beginning_with_its_name(dataset):
+    """>= 500 distinct built prompts per class, each beginning with the class name."""
     names = CIFAR10_NAMES if dataset == "cifar10" else list(prompting.read_tables("cifar100")[0])
     if dataset == "cifar100":
         some = {"apple", "aquarium_fish", "baby", "maple_tree", "pickup_truck", "woman", "worm"}
@@ -1879,11 +1979,16 @@ def test_default_prompts_are_hundreds_per_class_and_the_same_for_image_k(dataset
     for c, name in enumerate(names):
         assert len(set(prompts[c])) == len(prompts[c]) >= 500, name
         assert all(p.startswith(name.replace("_", " ") + ", ") for p in prompts[c])
-    assert prompts == prompting.built_prompts(dataset, names, 0)
-    other = prompting.built_prompts(dataset, names, 1)
-    assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
     assert prompting.class_prompts(
         names, "", "templates")[0][0] == f"a photo of a {names[0].replace('_', ' ')}."
+
+
+def test_image_k_takes_the_same_prompt_on_every_call_with_the_seed():
+    """Image k takes prompt k mod the count, in an order of the seed: another with another."""
+    prompts = prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
+    assert prompts == prompting.built_prompts("cifar10", CIFAR10_NAMES, 0)
+    other = prompting.built_prompts("cifar10", CIFAR10_NAMES, 1)
+    assert other[0] != prompts[0] and sorted(other[0]) == sorted(prompts[0])
 
 
 @pytest.mark.parametrize("content,variation,message", [
@@ -1933,29 +2038,46 @@ def tiny_lm(tmp_path_factory):
     return write_tiny_language_model(tmp_path_factory.mktemp("lm"), CIFAR10_NAMES)
 
 
-def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(tiny_lm, tmp_path,
-                                                                          capsys):
+LM_COUNTS = [0, 3] + [2] * 8  # lines per class; a class with no fill gets no line
+
+
+def lm_write(path, lm):
+    path.parent.mkdir(exist_ok=True)
+    return prompting.write_lm_prompts(str(path), CIFAR10_NAMES, LM_COUNTS, lm, torch.device("cpu"),
+                                      5, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def lm_file(tiny_lm, tmp_path_factory):  # the tiny language model's prompts file, written once
+    path = tmp_path_factory.mktemp("lm") / prompting.LM_FILE
+    lm_write(path, tiny_lm)
+    return path
+
+
+def test_a_language_models_lines_are_checked(lm_file):
     """The asked number of lines per class, each beginning with its class name, within the length
-    window, none twice in a class; the same file again from scratch; a file cut by a kill resumed
-    to the same bytes; a rerun with nothing to write loads no model."""
-    names, counts = CIFAR10_NAMES, [0, 3] + [2] * 8  # a class with no fill gets no line
-    write = lambda path, lm=tiny_lm: prompting.write_lm_prompts(
-        str(path), names, counts, lm, torch.device("cpu"), 5, batch_size=4)
-    paths = [tmp_path / f"p{i}" / prompting.LM_FILE for i in (0, 1, 2)]
-    for p in paths:
-        p.parent.mkdir()
-    write(paths[0])
-    write(paths[1])
-    text = paths[0].read_text()
-    assert text == paths[1].read_text()
-    assert "refused and drawn again, per class" in capsys.readouterr().out
-    lines = prompting.lm_lines(str(paths[0]), names)
+    window, none twice in a class; read back as the class's prompts."""
+    names, counts = CIFAR10_NAMES, LM_COUNTS
+    lines = prompting.lm_lines(str(lm_file), names)
     assert [len(lines[c]) for c in range(10)] == counts
     for c, ls in lines.items():
         assert len(set(ls)) == len(ls)
         for line in ls:
             assert line.lower().startswith(names[c]) and 20 <= len(line.split()) <= 70
-    # killed in its fourth call, then a line cut short: resumed to the uninterrupted run's file
+    assert prompting.class_prompts(names, str(lm_file), "built")[1] == lines[1]
+
+
+def test_a_language_model_writes_the_same_file_again_from_scratch(tiny_lm, lm_file, tmp_path,
+                                                                 capsys):
+    lm_write(tmp_path / prompting.LM_FILE, tiny_lm)
+    assert (tmp_path / prompting.LM_FILE).read_text() == lm_file.read_text()
+    assert "refused and drawn again, per class" in capsys.readouterr().out
+
+
+def test_a_killed_language_model_resumes_to_the_same_file(tiny_lm, lm_file, tmp_path):
+    """Killed in its fourth call, then a line cut short: resumed to the uninterrupted run's file;
+    a rerun with nothing to write loads no model."""
+    path, text = tmp_path / prompting.LM_FILE, lm_file.read_text()
     real_describe, count = prompting.describe, [0]
 
     def describe(*args):
@@ -1966,14 +2088,13 @@ def test_a_language_model_writes_the_prompts_seeded_checked_and_resumable(tiny_l
 
     with pytest.raises(Killed), pytest.MonkeyPatch.context() as m:
         m.setattr(prompting, "describe", describe)
-        write(paths[2])
-    assert len(text) > len(paths[2].read_text()) > 0
-    with open(paths[2], "a") as f:
+        lm_write(path, tiny_lm)
+    assert len(text) > len(path.read_text()) > 0
+    with open(path, "a") as f:
         f.write("Deer shadow clo")
-    write(paths[2])
-    assert paths[2].read_text() == text
-    write(paths[2], "no/such-model")  # nothing to write
-    assert prompting.class_prompts(names, str(paths[0]), "built")[1] == lines[1]
+    lm_write(path, tiny_lm)
+    assert path.read_text() == text
+    lm_write(path, "no/such-model")  # nothing to write
 
 
 def test_generate_writes_its_prompts_with_a_language_model_then_draws_the_pool(
@@ -2001,7 +2122,7 @@ DDPM = ["--generator", "ddpm", "--ddpm-width", 8, "--train-batch", 16, "--train-
         "--warmup", 1, "--lr-schedule", "constant", "--steps", 2, "--batch-size", 64, "--imb", 10]
 
 
-def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
+def test_ddpm_training_lowers_its_loss_resuming_as_if_never_stopped(root, tmp_path):
     import generate
     args = lambda steps: generate.parse_args(["--data-root", root, *map(str, DDPM), "--train-steps",
                                               str(steps), "--ckpt-every", "4"])
@@ -2020,7 +2141,7 @@ def test_ddpm_training_lowers_the_loss_resumes_and_is_reused(root, tmp_path):
     assert train_ddpm(24, "straight")[2] == sha24  # 16 + 8 steps after a restart == 24 in one go
 
 
-def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, capsys):
+def test_ddpm_default_schedule_resumes_after_kill_9(root, tmp_path, capsys):
     """The default cosine schedule once stored a numpy lr that weights_only refused: a second run
     and a resume after kill -9 read state.pt, and an unreadable one is one line naming it."""
     import generate
@@ -2053,7 +2174,7 @@ def test_ddpm_default_schedule_reuses_and_resumes_after_a_kill(root, tmp_path, c
     assert code == 2 and len(err) == 1 and "state.pt is unreadable" in err[0], err
 
 
-def test_ddpm_pool_is_valid_and_reproducible(root, tmp_path, capsys):
+def test_ddpm_pools_are_reproducible(root, tmp_path, capsys):
     import generate
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
@@ -2090,8 +2211,7 @@ def grid_plan(root, *args, extra=()):
 
 
 @pytest.mark.pictures
-def test_table_writes_each_cell_as_the_mean_and_std_of_its_runs(root, tmp_path, monkeypatch,
-                                                               capsys):
+def test_table_cells_are_the_mean_std_over_their_runs(root, tmp_path, monkeypatch, capsys):
     """On written final.json files: each cell the mean and std over the seeds that finished, a
     missing seed named, a missing cell said, one seed no spread (n = 1)."""
     import table
@@ -2164,7 +2284,7 @@ def test_table_killed_mid_run_finishes_next_time_with_the_same_table(root, tmp_p
     assert table["one"]["cifar10_imb10"]["top1"]["runs"] == 1
 
 
-def test_table_reports_a_failed_run_in_one_line_and_finishes_the_rest(root, tmp_path, capsys):
+def test_a_failed_grid_run_is_one_line_the_rest_finish(root, tmp_path, capsys):
     import table
     r = table_run(tmp_path, root, "f", "--datasets", "cifar10", "--imbs", 10, "--rows", "baseline",
                   "blowup", "--row", "blowup=--lr 1e30", "--seeds", 0, "--syn", "heldout")
@@ -2214,7 +2334,7 @@ def test_table_makes_each_pool_once_one_shard_a_gpu_the_bytes_of_one_process(
     (["--rows", "paper", "--", "--stop-after", "1"], "after --: --stop-after makes no"),
     (["--row", "o=--out x", "--rows", "o"], "row o: --out makes no"),
     (["--row", "bad=--bogus 1", "--rows", "bad"], "row bad .*unrecognized arguments: --bogus")])
-def test_table_refuses_a_row_that_makes_no_run_and_names_the_row(argv, message, capsys):
+def test_table_refuses_a_row_that_makes_no_run_by_its_name(argv, message, capsys):
     """A row of your own joins after --rows without being named there too (before: never run)."""
     import table
     code, err = in_process(lambda: table.main(["--dry-run", "--imbs", "10", *argv]), capsys)
@@ -2300,7 +2420,7 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_step_the_prototype_pass_and_the_ddpm_step_make_no_host_sync(root):
+def test_no_host_sync_in_the_step_the_prototypes_or_the_ddpm_step(root):
     """The CPU stand-in of test_cuda_step_makes_no_host_sync: after a warm-up, two training steps
     (planted images), a prototype pass and two DDPM steps make no op that would wait
     for a CUDA device; and the recorder finds what it looks for."""
@@ -2443,7 +2563,7 @@ def emulated_cfg(root, out, *flags):
 
 
 @pytest.mark.quick
-def test_emulated_cuda_default_run_stops_resumes_and_writes_every_file(
+def test_emulated_cuda_default_run_resumes_writing_every_file(
         root, tmp_path, emulated_cuda, capsys):
     """The default command's CUDA branches (set_device(torch.device("cuda")) once crashed), a stop
     and --resume, every file, a GPU run's start line, the precision settings."""
@@ -2510,7 +2630,7 @@ def test_the_device_is_a_gpu_this_process_sees(monkeypatch, emulated_cuda):
 
 
 @pytest.mark.quick
-def test_device_propagation_of_the_views_the_step_prototypes_evaluation_and_audit(
+def test_every_forward_pass_stays_on_the_runs_device(
         root, monkeypatch):
     """Layer (b): every forward pass of a run with its inputs on a fake CUDA device (backward
     needs a real CUDA context: layer (a) runs it); and the check finds a CPU tensor or index."""
@@ -2665,7 +2785,7 @@ def test_cuda_compiled_step_matches_eager(root):
 
 
 @CUDA
-def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_path):
+def test_cuda_run_resumes_to_the_same_weights_writing_every_file(root, tmp_path):
     """--deterministic on: a run stopped after epoch 1 and resumed ends with the weights of an
     uninterrupted one."""
     args = ["--data-root", root, "--device", "cuda", "--epochs", 2, *TINY, "--width", 4, "--syn",
@@ -2686,8 +2806,7 @@ def test_cuda_run_writes_every_file_and_resumes_to_the_same_weights(root, tmp_pa
 
 
 @CUDA
-def test_cuda_generate_bf16_pool_is_valid_and_reproducible_and_a_ddpm_trains(root, pipe_dir,
-                                                                              tmp_path):
+def test_cuda_pools_are_reproducible_text_to_image_or_ddpm(root, pipe_dir, tmp_path):
     pools = [str(tmp_path / p) for p in ("a", "b")]
     for pool in pools:
         r = script("generate.py", *gen_argv(root, pipe_dir, pool, "--imb", 10, "--device", "cuda",
