@@ -2,6 +2,7 @@
 writes, the run folder's lock and the device. It imports none of the scripts."""
 import argparse
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -255,8 +256,22 @@ def writable_folder(path, flag):
 @contextlib.contextmanager
 def one_at_a_time(path):  # hold the lock file at path, waiting while another process holds it
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        lock(f, path, wait=True)
         yield
+
+
+def lock(f, path, wait=False):
+    """flock the open file f at path: False where another process holds it (wait: until it lets
+    go). A file system that cannot lock (some NFS and Lustre mounts) is one line."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):  # held by another process
+            return False
+        raise SAUError(f"{path}: its file system cannot lock files ({e.strerror}; some NFS and "
+                       f"Lustre mounts): put it on one that can (a local disk, Lustre mounted "
+                       f"with -o flock)") from None
 
 
 def own(out, flag="--out", what="run"):
@@ -265,11 +280,9 @@ def own(out, flag="--out", what="run"):
     f = open(os.path.join(writable_folder(out, flag), "lock"), "a+")
     f.seek(0)
     holder = f.read().strip()
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not lock(f, f.name):
         raise SAUError(f"{out} is in use by another {what} ({holder or 'starting'}): wait for it "
-                       f"to end, or pass another {flag}") from None
+                       f"to end, or pass another {flag}")
     if holder:
         print(f"{out}: the {what} that held it ({holder}) ended without releasing it (killed?); "
               f"taking it over")

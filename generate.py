@@ -124,20 +124,28 @@ def pick(cfg):
 
 
 def load_pipeline(model, dtype):
+    """(the pipeline, its weights' variant): in fp16, the repository's fp16 files where it has
+    them (sd-turbo's halve the download), else its default ones; in bf16 the default files
+    (loading bf16 from fp16 files would round twice)."""
     from diffusers import AutoPipelineForText2Image
     quiet_libraries()
-    try:
-        with warnings.catch_warnings():  # the libraries' deprecation notes
-            warnings.simplefilter("ignore")
-            return AutoPipelineForText2Image.from_pretrained(
-                model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    except Exception as e:  # a bad folder and a failed download both surface here
-        if os.path.isdir(model):
-            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:120]}"
-            raise cli.SAUError(f"--model {model} is not a diffusers text-to-image pipeline folder "
-                               f"({why})") from None
-        raise cli.SAUError(f"could not fetch {model} from the Hugging Face hub "
-                           f"({e.__class__.__name__}): pass a local folder with --model") from None
+    for variant in (["fp16"] if dtype == torch.float16 else []) + [None]:
+        try:
+            with warnings.catch_warnings():  # the libraries' deprecation notes
+                warnings.simplefilter("ignore")
+                return AutoPipelineForText2Image.from_pretrained(
+                    model, dtype=dtype, variant=variant, safety_checker=None,
+                    requires_safety_checker=False), variant
+        except Exception as e:  # a bad folder and a failed download both surface here
+            if variant:  # no fp16 files there: the default ones
+                continue
+            error = e
+    if os.path.isdir(model):
+        why = f"{error.__class__.__name__}: {str(error).splitlines()[0][:120]}"
+        raise cli.SAUError(f"--model {model} is not a diffusers text-to-image pipeline folder "
+                           f"({why})")
+    raise cli.SAUError(f"could not fetch {model} from the Hugging Face hub "
+                       f"({error.__class__.__name__}): pass a local folder with --model")
 
 
 def quiet_libraries():  # our progress bar and errors, not the libraries' notes and bars
@@ -247,7 +255,7 @@ def pooled(out):  # transformers 4 returns the features, 5 an output whose poole
 class TextToImage(Maker):
     """Any diffusers text-to-image pipeline."""
 
-    def __init__(self, pipe, cfg, device, dtype):
+    def __init__(self, pipe, variant, cfg, device, dtype):
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.cfg = device, cfg
@@ -265,7 +273,9 @@ class TextToImage(Maker):
                          "dtype": str(dtype).replace("torch.", ""), "resize": cfg["resize"],
                          "seed": cfg["seed"], "batch_size": cfg["batch_size"],
                          "pipeline": type(pipe).__name__,
-                         "scheduler": type(pipe.scheduler).__name__}
+                         "scheduler": type(pipe.scheduler).__name__,
+                         # named when not the default files: pools made before it still match
+                         **({"weights_variant": variant} if variant else {})}
 
     def raw(self, items, prompts, seeds):
         """float [n, 3, R, R] in [0, 1]; a CPU generator per image: the same noise on any device."""
@@ -424,7 +434,7 @@ def write_samples(folder, names, per_row=8):
 
 
 def run_bench(cfg, device, dtype):  # --model's pipeline: a warm-up batch, then the timed ones
-    gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
+    gen = TextToImage(*load_pipeline(cfg["model"], dtype), cfg, device, dtype)
     n, templates = cfg["batch_size"], prompting.TEMPLATES
     batch = [(3, k) for k in range(n)], [templates[i % len(templates)].format("cat")
                                          for i in range(n)]
@@ -488,7 +498,7 @@ def main(argv=None):
         gen = ClassConditional(trained, cfg, device, dtype)
         prompts = {c: [None] for c in range(len(names))}
     else:
-        gen = TextToImage(load_pipeline(cfg["model"], dtype), cfg, device, dtype)
+        gen = TextToImage(*load_pipeline(cfg["model"], dtype), cfg, device, dtype)
         gen.settings["prompts"] = prompt_settings(cfg)
     gen.names = names
     gen.clip = ClipFilter(cfg, names, device) if cfg["filter"] == "clip" else None

@@ -70,6 +70,9 @@ class Run:
 def setup(cfg):
     """The run's device, data and network; train.setup adds the optimiser and the step."""
     device = cli.use_device(cfg["device"], cfg["deterministic"] == "on")
+    # training's shapes are fixed: cuDNN may time its kernels and keep the fastest, which adds in a
+    # varying order (not --deterministic on; not generate.py, whose pools keep their bytes)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and cfg["deterministic"] == "off"
     amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and (device.type == "cuda"
                                                              or cli.cpu_has_bf16()))
     mixed = data.build_mixed(**{k: cfg[k] for k in data.DATA_CONFIG})
@@ -81,6 +84,21 @@ def setup(cfg):
                real=torch.from_numpy(np.flatnonzero(~mixed.is_syn)).to(device),
                test=(torch.from_numpy(x_test).permute(0, 3, 1, 2), torch.from_numpy(y_test)),
                model=model)
+
+
+def compiled(step):
+    """torch.compile(step), saying so in one line before each of its compilations (the first
+    step's, a short last batch's, a resumed run's): minutes with no output read as a hang."""
+    handler = torch._dynamo.callback.callback_handler
+    if say_compiling not in handler.start_callbacks:
+        handler.register_start_callback(say_compiling)
+    return torch.compile(step)
+
+
+def say_compiling(args):
+    if args.callback_trigger == torch._dynamo.callback.CallbackTrigger.DYNAMO:
+        print(f"torch.compile: compiling the training step (graph {args.compile_id}): minutes with "
+              f"no output on a cold cache, seconds on a warm one", flush=True)
 
 
 # ---------------------------------------------------------------- the run folder

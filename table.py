@@ -5,6 +5,7 @@
     python table.py --name cpu_try --datasets cifar10 --imbs 100 --rows paper audit --syn heldout \\
         -- --width 8 --epochs 3               # flags after -- go to every run
     python table.py --dry-run                 # every command it would run, one a line
+    python table.py --slurm grid.sbatch       # a Slurm array of the runs; sbatch it, then again
 
 The same command again skips finished runs and resumes killed ones; a failed run is one line.
 """
@@ -54,7 +55,12 @@ CONFIG = {
               "empty: every GPU torch sees, else the CPU", (lambda v: not v or all(
                   p.isdigit() for p in v.split(",")), "comma-separated GPU indices")),
     "dry_run": S(False, "print every command it would run, one a line (pools first), and exit"),
+    "slurm": S("", "on a cluster: fetch the data, check the pools, write the table of the runs "
+               "finished and FILE, an sbatch array of one task a run not finished; trains nothing"),
+    "task": S("", "one run of the grid in this folder, its train.py flags after --: nothing if "
+              "finished, else trained or resumed (the --slurm script's tasks)"),
 }
+IGNORED = [(k, lambda c: bool(c["slurm"]), "with --slurm FILE") for k in ("dry_run", "gpus")]
 
 
 class Job(NamedTuple):  # one training run of the grid
@@ -69,7 +75,7 @@ class Job(NamedTuple):  # one training run of the grid
 def parse(argv):
     """(the runner's settings, the flags for every run): argv before and after '--'."""
     cut = argv.index("--") if "--" in argv else len(argv)
-    cfg = cli.parse_settings(CONFIG, [], __doc__, argv[:cut],
+    cfg = cli.parse_settings(CONFIG, IGNORED, __doc__, argv[:cut],
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     rows = dict(ROWS)
     for spec in cfg["row"]:
@@ -135,6 +141,10 @@ def pools(cfg, jobs, shards):
             for folder, (c, imbs) in need.items()
             if not os.path.isfile(os.path.join(folder, "manifest.json"))
             for i in range(shards)]
+
+
+def finished(folder):
+    return os.path.isfile(os.path.join(folder, "final.json"))
 
 
 def command(argv, folder):
@@ -220,18 +230,21 @@ def devices_of(gpus):
 
 def main(argv=None):
     cfg, extra = parse(sys.argv[1:] if argv is None else argv)
+    if cfg["task"]:
+        return run_task(cfg["task"], extra)
     jobs = plan(cfg, extra)
+    if cfg["slurm"]:
+        return slurm(cfg, jobs)
     # --dry-run: the commands for another machine, its pools in one process each
     devices, where = ([None], "") if cfg["dry_run"] else devices_of(cfg["gpus"])
     needed = pools(cfg, jobs, len(devices))
     pending = [(command(j.argv, j.folder), os.path.join(j.folder, "log.txt"))
-               for j in jobs if not os.path.isfile(os.path.join(j.folder, "final.json"))]
+               for j in jobs if not finished(j.folder)]
     if cfg["dry_run"]:
         for argv in [a for _, a in needed] + [a for a, _ in pending]:  # the pools first
             print("python " + shlex.join(argv))
         return
-    for dataset, root in {(j.cfg["dataset"], j.cfg["data_root"]) for j in jobs}:
-        data.cifar_folder(dataset, root)
+    fetch_data(jobs)
     grid = os.path.join("runs", cfg["name"])
     # one runner a grid: a second would run the same runs and write the same logs
     lock = cli.own(grid, "--name", "runner")
@@ -251,6 +264,78 @@ def main(argv=None):
         print(f"table.py: {len(failed)} of {len(pending)} runs failed (above); the same command "
               f"again retries them", file=sys.stderr)
         sys.exit(1)
+
+
+def fetch_data(jobs):  # CIFAR for every run, fetched here, one download at a time
+    for dataset, root in {(j.cfg["dataset"], j.cfg["data_root"]) for j in jobs}:
+        data.cifar_folder(dataset, root)
+
+
+# ---------------------------------------------------------------- the grid as a Slurm array
+
+SBATCH = """#!/usr/bin/env bash
+# The grid {grid} as a Slurm array, one task a run not finished when this file was written by
+#   python table.py ... --slurm {file}
+# Submit it with your cluster's options: sbatch --partition=P --time=T {file}
+# A task whose folder holds a run continues it (requeued, preempted, out of time: submit again);
+# a finished run's task does nothing. Afterwards the same table.py command writes the table.
+#SBATCH --job-name=sau-{name}
+#SBATCH --array=0-{last}
+#SBATCH --gres=gpu:1
+#SBATCH --requeue
+#SBATCH --output={logs}/%A_%a.out
+set -euo pipefail
+cd {here}
+case "${{SLURM_ARRAY_TASK_ID:?not a Slurm array task: submit this file with sbatch}}" in
+{cases}
+  *) echo "no task $SLURM_ARRAY_TASK_ID in this array" >&2; exit 2 ;;
+esac
+exec {python} {table} --task "${{run[0]}}" -- "${{run[@]:1}}"
+"""
+
+
+def slurm(cfg, jobs):
+    """--slurm FILE: the data fetched and the pools checked here (compute nodes are often
+    offline), the table of the runs finished so far, and FILE: an sbatch array, one task a run
+    not finished, each in its own folder. Nothing trains here."""
+    fetch_data(jobs)
+    needed = pools(cfg, jobs, 1)
+    if needed:
+        print("\n".join("python " + shlex.join(argv) for _, argv in needed))
+        raise cli.SAUError(f"{len(needed)} pool(s) the runs need are missing: make them with the "
+                           f"command(s) above first (a GPU job each, or --shard i/N in an array "
+                           f"of its own), then run this again")
+    grid, path = os.path.join("runs", cfg["name"]), cfg["slurm"]
+    todo = [j for j in jobs if not finished(j.folder)]
+    if len(todo) < len(jobs):
+        write_table(grid, cfg, jobs)
+    if not todo:
+        print(f"{grid}: all {len(jobs)} runs finished: no array to submit")
+        return
+    logs = os.path.abspath(cli.writable_folder(os.path.join(grid, "slurm"), "--name"))
+    cases = "\n".join(f"  {k}) run=({shlex.join([j.folder, *j.argv])}) ;;"
+                      for k, j in enumerate(todo))
+    cli.write_atomic(path, SBATCH.format(
+        grid=grid, file=path, name=cfg["name"], last=len(todo) - 1, logs=logs,
+        here=shlex.quote(os.getcwd()), cases=cases, python=shlex.quote(sys.executable),
+        table=shlex.quote(os.path.join(HERE, "table.py"))))
+    os.chmod(path, 0o755)
+    print(f"{grid}: {len(jobs) - len(todo)} of {len(jobs)} runs finished; {path}: an array of the "
+          f"other {len(todo)}, one task a run, its logs in {logs}:\n"
+          + "".join(f"  task {k}: {j.folder}\n" for k, j in enumerate(todo))
+          + f"submit it with your options (sbatch --partition=P --time=T {path}); then this "
+          f"command again writes the table")
+
+
+def run_task(folder, argv):
+    """--task: one run of a grid alone (a Slurm array task): nothing if it finished, else its
+    train.py command (table.command: fresh, or resumed), in this process."""
+    if finished(folder):
+        print(f"{folder}: finished, nothing to do")
+        return
+    argv = command(argv, folder)
+    print("python " + shlex.join(argv), flush=True)
+    train.main(argv[1:])
 
 
 # ---------------------------------------------------------------- the table

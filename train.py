@@ -403,7 +403,7 @@ def setup(cfg):
                                                                   run.mixed.n_syn))
     step = Step(run.model, cfg, n_real, n_syn, run.batches.views, run.fmt)
     # the whole step, views and backward included; one more graph for a short last batch
-    run.step_fn = torch.compile(step) if cfg["compile"] == "on" else step
+    run.step_fn = runner.compiled(step) if cfg["compile"] == "on" else step
     return run
 
 
