@@ -35,7 +35,6 @@ RUNTIME_CONFIG = {
     "stop_after": S(0, "leave after this many epochs in all, checkpoint kept (time limits; ours)",
                     cli.NON_NEGATIVE, scope="call"),
 }
-RUNTIME_IGNORED = []
 
 
 # ---------------------------------------------------------------- set-up

@@ -72,7 +72,6 @@ IGNORED = [
       for k in ("relabel", "strategy", "temperature")],
     *[(k, lambda c: c["w_cls"] == 0, "with --w-cls 0") for k in ("mix_alpha", "audit_cls")],
     *data.DATA_IGNORED,
-    *runner.RUNTIME_IGNORED,
 ]
 
 
