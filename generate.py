@@ -108,6 +108,10 @@ def parse_args(argv=None):
     return cli.parse_settings(CONFIG, IGNORED, __doc__.split("\n")[0], argv)
 
 
+def image_seed(seed, label, index, attempt=0):  # image k of class c: of these numbers alone
+    return cli.derived_seed(seed, label, index, attempt, bits=63)
+
+
 def plan_batches(targets, batch_size):  # every (label, index), in order, cut into batches
     items = [(c, k) for c, n in enumerate(targets) for k in range(n)]
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
@@ -178,8 +182,7 @@ class Maker:
         """items [(label, index)] -> (uint8 [n, 32, 32, 3], seeds [n], CLIP refusals [n], CLIP p
         [n] or None); a black, non-finite or refused image is made again with the next seed."""
         n, filtered = len(items), self.clip is not None
-        # image k of class c: a function of (seed, c, k, attempt) alone
-        seeds = [cli.derived_seed(self.cfg["seed"], c, k, 0, bits=63) for c, k in items]
+        seeds = [image_seed(self.cfg["seed"], c, k) for c, k in items]
         refused, p = [0] * n, [None] * n
         x, todo = self.raw(items, prompts, seeds), list(range(n))
         # every image still to make has failed as often as the others: one attempt count
@@ -204,7 +207,7 @@ class Maker:
                     f"check --model, --dtype and --steps"
                     + (", or ease --clip-top-k / --clip-min-p" if filtered else ""))
             for i in again:
-                seeds[i] = cli.derived_seed(self.cfg["seed"], *items[i], attempt, bits=63)
+                seeds[i] = image_seed(self.cfg["seed"], *items[i], attempt)
             self.retries += len(again)
             x[again] = self.raw([items[i] for i in again], [prompts[i] for i in again],
                                 [seeds[i] for i in again])
@@ -538,8 +541,7 @@ def write_batch(folder, cfg, batch, have, texts, images, seeds, refused, clip_p)
         for _, group in itertools.groupby(enumerate(rows), lambda p: p[1] - p[0]):
             run = [i for _, i in group]
             ks = [batch[i][1] for i in run]
-            first = [cli.derived_seed(cfg["seed"], c, k, 0, bits=63) for k in ks]
-            redone = np.array([seeds[i] != s for i, s in zip(run, first)])
+            redone = np.array([seeds[i] != image_seed(cfg["seed"], c, k) for i, k in zip(run, ks)])
             clip = {} if clip_p is None else {
                 "clip_refused": np.array([refused[i] for i in run]),
                 "clip_p": np.array([clip_p[i] for i in run], np.float32)}
